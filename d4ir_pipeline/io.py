@@ -1,0 +1,141 @@
+"""Small, durable file I/O: atomic writes, hashing and JSON-lines.
+
+Every file this project produces goes through :func:`atomic_write_bytes` (tmp + fsync +
+rename), so a crash leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_jsonl",
+    "atomic_write_text",
+    "fsync_dir",
+    "read_json",
+    "read_jsonl",
+    "sha256_bytes",
+    "sha256_file",
+    "resolve_under",
+]
+
+_CHUNK = 1 << 20
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex sha256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, streamed in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a directory so a rename inside it is durable (no-op where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems (and Windows) cannot fsync a directory; the rename still happened
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically: ``path.tmp`` -> fsync -> rename -> fsync dir."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Atomically write UTF-8 text."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "tolist"):  # numpy / torch scalars and arrays
+        return obj.tolist()
+    raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> Path:
+    """Atomically write ``obj`` as JSON (keys sorted, so equal objects give equal bytes)."""
+    text = json.dumps(obj, indent=indent, sort_keys=True, default=_json_default)
+    return atomic_write_text(path, text + "\n")
+
+
+def atomic_write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> Path:
+    """Atomically write one JSON object per line (keys sorted)."""
+    lines = [json.dumps(r, sort_keys=True, default=_json_default) for r in records]
+    return atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file; a parse error names the file."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
+    """Yield the JSON objects of a JSON-lines file; blank lines are skipped."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from e
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield obj
+
+
+def resolve_under(root: str | os.PathLike, rel: str, *, what: str = "path") -> Path:
+    """Resolve ``rel`` under ``root`` and refuse anything that escapes it.
+
+    Absolute paths are accepted only when they already lie under ``root``; ``..`` that
+    climbs out, and symlinks pointing outside, are refused with a ``ValueError``.
+    """
+    root_p = Path(root).resolve()
+    p = Path(rel)
+    full = (p if p.is_absolute() else root_p / p).resolve()
+    if full != root_p and root_p not in full.parents:
+        raise ValueError(f"{what} {rel!r} escapes its root {str(root_p)!r}; refusing it")
+    return full

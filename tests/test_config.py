@@ -1,0 +1,90 @@
+"""Stage configs: typed loading, overrides, and errors that name file, key and value."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from d4ir_pipeline.config import ConfigError, config_hash, load_config, opt, parse_override
+
+
+@dataclass(frozen=True)
+class Train:
+    steps: int = opt(10, help="few steps", min=1)
+    lr: float = opt(1e-3, help="AdamW default", min=0.0)
+    loss: str = opt("l1", help="pixel loss", choices=("l1", "charbonnier"))
+    out: str = opt("{work}/out", help="output folder")
+    crop: tuple[int, int] = opt((64, 64), help="patch")
+    mix: dict[str, float] = opt(default_factory=lambda: {"rain": 1.0}, help="weights", min=0.0)
+    resume: str | None = opt(None, help="optional path")
+
+
+@dataclass(frozen=True)
+class Cfg:
+    seed: int = opt(0, help="seed")
+    train: Train = opt(default_factory=Train, help="training")
+
+
+def write(tmp_path, text):
+    p = tmp_path / "demo" / "x.toml"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(text)
+    return p
+
+
+def test_defaults_types_and_substitution(tmp_path):
+    p = write(tmp_path, "seed = 3\n[train]\nsteps = 5\nlr = 1\ncrop = [32, 48]\n")
+    cfg = load_config(Cfg, p, work_dir="W")
+    assert cfg.seed == 3 and cfg.train.steps == 5
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.train.crop == (32, 48)
+    assert cfg.train.out == "W/out"
+    # profile comes from the folder name and sets the default work dir
+    assert load_config(Cfg, p).train.out == "runs/demo/out"
+
+
+def test_misspelt_key_fails_with_did_you_mean(tmp_path):
+    p = write(tmp_path, "[train]\nsteSp = 5\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(Cfg, p)
+    msg = str(e.value)
+    assert str(p) in msg and "steSp" in msg and "train.steps" in msg
+
+
+def test_wrong_type_and_range_and_choice(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.steps.*'ten'.*expected int"):
+        load_config(Cfg, write(tmp_path, '[train]\nsteps = "ten"\n'))
+    with pytest.raises(ConfigError, match=r"train\.steps.*must be >= 1"):
+        load_config(Cfg, write(tmp_path, "[train]\nsteps = 0\n"))
+    with pytest.raises(ConfigError, match=r"did you mean 'charbonnier'"):
+        load_config(Cfg, write(tmp_path, '[train]\nloss = "charbonier"\n'))
+    with pytest.raises(ConfigError, match=r"train\.mix.*must be >= 0"):
+        load_config(Cfg, write(tmp_path, "[train.mix]\nrain = -1\n"))
+    with pytest.raises(ConfigError, match="expected bool|expected int"):
+        load_config(Cfg, write(tmp_path, "seed = true\n"))
+
+
+def test_overrides(tmp_path):
+    p = write(tmp_path, "")
+    cfg = load_config(Cfg, p, ["train.steps=7", "train.loss=charbonnier", "train.resume=/x", "train.mix={haze=2}"])
+    assert cfg.train.steps == 7 and cfg.train.loss == "charbonnier" and cfg.train.resume == "/x"
+    assert cfg.train.mix == {"haze": 2.0}
+    with pytest.raises(ConfigError, match="train.stesp.*Did you mean `train.steps`"):
+        load_config(Cfg, p, ["train.stesp=7"])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_override("train.steps")
+
+
+def test_config_hash_is_stable_and_sensitive(tmp_path):
+    p = write(tmp_path, "")
+    a, b = load_config(Cfg, p), load_config(Cfg, p)
+    assert config_hash(a) == config_hash(b)
+    c = load_config(Cfg, p, ["train.steps=2"])
+    assert config_hash(a) != config_hash(c)
+    assert config_hash(a, exclude=["train.steps"]) == config_hash(c, exclude=["train.steps"])
+
+
+def test_missing_file_names_it(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(Cfg, tmp_path / "nope.toml")
