@@ -1,0 +1,47 @@
+"""Run every benchmark (``make bench``); each prints a ratio against a baseline from the same run.
+
+Usage: python benchmarks/run_all.py [--quick] [NAME ...]   (NAME: dpa, synthesize, distill)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+BENCHES = {
+    "dpa": "bench_dpa",
+    "synthesize": "bench_synthesize",
+    "distill": "bench_distill",
+}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("names", nargs="*", choices=[[], *BENCHES], help="benchmarks to run (default: all)")
+    ap.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run of the benchmarks)")
+    ap.add_argument("--json", type=Path, default=None, help="also write every result to this JSON file")
+    args = ap.parse_args()
+    names = args.names or list(BENCHES)
+    results = {}
+    for name in names:
+        mod = importlib.import_module(BENCHES[name])
+        print(f"\n=== benchmark: {name} ===", flush=True)
+        t0 = time.perf_counter()
+        results[name] = mod.run(quick=args.quick)
+        print(f"=== {name} took {time.perf_counter() - t0:.1f} s ===", flush=True)
+    print("\nsummary:")
+    print(json.dumps(results, indent=2, sort_keys=True, default=str))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
