@@ -1,0 +1,953 @@
+"""Image manifests: records, JSON-lines I/O, safe image loading, build (scan a tree) and verify.
+
+A manifest is JSON Lines, one :class:`ImageRecord` per line (keys sorted). Paths are
+relative to an image root that is *not* stored in the manifest (see docs/ARCHITECTURE.md),
+so one committed manifest serves any checkout. Every image the pipeline reads goes
+through :func:`load_rgb_checked` / :func:`open_rgb`, which turn every way a file can be
+bad into a :class:`~d4ir_pipeline.errors.BadImageError` with a short ``reason`` tag
+instead of a crash, and convert every usable mode to 8-bit RGB.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import io
+import json
+import logging
+import os
+import re
+import threading
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import click
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+from tqdm import tqdm
+
+from .errors import BadImageError, D4IRError
+from .io import atomic_write_jsonl, resolve_under, sha256_bytes, sha256_file
+
+__all__ = [
+    "WEATHERS",
+    "WEATHER_SYNONYMS",
+    "PAIR_LAYOUTS",
+    "IMAGE_EXTENSIONS",
+    "BAD_IMAGE_REASONS",
+    "ManifestError",
+    "StrictBuildError",
+    "ImageRecord",
+    "BuildResult",
+    "VerifyResult",
+    "load_manifest",
+    "write_manifest",
+    "skipped_path",
+    "decode_rgb",
+    "load_rgb_file",
+    "load_rgb_checked",
+    "open_rgb",
+    "open_pair",
+    "weather_from_path",
+    "build_manifest",
+    "verify_manifest",
+    "manifest_group",
+]
+
+logger = logging.getLogger(__name__)
+
+# Canonical weather labels; ``None`` (JSON null) means unknown.
+WEATHERS: tuple[str, ...] = ("rain", "haze", "snow", "clean")
+
+# Folder names (lower-cased) that give a weather label. The canonical names, the usual
+# adjectives and the folder names of the public benchmark sets (Rain100L/H, Rain800,
+# Rain1400, SOTS / RESIDE, Snow100K) so a downloaded set is labelled without renaming.
+WEATHER_SYNONYMS: dict[str, str] = {
+    **dict.fromkeys(("rain", "rainy", "rainfall", "raindrop", "rainstreak", "rain_streak", "derain"), "rain"),
+    **dict.fromkeys(("haze", "hazy", "fog", "foggy", "mist", "misty", "smog", "dehaze"), "haze"),
+    **dict.fromkeys(("sots", "reside", "o-haze", "i-haze", "nh-haze", "dense-haze", "ohaze", "ihaze"), "haze"),
+    **dict.fromkeys(("snow", "snowy", "snowfall", "desnow"), "snow"),
+    **dict.fromkeys(("clean", "clear", "norain", "nohaze", "nosnow", "gt", "groundtruth", "ground_truth"), "clean"),
+}
+# Benchmark folder names with a size suffix: Rain100L, Rain1400, Snow100K-L, ...
+_WEATHER_PATTERNS: tuple[tuple[re.Pattern, str], ...] = (
+    (re.compile(r"^rain\d+[a-z]?(?:[-_].*)?$"), "rain"),
+    (re.compile(r"^snow\d+k?(?:[-_].*)?$"), "snow"),
+)
+
+# Paired layouts: (input folder, target folder), lower-cased, first match wins. A folder
+# holding both names is a paired set; files in the target folder are not recorded on
+# their own but become the ``target`` of the input with the matching name.
+PAIR_LAYOUTS: tuple[tuple[str, str], ...] = (
+    ("input", "target"),  # Restormer / MPRNet style, and this project's demo test sets
+    ("input", "gt"),
+    ("lq", "gt"),  # BasicSR style
+    ("rain", "norain"),  # Rain100L / Rain100H
+    ("rainy", "norain"),
+    ("hazy", "clear"),  # SOTS / RESIDE
+    ("hazy", "gt"),  # SOTS outdoor as shipped in RESIDE
+    ("synthetic", "gt"),  # Snow100K
+    ("degraded", "clean"),
+)
+# Sibling folders of a paired layout that hold no images to record (Snow100K's masks).
+_IGNORED_PAIR_SIBLINGS = frozenset({"mask", "masks"})
+
+IMAGE_EXTENSIONS = frozenset(
+    {".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm", ".pbm"}
+)
+
+# Reasons :func:`load_rgb_file` gives in ``BadImageError.reason``.
+BAD_IMAGE_REASONS: tuple[str, ...] = (
+    "missing",  # no such file (or a dangling symlink)
+    "unreadable",  # exists but cannot be read (permissions, a directory, I/O error)
+    "escapes_root",  # its path (or a symlink) leads outside the image root
+    "no_path",  # a url-only record: nothing local to open
+    "empty",  # zero bytes
+    "not_image",  # Pillow cannot identify it (text file named .png, ...)
+    "truncated",  # the header is fine but the pixel data ends early
+    "corrupt",  # the pixel data does not decode for another reason
+    "decompression_bomb",  # more pixels than PIL.Image.MAX_IMAGE_PIXELS
+    "too_small",  # shorter side below the requested minimum
+    "unsupported_mode",  # a pixel mode that cannot be turned into RGB
+    "changed",  # bytes no longer match the record's sha256 (only when asked to check)
+)
+# Extra reasons only :func:`build_manifest` gives (paired layouts).
+_PAIR_REASONS = ("no_target", "bad_target", "size_mismatch", "unpaired_target")
+
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_RECORD_FIELDS = (
+    "id",
+    "path",
+    "url",
+    "sha256",
+    "width",
+    "height",
+    "weather",
+    "split",
+    "source",
+    "target",
+    "target_sha256",
+)
+
+
+class ManifestError(D4IRError):
+    """A manifest that cannot be read or written; the message names the file and line."""
+
+
+class StrictBuildError(ManifestError):
+    """``build_manifest(strict=True)`` skipped files; ``result`` holds the counts."""
+
+    def __init__(self, message: str, result: BuildResult):
+        super().__init__(message)
+        self.result = result
+
+
+# --------------------------------------------------------------------------- records
+
+
+def _check_relpath(value: str, key: str, where: str) -> None:
+    p = PurePosixPath(value)
+    if not value or "\\" in value or p.is_absolute() or ".." in p.parts or re.match(r"^[A-Za-z]:", value):
+        raise ManifestError(
+            f"{where}: `{key}` = {value!r} must be a relative POSIX path inside the image root "
+            "(no leading '/', no '..', no backslashes)"
+        )
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image of a manifest (see the table in docs/ARCHITECTURE.md)."""
+
+    id: str
+    path: str | None
+    url: str | None
+    sha256: str
+    width: int
+    height: int
+    weather: str | None
+    split: str
+    source: str | None = None
+    target: str | None = None
+    target_sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        self._validate("ImageRecord")
+
+    def _validate(self, where: str) -> None:
+        def want(key: str, ok: bool, expected: str) -> None:
+            if not ok:
+                value = getattr(self, key)
+                raise ManifestError(
+                    f"{where}: `{key}` = {value!r} ({type(value).__name__}); expected {expected}"
+                    + (f" (record {self.id!r})" if key != "id" and isinstance(self.id, str) else "")
+                )
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        want("id", isinstance(self.id, str) and bool(self.id), "a non-empty string")
+        want("path", self.path is None or isinstance(self.path, str), "a string or null")
+        want("url", self.url is None or isinstance(self.url, str), "a string or null")
+        if self.path is None and self.url is None:
+            raise ManifestError(f"{where}: record {self.id!r} has neither `path` nor `url`; give one")
+        if self.path is not None:
+            _check_relpath(self.path, "path", where)
+        want("sha256", isinstance(self.sha256, str) and bool(_SHA256_RE.match(self.sha256)), "64 lower-case hex digits")
+        want("width", is_int(self.width) and self.width > 0, "a positive integer")
+        want("height", is_int(self.height) and self.height > 0, "a positive integer")
+        want("weather", self.weather is None or self.weather in WEATHERS, f"one of {list(WEATHERS)} or null")
+        want("split", isinstance(self.split, str) and bool(self.split), "a non-empty string")
+        want("source", self.source is None or isinstance(self.source, str), "a string or null")
+        want("target", self.target is None or isinstance(self.target, str), "a string or null")
+        want(
+            "target_sha256",
+            self.target_sha256 is None
+            or (isinstance(self.target_sha256, str) and bool(_SHA256_RE.match(self.target_sha256))),
+            "64 lower-case hex digits or null",
+        )
+        if (self.target is None) != (self.target_sha256 is None):
+            raise ManifestError(f"{where}: record {self.id!r}: `target` and `target_sha256` go together; give both")
+        if self.target is not None:
+            _check_relpath(self.target, "target", where)
+
+    @property
+    def paired(self) -> bool:
+        """True when the record carries a clean target."""
+        return self.target is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for JSON; ``target`` keys appear only on paired records."""
+        d = dataclasses.asdict(self)
+        if self.target is None:
+            del d["target"], d["target_sha256"]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, where: str = "record") -> ImageRecord:
+        """Validate and build a record; errors name ``where`` (e.g. ``file.jsonl:12``)."""
+        if not isinstance(d, dict):
+            raise ManifestError(f"{where}: expected a JSON object, got {type(d).__name__}")
+        unknown = sorted(set(d) - set(_RECORD_FIELDS))
+        if unknown:
+            hints = []
+            for k in unknown:
+                close = difflib.get_close_matches(k, _RECORD_FIELDS, n=1)
+                hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ManifestError(f"{where}: unknown key(s) {', '.join(hints)}; allowed: {list(_RECORD_FIELDS)}")
+        required = ("id", "sha256", "width", "height", "split")
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ManifestError(f"{where}: missing key(s) {missing}; every record needs {list(required)}")
+        rec = object.__new__(cls)
+        for k in _RECORD_FIELDS:
+            object.__setattr__(rec, k, d.get(k))
+        rec._validate(where)
+        return rec
+
+
+def load_manifest(path: str | os.PathLike) -> list[ImageRecord]:
+    """Read a manifest; bad JSON, a bad field or a duplicate id is an error naming the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"manifest {str(path)!r} does not exist (or is not a file)")
+    records: list[ImageRecord] = []
+    seen: dict[str, int] = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ManifestError(f"manifest {str(path)!r} cannot be read: {e}") from e
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ManifestError(f"{where}: not valid JSON ({e})") from e
+        rec = ImageRecord.from_dict(obj, where=where)
+        if rec.id in seen:
+            raise ManifestError(f"{where}: duplicate id {rec.id!r} (first on line {seen[rec.id]}); ids must be unique")
+        seen[rec.id] = lineno
+        records.append(rec)
+    return records
+
+
+def write_manifest(path: str | os.PathLike, records: Iterable[ImageRecord]) -> Path:
+    """Write records atomically, sorted by id (stable bytes for equal sets), keys sorted."""
+    recs = sorted(records, key=lambda r: r.id)
+    for a, b in zip(recs, recs[1:], strict=False):
+        if a.id == b.id:
+            raise ManifestError(f"cannot write {str(path)!r}: duplicate id {a.id!r}")
+    return atomic_write_jsonl(path, (r.to_dict() for r in recs))
+
+
+def skipped_path(out: str | os.PathLike) -> Path:
+    """Sidecar report of a manifest: ``x.jsonl`` -> ``x.skipped.jsonl``."""
+    out = Path(out)
+    stem = out.name[: -len(".jsonl")] if out.name.endswith(".jsonl") else out.name
+    return out.with_name(stem + ".skipped.jsonl")
+
+
+# --------------------------------------------------------------------------- loading
+
+_TRUNCATION_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _strict_truncation() -> Iterator[None]:
+    """Force Pillow to report truncated data even if a library set LOAD_TRUNCATED_IMAGES."""
+    with _TRUNCATION_LOCK:
+        saved = ImageFile.LOAD_TRUNCATED_IMAGES
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        try:
+            yield
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = saved
+
+
+def _white_composite(img: Image.Image) -> Image.Image:
+    """Alpha-composite on white (see :func:`decode_rgb` for why white)."""
+    rgba = img.convert("RGBA")
+    bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(bg, rgba).convert("RGB")
+
+
+def _gray_to_rgb(arr8: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.ascontiguousarray(np.repeat(arr8[:, :, None], 3, axis=2)), mode="RGB")
+
+
+def _scale_16bit(arr: np.ndarray) -> np.ndarray:
+    """0..65535 -> 0..255 with exact rounding (v / 257)."""
+    v = arr.astype(np.int64)
+    return ((v * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def _stretch(arr: np.ndarray) -> np.ndarray:
+    """Min-max stretch to 0..255 (NaN -> 0); a constant image becomes 0."""
+    a = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = float(a.min()), float(a.max())
+    if hi <= lo:
+        return np.zeros(a.shape, np.uint8)
+    return np.clip(np.round((a - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
+
+
+def _to_rgb(img: Image.Image, raw: str | None = None) -> tuple[Image.Image, str | None]:
+    """Convert a loaded image to 8-bit RGB; returns (image, original mode or None if RGB)."""
+    mode = img.mode
+    if mode == "RGB":
+        # Pillow reads 48-bit RGB PNG/TIFF as RGB keeping the high byte of each sample
+        return img, ("RGB;16" if raw and ";16" in raw else None)
+    if mode in ("RGBA", "RGBa", "LA", "La", "PA"):
+        return _white_composite(img), mode
+    if mode == "P":
+        if "transparency" in img.info:
+            return _white_composite(img), mode
+        return img.convert("RGB"), mode
+    if mode.startswith("I;16"):
+        return _gray_to_rgb(_scale_16bit(np.asarray(img))), mode
+    if mode == "I":
+        arr = np.asarray(img)
+        if arr.size and arr.min() >= 0 and arr.max() <= 65535:
+            return _gray_to_rgb(_scale_16bit(arr)), mode
+        return _gray_to_rgb(_stretch(arr)), mode
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        finite = np.isfinite(arr).all()
+        if finite and arr.size and arr.min() >= 0.0 and arr.max() <= 1.0:
+            return _gray_to_rgb(np.round(arr * 255.0).astype(np.uint8)), mode
+        return _gray_to_rgb(_stretch(arr)), mode
+    try:  # L, 1, CMYK, YCbCr, LAB, HSV, RGBX
+        return img.convert("RGB"), mode
+    except (ValueError, OSError) as e:
+        raise BadImageError("unsupported_mode", f"pixel mode {mode!r} cannot be converted to RGB ({e})") from e
+
+
+def _raw_mode(img: Image.Image) -> str | None:
+    tile = getattr(img, "tile", None) or []
+    for t in tile:
+        args = t[3] if len(t) > 3 else None
+        if isinstance(args, str):
+            return args
+        if isinstance(args, tuple) and args and isinstance(args[0], str):
+            return args[0]
+    return None
+
+
+def decode_rgb(data: bytes, *, name: str = "<bytes>", min_side: int = 1) -> tuple[Image.Image, str | None]:
+    """Decode image bytes to a fully loaded 8-bit RGB image; bad data -> ``BadImageError``.
+
+    Returns ``(image, converted_from)`` where ``converted_from`` is the original pixel
+    mode when a conversion happened (``"CMYK"``, ``"L"``, ``"P"``, ``"RGBA"``, ``"I;16"``,
+    ``"RGB;16"``, ...) and ``None`` for plain 8-bit RGB. Alpha is composited on WHITE:
+    dropping it would expose whatever colour sits under transparent pixels (often black
+    or junk), and white is how viewers and web pages show such images. 16-bit data is
+    scaled v/257 (exact rounding), not clipped; ``I`` images are read as 16-bit when
+    they fit 0..65535 and min-max stretched otherwise; ``F`` images as 0..1 when they fit,
+    stretched otherwise. EXIF orientation is applied (sizes are those after rotation).
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow's warning level is a bomb too
+        try:
+            return _decode(data, name, min_side)
+        finally:
+            for w in caught:  # damaged files make Pillow warn (bad TIFF tags, ...): keep the build output clean
+                logger.debug("%s: %s", name, w.message)
+
+
+def _decode(data: bytes, name: str, min_side: int) -> tuple[Image.Image, str | None]:
+    if not data:
+        raise BadImageError("empty", f"{name}: file is empty (0 bytes)")
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        img = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImageError("decompression_bomb", f"{name}: {e}") from e
+    except UnidentifiedImageError as e:
+        raise BadImageError("not_image", f"{name}: not an image Pillow can identify") from e
+    except Exception as e:  # noqa: BLE001  malformed files raise anything (struct.error, TypeError, ...)
+        raise BadImageError("corrupt", f"{name}: header does not decode ({type(e).__name__}: {e})") from e
+    w, h = img.size
+    if limit is not None and w * h > limit:  # also catches a limit lowered after open
+        raise BadImageError(
+            "decompression_bomb",
+            f"{name}: {w}x{h} = {w * h} pixels exceeds PIL.Image.MAX_IMAGE_PIXELS = {limit}",
+        )
+    if min(w, h) < min_side:
+        raise BadImageError("too_small", f"{name}: {w}x{h} has a side below the minimum {min_side}")
+    raw = _raw_mode(img)  # Pillow clears `tile` on load: read the decoder's raw mode first
+    try:
+        with _strict_truncation():
+            img.load()
+    except Exception as e:  # noqa: BLE001  reported as a skip reason, never swallowed
+        msg = str(e)
+        reason = "truncated" if ("truncat" in msg.lower() or isinstance(e, EOFError)) else "corrupt"
+        raise BadImageError(reason, f"{name}: pixel data does not decode ({type(e).__name__}: {msg})") from e
+    try:
+        rgb, converted_from = _to_rgb(img, raw)
+    except BadImageError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise BadImageError("unsupported_mode", f"{name}: mode {img.mode!r} does not convert to RGB ({e})") from e
+    transpose = _EXIF_TRANSPOSE.get(_orientation(img))
+    return (rgb.transpose(transpose) if transpose is not None else rgb), converted_from
+
+
+# EXIF orientation tag value -> the transpose that shows the image upright
+_EXIF_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(0x0112, 1))
+    except (OSError, ValueError, SyntaxError, TypeError):
+        return 1
+
+
+def _read_bytes(full: Path, name: str) -> bytes:
+    try:
+        return full.read_bytes()
+    except FileNotFoundError as e:
+        raise BadImageError("missing", f"{name}: no such file") from e
+    except (IsADirectoryError, PermissionError, OSError) as e:
+        raise BadImageError("unreadable", f"{name}: cannot be read ({type(e).__name__}: {e})") from e
+
+
+def load_rgb_file(path: str | os.PathLike, *, min_side: int = 1) -> tuple[Image.Image, str | None, str]:
+    """Read and decode one file: ``(rgb_image, converted_from, sha256_of_bytes)``."""
+    data = _read_bytes(Path(path), str(path))
+    img, conv = decode_rgb(data, name=str(path), min_side=min_side)
+    return img, conv, sha256_bytes(data)
+
+
+def _resolve(root: str | os.PathLike, rel: str, what: str) -> Path:
+    try:
+        return resolve_under(root, rel, what=what)
+    except ValueError as e:
+        raise BadImageError("escapes_root", str(e)) from e
+
+
+def load_rgb_checked(
+    root: str | os.PathLike,
+    record_or_relpath: ImageRecord | str,
+    *,
+    min_side: int = 1,
+    check_hash: bool = False,
+) -> tuple[Image.Image, str | None]:
+    """Open an image under ``root``: ``(8-bit RGB image, converted_from or None)``.
+
+    Refuses paths that escape ``root`` (``..``, absolute paths elsewhere, symlinks out).
+    With ``check_hash`` and a record, bytes that differ from ``record.sha256`` raise
+    ``BadImageError("changed")``.
+    """
+    if isinstance(record_or_relpath, ImageRecord):
+        rec = record_or_relpath
+        if rec.path is None:
+            raise BadImageError("no_path", f"record {rec.id!r} has only a url ({rec.url!r}); nothing local to open")
+        rel, want_sha = rec.path, rec.sha256
+    else:
+        rel, want_sha = str(record_or_relpath), None
+    full = _resolve(root, rel, "image path")
+    data = _read_bytes(full, rel)
+    if check_hash and want_sha is not None:
+        got = sha256_bytes(data)
+        if got != want_sha:
+            raise BadImageError(
+                "changed", f"{rel}: sha256 {got[:12]}... differs from the manifest's {want_sha[:12]}..."
+            )
+    return decode_rgb(data, name=rel, min_side=min_side)
+
+
+def open_rgb(
+    root: str | os.PathLike, record_or_relpath: ImageRecord | str, *, min_side: int = 1, check_hash: bool = False
+) -> Image.Image:
+    """Open an image under ``root`` as 8-bit RGB or raise ``BadImageError(reason)``."""
+    return load_rgb_checked(root, record_or_relpath, min_side=min_side, check_hash=check_hash)[0]
+
+
+def open_pair(
+    root: str | os.PathLike, record: ImageRecord, *, check_hash: bool = False
+) -> tuple[Image.Image, Image.Image]:
+    """Open a paired record: ``(input_rgb, target_rgb)``, both 8-bit RGB of the same size."""
+    if record.target is None:
+        raise D4IRError(f"record {record.id!r} is not paired (no `target`); a paired manifest is needed here")
+    inp = open_rgb(root, record, check_hash=check_hash)
+    full = _resolve(root, record.target, "target path")
+    data = _read_bytes(full, record.target)
+    if check_hash and sha256_bytes(data) != record.target_sha256:
+        raise BadImageError("changed", f"{record.target}: sha256 differs from the manifest's target_sha256")
+    tgt, _ = decode_rgb(data, name=record.target)
+    if tgt.size != inp.size:
+        raise BadImageError(
+            "size_mismatch", f"record {record.id!r}: input {inp.size} and target {tgt.size} differ in size"
+        )
+    return inp, tgt
+
+
+# --------------------------------------------------------------------------- build
+
+
+def weather_from_path(rel_dir_parts: Iterable[str]) -> str | None:
+    """Weather of a file from its folder names; the innermost folder that names one wins."""
+    for part in reversed(list(rel_dir_parts)):
+        low = part.lower()
+        if low in WEATHER_SYNONYMS:
+            return WEATHER_SYNONYMS[low]
+        for pat, weather in _WEATHER_PATTERNS:
+            if pat.match(low):
+                return weather
+    return None
+
+
+@dataclass
+class BuildResult:
+    """Outcome of :func:`build_manifest`."""
+
+    out: Path | None  # None when strict mode refused to write it
+    skipped_out: Path
+    recorded: int
+    paired: int
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
+    converted: dict[str, int] = field(default_factory=dict)  # original mode -> count (inputs and targets)
+    ignored: int = 0  # files without an image extension (not opened)
+    by_weather: dict[str, int] = field(default_factory=dict)  # "rain" / ... / "null" -> recorded count
+
+    @property
+    def skipped_total(self) -> int:
+        return sum(self.skipped.values())
+
+    @property
+    def converted_total(self) -> int:
+        return sum(self.converted.values())
+
+    def summary_line(self) -> str:
+        """One line for the CLI: recorded, skipped by reason, converted by mode."""
+
+        def fmt(d: dict[str, int]) -> str:
+            return ", ".join(f"{k} {v}" for k, v in sorted(d.items()))
+
+        parts = [f"recorded {self.recorded}" + (f" ({self.paired} paired)" if self.paired else "")]
+        parts.append(f"skipped {self.skipped_total}" + (f" ({fmt(self.skipped)})" if self.skipped else ""))
+        parts.append(f"converted {self.converted_total}" + (f" ({fmt(self.converted)})" if self.converted else ""))
+        if self.ignored:
+            parts.append(f"ignored {self.ignored} non-image files")
+        return "; ".join(parts)
+
+
+@dataclass
+class _Tree:
+    files: list[str]  # relative POSIX paths of image-extension files outside target/mask folders
+    targets: dict[str, list[str]]  # target folder -> its image files (relative to root)
+    pairs: dict[str, str]  # input folder -> target folder (relative to root)
+    ignored: int
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _scan(root: Path) -> _Tree:
+    """Walk ``root`` in sorted order; find paired layouts, image files and ignored files."""
+    files: list[str] = []
+    targets: dict[str, list[str]] = {}
+    pairs: dict[str, str] = {}
+    target_dirs: set[str] = set()
+    skip_dirs: set[str] = set()
+    ignored = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = Path(dirpath).relative_to(root).as_posix()
+        rel_dir = "" if rel_dir == "." else rel_dir
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        by_low = {d.lower(): d for d in dirnames}
+        for inp, tgt in PAIR_LAYOUTS:
+            if inp in by_low and tgt in by_low:
+                in_rel = f"{rel_dir}/{by_low[inp]}".lstrip("/")
+                tg_rel = f"{rel_dir}/{by_low[tgt]}".lstrip("/")
+                pairs[in_rel] = tg_rel
+                target_dirs.add(tg_rel)
+                skip_dirs.update(f"{rel_dir}/{by_low[m]}".lstrip("/") for m in _IGNORED_PAIR_SIBLINGS if m in by_low)
+                break
+        if any(rel_dir == s or rel_dir.startswith(s + "/") for s in skip_dirs):
+            continue
+        owner = next((t for t in target_dirs if rel_dir == t or rel_dir.startswith(t + "/")), None)
+        for name in sorted(filenames):
+            if _is_hidden(name):
+                continue
+            rel = f"{rel_dir}/{name}".lstrip("/")
+            if Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+                ignored += 1
+                continue
+            if owner is not None:
+                targets.setdefault(owner, []).append(rel)
+            else:
+                files.append(rel)
+    return _Tree(files=files, targets=targets, pairs=pairs, ignored=ignored)
+
+
+_SOTS_RE = re.compile(r"^([^_]+)_.+$")
+
+
+def _target_stems(stem: str) -> list[str]:
+    """Candidate target stems for an input stem, most specific first.
+
+    Same name (input/target, Snow100K synthetic/gt); SOTS / ITS / Rain1400 style
+    ``0001_0.8_0.2`` -> ``0001``; Rain100L style ``rain-001`` -> ``norain-001``.
+    """
+    out = [stem]
+    m = _SOTS_RE.match(stem)
+    if m:
+        out.append(m.group(1))
+    low = stem.lower()
+    if low.startswith("rain-") or low.startswith("rain_"):
+        out.append("no" + stem)
+    return out
+
+
+def _find_target(rel: str, in_dir: str, tg_dir: str, index: dict[tuple[str, str], list[str]]) -> str | None:
+    sub = PurePosixPath(rel).relative_to(in_dir)
+    sub_dir = sub.parent.as_posix()
+    ext = sub.suffix.lower()
+    for stem in _target_stems(sub.stem):
+        cands = index.get((f"{tg_dir}/{sub_dir}" if sub_dir != "." else tg_dir, stem.lower()), [])
+        if cands:
+            same_ext = [c for c in cands if PurePosixPath(c).suffix.lower() == ext]
+            return (same_ext or cands)[0]
+    return None
+
+
+def _enclosing(rel: str, dirs: Iterable[str]) -> str | None:
+    best = None
+    for d in dirs:
+        if rel.startswith(d + "/") and (best is None or len(d) > len(best)):
+            best = d
+    return best
+
+
+def _record_ids(files: list[str]) -> dict[str, str]:
+    """Id = relative path without extension, or with it where two files would collide."""
+    stem_of = {f: str(PurePosixPath(f).with_suffix("")) for f in files}
+    counts = Counter(stem_of.values())
+    return {f: (stem if counts[stem] == 1 else f) for f, stem in stem_of.items()}
+
+
+def build_manifest(
+    root: str | os.PathLike,
+    *,
+    out: str | os.PathLike,
+    split: str | None = None,
+    min_side: int = 32,
+    strict: bool = False,
+    weather_from_folders: bool = True,
+    progress: bool = True,
+) -> BuildResult:
+    """Scan ``root``, open every image, write the manifest and ``<out>.skipped.jsonl``.
+
+    Bad files never stop the build: each is listed in the sidecar with its reason.
+    ``split`` defaults to the first folder under ``root`` (or ``root``'s own name).
+    With ``strict`` any skip raises :class:`StrictBuildError` after the sidecar is
+    written, and the manifest is NOT written.
+    """
+    # 1. check inputs
+    root_p = Path(root)
+    if not root_p.is_dir():
+        raise ManifestError(f"image root {str(root)!r} is not a directory")
+    root_p = root_p.resolve()
+    if min_side < 1:
+        raise ManifestError(f"`min_side` = {min_side!r}; expected an integer >= 1")
+    out_p = Path(out)
+    side_p = skipped_path(out_p)
+
+    # 2. scan the tree (sorted, so the result is independent of the filesystem's order)
+    tree = _scan(root_p)
+    index: dict[tuple[str, str], list[str]] = {}
+    for tfiles in tree.targets.values():
+        for t in tfiles:
+            p = PurePosixPath(t)
+            index.setdefault((p.parent.as_posix(), p.stem.lower()), []).append(t)
+    ids = _record_ids(tree.files)
+
+    # 3. open every image
+    records: list[ImageRecord] = []
+    skipped: list[dict[str, str]] = []
+    converted: Counter[str] = Counter()
+    target_cache: dict[str, tuple[str, int, int] | BadImageError] = {}
+    used_targets: set[str] = set()
+
+    def load(rel: str) -> tuple[str, int, int]:
+        full = _resolve(root_p, rel, "image path")
+        img, conv, sha = load_rgb_file(full, min_side=min_side)
+        if conv is not None:
+            converted[conv] += 1
+        return sha, img.width, img.height
+
+    for rel in tqdm(tree.files, desc=f"manifest {root_p.name}", unit="img", disable=not progress or None):
+        try:
+            sha, w, h = load(rel)
+        except BadImageError as e:
+            skipped.append({"path": rel, "reason": e.reason, "message": str(e)})
+            continue
+        target = target_sha = None
+        in_dir = _enclosing(rel, tree.pairs)
+        if in_dir is not None:
+            target = _find_target(rel, in_dir, tree.pairs[in_dir], index)
+            if target is None:
+                skipped.append(
+                    {
+                        "path": rel,
+                        "reason": "no_target",
+                        "message": f"{rel}: no file in {tree.pairs[in_dir]!r} pairs with it "
+                        "(same name, SOTS 'id_A_beta' -> 'id', or 'rain-N' -> 'norain-N')",
+                    }
+                )
+                continue
+            used_targets.add(target)
+            if target not in target_cache:
+                try:
+                    target_cache[target] = load(target)
+                except BadImageError as e:
+                    target_cache[target] = e
+            t = target_cache[target]
+            if isinstance(t, BadImageError):
+                skipped.append(
+                    {
+                        "path": rel,
+                        "reason": "bad_target",
+                        "message": f"target {target}: {t.reason}: {t}",
+                        "target": target,
+                    }
+                )
+                continue
+            target_sha, tw, th = t
+            if (tw, th) != (w, h):
+                skipped.append(
+                    {
+                        "path": rel,
+                        "reason": "size_mismatch",
+                        "message": f"{rel} is {w}x{h} but its target {target} is {tw}x{th}",
+                        "target": target,
+                    }
+                )
+                continue
+        parts = PurePosixPath(rel).parts
+        rec_split = split if split is not None else (parts[0] if len(parts) > 1 else root_p.name)
+        records.append(
+            ImageRecord(
+                id=ids[rel],
+                path=rel,
+                url=None,
+                sha256=sha,
+                width=w,
+                height=h,
+                weather=weather_from_path(parts[:-1]) if weather_from_folders else None,
+                split=rec_split,
+                source=None,
+                target=target,
+                target_sha256=target_sha,
+            )
+        )
+    for tfiles in tree.targets.values():
+        for t in tfiles:
+            if t not in used_targets:
+                skipped.append({"path": t, "reason": "unpaired_target", "message": f"{t}: no input pairs with it"})
+
+    # 4. write the sidecar always (a stale one would lie), the manifest unless strict refuses
+    skipped.sort(key=lambda s: (s["path"], s["reason"]))
+    atomic_write_jsonl(side_p, skipped)
+    result = BuildResult(
+        out=out_p,
+        skipped_out=side_p,
+        recorded=len(records),
+        paired=sum(r.paired for r in records),
+        skipped=dict(sorted(Counter(s["reason"] for s in skipped).items())),
+        converted=dict(sorted(converted.items())),
+        ignored=tree.ignored,
+        by_weather=dict(sorted(Counter(r.weather or "null" for r in records).items())),
+    )
+    if strict and skipped:
+        result.out = None
+        raise StrictBuildError(
+            f"--strict: {len(skipped)} file(s) skipped under {str(root_p)!r} (see {side_p}); "
+            f"manifest {str(out_p)!r} was not written",
+            result,
+        )
+    write_manifest(out_p, records)
+    logger.debug("manifest %s: %s", out_p, result.summary_line())
+    return result
+
+
+# --------------------------------------------------------------------------- verify
+
+
+@dataclass
+class VerifyResult:
+    """Outcome of :func:`verify_manifest`: every local file re-hashed."""
+
+    manifest: Path
+    root: Path
+    checked: int  # files hashed (inputs and targets)
+    missing: list[str] = field(default_factory=list)  # relative paths
+    changed: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # paths escaping the root
+    remote: int = 0  # url-only records (not checked)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.changed or self.refused)
+
+    def summary_line(self) -> str:
+        return (
+            f"checked {self.checked} files: {len(self.missing)} missing, {len(self.changed)} changed, "
+            f"{len(self.refused)} refused" + (f", {self.remote} url-only not checked" if self.remote else "")
+        )
+
+
+def verify_manifest(path: str | os.PathLike, root: str | os.PathLike, *, progress: bool = True) -> VerifyResult:
+    """Re-hash every file of a manifest under ``root`` and report missing / changed files."""
+    records = load_manifest(path)
+    root_p = Path(root)
+    if not root_p.is_dir():
+        raise ManifestError(f"image root {str(root)!r} is not a directory")
+    res = VerifyResult(manifest=Path(path), root=root_p.resolve(), checked=0)
+    files: list[tuple[str, str]] = []
+    for r in records:
+        if r.path is None:
+            res.remote += 1
+            continue
+        files.append((r.path, r.sha256))
+        if r.target is not None and r.target_sha256 is not None:
+            files.append((r.target, r.target_sha256))
+    for rel, want in tqdm(sorted(set(files)), desc="verify", unit="file", disable=not progress or None):
+        try:
+            full = resolve_under(root_p, rel, what="manifest path")
+        except ValueError:
+            res.refused.append(rel)
+            continue
+        res.checked += 1
+        try:
+            got = sha256_file(full)
+        except FileNotFoundError:
+            res.missing.append(rel)
+            continue
+        except OSError:
+            res.missing.append(rel)
+            continue
+        if got != want:
+            res.changed.append(rel)
+    return res
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+@click.group("manifest")
+def manifest_group() -> None:
+    """Build or verify an image manifest (JSON Lines)."""
+
+
+@manifest_group.command("build")
+@click.argument("directory", metavar="DIR", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Manifest to write (.jsonl).")
+@click.option("--split", default=None, help="Split label for every record (default: first folder under DIR).")
+@click.option(
+    "--min-side",
+    default=32,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Skip images whose shorter side is below this (too little content to crop).",
+)
+@click.option("--strict", is_flag=True, help="Exit non-zero (and write no manifest) if any file is skipped.")
+@click.option("--no-weather-from-folders", is_flag=True, help="Leave weather null instead of reading folder names.")
+def build_command(
+    directory: str, out: str, split: str | None, min_side: int, strict: bool, no_weather_from_folders: bool
+) -> None:
+    """Scan DIR, open every image and write a manifest plus <out>.skipped.jsonl."""
+    try:
+        res = build_manifest(
+            directory,
+            out=out,
+            split=split,
+            min_side=min_side,
+            strict=strict,
+            weather_from_folders=not no_weather_from_folders,
+        )
+    except StrictBuildError as e:
+        click.echo(e.result.summary_line())
+        click.echo(f"error: {e}", err=True)
+        raise SystemExit(1) from None
+    click.echo(res.summary_line())
+    click.echo(f"manifest: {res.out}" + (f"  skipped files listed in: {res.skipped_out}" if res.skipped else ""))
+
+
+@manifest_group.command("verify")
+@click.argument("manifest", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--root",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="Image root the manifest's paths are relative to.",
+)
+def verify_command(manifest: str, root: str) -> None:
+    """Re-hash every file of MANIFEST under --root; exit 1 on drift (missing or changed)."""
+    res = verify_manifest(manifest, root)
+    click.echo(res.summary_line())
+    for label, items in (("missing", res.missing), ("changed", res.changed), ("refused", res.refused)):
+        for rel in items[:20]:
+            click.echo(f"  {label}: {rel}")
+        if len(items) > 20:
+            click.echo(f"  ... and {len(items) - 20} more {label}")
+    if not res.ok:
+        raise SystemExit(1)
