@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "tiny_sd_command",
         "Write a tiny random Stable Diffusion folder (tests/demo).",
     ),
+    "demo-sd": ("d4ir_pipeline.demo_sd", "demo_sd_command", "Train the small demo SD on the demo's web images."),
     "train-dpa": ("d4ir_pipeline.dpa", "train_dpa_command", "Stage one: train the degradation-aware prompt adapter."),
     "prompt-bank": (
         "d4ir_pipeline.prompts",
