@@ -6,8 +6,9 @@ and the allowed range. :func:`load_config` reads ``stages/<profile>/<stage>.toml
 applies ``--set section.key=value`` overrides, and rejects unknown keys (with a
 "did you mean"), wrong types and out-of-range values before any work starts.
 
-Strings may contain ``{work}`` (the run's work directory, default ``runs/<profile>``)
-and ``{profile}``; they are substituted at load time.
+Strings may contain ``{work}`` (the run's work directory, default ``runs/<profile>``),
+``{profile}`` and ``{assets}`` (the package's bundled weights); they are substituted at
+load time.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ __all__ = [
 T = TypeVar("T")
 
 _MISSING = dataclasses.MISSING
+
+
+ASSETS = Path(__file__).resolve().parent / "assets"  # packaged weights: `{assets}` in config strings
 
 
 class ConfigError(D4IRError, ValueError):
@@ -247,7 +251,7 @@ def load_config(
         keys, value = parse_override(text)
         _apply_override(data, keys, value, cls, f"--set {text}")
     work = str(work_dir) if work_dir is not None else f"runs/{profile}"
-    return _build(cls, data, where, "", {"work": work, "profile": profile})
+    return _build(cls, data, where, "", {"work": work, "profile": profile, "assets": str(ASSETS)})
 
 
 def stages_root() -> Path:
