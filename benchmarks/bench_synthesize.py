@@ -1,0 +1,244 @@
+"""Stage-one synthesis benchmark (CPU, tiny random SD): `d4ir synthesize` vs a naive loop.
+
+1. images/s of the synthesize stage (batched img2img under looked-up prompt tokens,
+   shards written) vs a naive loop that calls ``StableDiffusionImg2ImgPipeline`` once
+   per image with a text prompt and saves a PNG; same images, resolution, steps,
+   strength, guidance and scheduler (goal: >= 4x). Both are timed on their work loop
+   (model loading excluded from both; end-to-end figures are reported too).
+2. Peak RSS of a synthesize run over 1x and 10x as many images, each in a fresh
+   subprocess (goal: 10x / 1x <= 1.1: nothing accumulates per image).
+
+Threads: ``D4IR_BENCH_THREADS`` (default: torch's default) sets the intra-op threads of
+both sides alike. Usage: python benchmarks/bench_synthesize.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+RES = 64  # the tiny SD's native size
+STEPS, STRENGTH, GUIDANCE = 10, 0.5, 3.0
+K, D = 4, 32
+PROMPT = "a photo in heavy rain"
+
+
+def _threads() -> None:
+    import torch
+
+    n = os.environ.get("D4IR_BENCH_THREADS")
+    if n:
+        torch.set_num_threads(int(n))
+
+
+def make_inputs(root: Path, n: int, *, sd: Path | None = None, seed: int = 0) -> dict:
+    """Clean images (96 px PNG) + manifest, a random prompt bank and the tiny SD under ``root``."""
+    import torch
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from d4ir_pipeline.io import atomic_write_json, atomic_write_jsonl, sha256_file
+    from d4ir_pipeline.manifests import ImageRecord, write_manifest
+    from d4ir_pipeline.tiny_sd import write_tiny_sd
+
+    rng = np.random.default_rng(seed)
+    recs = []
+    (root / "clean").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        small = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+        arr = np.asarray(Image.fromarray(small).resize((96, 96), Image.BICUBIC))
+        p = root / "clean" / f"img-{i:05d}.png"
+        Image.fromarray(arr).save(p)
+        recs.append(
+            ImageRecord(f"clean/img-{i:05d}", f"clean/{p.name}", None, sha256_file(p), 96, 96, "clean", "web-clean")
+        )
+    write_manifest(root / "web-clean.jsonl", recs)
+    bank = root / "bank"
+    bank.mkdir(exist_ok=True)
+    weathers = ("rain", "haze", "snow")
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(3 * len(weathers), K, D, generator=g)
+    centroids = torch.stack([tokens[3 * i : 3 * i + 3].mean(0) for i in range(len(weathers))])
+    save_file({"tokens": tokens, "centroids": centroids}, str(bank / "tokens.safetensors"))
+    atomic_write_jsonl(
+        bank / "index.jsonl",
+        [
+            {"row": i, "id": f"bank/{weathers[i // 3]}/{i}", "sha256": f"{i:064x}", "weather": weathers[i // 3]}
+            for i in range(9)
+        ],
+    )
+    atomic_write_json(bank / "bank.json", {"weathers": list(weathers), "K": K, "D": D, "adapter_sha256": "0" * 64,
+                                           "sd_model": "tiny", "created": "bench"})  # fmt: skip
+    sd = sd or write_tiny_sd(root / "tiny-sd")
+    return {"root": root, "manifest": root / "web-clean.jsonl", "bank": bank, "sd": sd, "records": recs}
+
+
+def synth_config(inp: dict, out: Path, *, batch_size: int, steps: int = STEPS, res: int = RES):
+    from d4ir_pipeline.config import load_config
+    from d4ir_pipeline.shards import SynthesizeConfig
+
+    sets = {
+        "sd.model": str(inp["sd"]),
+        "data.manifest": str(inp["manifest"]),
+        "data.root": str(inp["root"]),
+        "data.resolution": res,
+        "data.min_side": 32,
+        "bank.dir": str(inp["bank"]),
+        "ccd.steps": steps,
+        "ccd.strength": STRENGTH,
+        "ccd.guidance": GUIDANCE,
+        "output.dir": str(out),
+        "output.shard_size": 64,
+        "runtime.device": "cpu",
+        "runtime.dtype": "float32",
+        "runtime.batch_size": batch_size,
+        "runtime.workers": 2,
+    }
+    return load_config(SynthesizeConfig, None, [f"{k}={json.dumps(v)}" for k, v in sets.items()])
+
+
+def run_ours(inp: dict, out: Path, batch_size: int, res_px: int = RES) -> dict:
+    from d4ir_pipeline.shards import stage
+
+    t0 = time.perf_counter()
+    res = stage(synth_config(inp, out, batch_size=batch_size, res=res_px))
+    total = time.perf_counter() - t0
+    return {"images": res.samples_written, "loop_images_per_s": res.images_per_s, "end_to_end_s": total}
+
+
+def run_naive(inp: dict, out: Path, res_px: int = RES) -> dict:
+    """The obvious script: one pipeline call per image, text prompt encoded every call."""
+    import torch
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from PIL import Image
+
+    t0 = time.perf_counter()
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(
+        str(inp["sd"]), safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    out.mkdir(parents=True, exist_ok=True)
+    t1 = time.perf_counter()
+    for i, rec in enumerate(inp["records"]):
+        img = Image.open(inp["root"] / rec.path).convert("RGB").resize((res_px, res_px), Image.BICUBIC)
+        result = pipe(
+            prompt=PROMPT,
+            image=img,
+            strength=STRENGTH,
+            guidance_scale=GUIDANCE,
+            num_inference_steps=STEPS,
+            generator=torch.Generator().manual_seed(i),
+        ).images[0]
+        result.save(out / f"{i:05d}.png")
+    t2 = time.perf_counter()
+    n = len(inp["records"])
+    return {"images": n, "loop_images_per_s": n / (t2 - t1), "end_to_end_s": t2 - t0}
+
+
+def _rss_child(workdir: str, batch_size: int) -> None:
+    """Subprocess body: one synthesize run, then print this process's peak RSS (MiB)."""
+    from d4ir_pipeline.shards import stage
+
+    _threads()
+    inp = json.loads(Path(workdir, "inputs.json").read_text())
+    inp = {k: Path(v) for k, v in inp.items()}
+    res = stage(synth_config(inp, Path(workdir) / "shards", batch_size=batch_size, steps=4))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    print(json.dumps({"peak_rss_mib": peak, "images": res.samples_written}))
+
+
+def measure_rss(n: int, batch_size: int, tmp: Path, sd: Path) -> dict:
+    work = tmp / f"rss-{n}"
+    inp = make_inputs(work, n, sd=sd)
+    Path(work, "inputs.json").write_text(json.dumps({k: str(inp[k]) for k in ("root", "manifest", "bank", "sd")}))
+    r = subprocess.run(
+        [sys.executable, __file__, "--rss-child", str(work), "--batch-size", str(batch_size)],
+        capture_output=True, text=True, check=False, env={**os.environ, "D4IR_LOG_LEVEL": "WARNING"},
+    )  # fmt: skip
+    if r.returncode != 0:
+        raise RuntimeError(f"RSS subprocess failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def run(quick: bool) -> dict:
+    """Both measurements; returns the numbers and the goal checks."""
+    import torch
+
+    _threads()
+    n = 32 if quick else 96
+    batch = 16 if quick else 32
+    with tempfile.TemporaryDirectory(prefix="bench-synth-") as tmp:
+        tmp = Path(tmp)
+        inp = make_inputs(tmp / "speed", n)
+        speed = {}
+        # 64 px: the tiny SD's native size (compute-bound on a CPU); 32 px: per-call overhead
+        # weighs more, closer to a GPU at batch 1 (secondary figure, same settings otherwise)
+        for px in (RES, RES // 2):
+            naive = run_naive(inp, tmp / f"naive{px}", px)
+            ours = run_ours(inp, tmp / f"shards{px}", batch, px)
+            speedup = ours["loop_images_per_s"] / naive["loop_images_per_s"]
+            e2e = naive["end_to_end_s"] / ours["end_to_end_s"]
+            speed[px] = (ours, naive, speedup, e2e)
+            print(
+                f"images/s (work loop, {n} images, {px}px, {STEPS} steps, strength {STRENGTH}, guidance {GUIDANCE}): "
+                f"synthesize {ours['loop_images_per_s']:.2f} vs naive {naive['loop_images_per_s']:.2f} -> "
+                f"{speedup:.2f}x (goal >= 4x); end to end incl. model load {e2e:.2f}x",
+                flush=True,
+            )
+        ours, naive, speedup, e2e = speed[RES]
+        n1 = 16 if quick else 32
+        rss1 = measure_rss(n1, batch, tmp, inp["sd"])
+        rss10 = measure_rss(10 * n1, batch, tmp, inp["sd"])
+        ratio = rss10["peak_rss_mib"] / rss1["peak_rss_mib"]
+        print(
+            f"peak RSS: {n1} images {rss1['peak_rss_mib']:.0f} MiB, {10 * n1} images {rss10['peak_rss_mib']:.0f} MiB "
+            f"-> {ratio:.3f}x (goal <= 1.1x)",
+            flush=True,
+        )
+    return {
+        "images": n,
+        "batch_size": batch,
+        "threads": torch.get_num_threads(),
+        "synthesize_images_per_s": round(ours["loop_images_per_s"], 3),
+        "naive_images_per_s": round(naive["loop_images_per_s"], 3),
+        "speedup": round(speedup, 3),
+        "speedup_end_to_end": round(e2e, 3),
+        "speedup_goal_met": speedup >= 4.0,
+        "speedup_32px": round(speed[RES // 2][2], 3),
+        "synthesize_images_per_s_32px": round(speed[RES // 2][0]["loop_images_per_s"], 3),
+        "naive_images_per_s_32px": round(speed[RES // 2][1]["loop_images_per_s"], 3),
+        "rss_1x_mib": round(rss1["peak_rss_mib"], 1),
+        "rss_10x_mib": round(rss10["peak_rss_mib"], 1),
+        "rss_ratio": round(ratio, 4),
+        "rss_goal_met": ratio <= 1.1,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--batch-size", type=int, default=16, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.rss_child:
+        _rss_child(args.rss_child, args.batch_size)
+        return 0
+    print(json.dumps(run(args.quick), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
