@@ -1,0 +1,234 @@
+"""Restormer (Zamir et al., CVPR 2022, arXiv:2111.09881), written for this project.
+
+Parameter names follow the official ``basicsr/models/archs/restormer_arch.py`` of
+swz30/Restormer, so the released ``*.pth`` files (``{"params": state_dict}``, e.g.
+``deraining.pth``) load strictly with ``build_model("restormer")``. The constructor
+takes the official keyword names, so a ``network_g`` block from their YAML can be passed
+as ``**kwargs``. Input of any size: padded (reflect) to a multiple of 8, cropped back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .tiling import crop_to, pad_to_multiple
+
+__all__ = [
+    "Restormer",
+    "TransformerBlock",
+    "LayerNorm",
+    "OverlapPatchEmbed",
+    "Downsample",
+    "Upsample",
+    "check_heads",
+]
+
+
+class BiasFreeLayerNorm(nn.Module):
+    """Channel LayerNorm without mean subtraction in the output and without bias."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, HW, C)
+        var = x.var(-1, keepdim=True, unbiased=False)
+        return x / torch.sqrt(var + 1e-5) * self.weight
+
+
+class WithBiasLayerNorm(nn.Module):
+    """Channel LayerNorm with weight and bias (eps 1e-5)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, HW, C)
+        mu = x.mean(-1, keepdim=True)
+        var = x.var(-1, keepdim=True, unbiased=False)
+        return (x - mu) / torch.sqrt(var + 1e-5) * self.weight + self.bias
+
+
+class LayerNorm(nn.Module):
+    """Per-pixel LayerNorm over channels of a (B, C, H, W) map; keys ``body.weight[/bias]``."""
+
+    def __init__(self, dim: int, layernorm_type: str):
+        super().__init__()
+        if layernorm_type not in ("WithBias", "BiasFree"):
+            raise ValueError(f"`LayerNorm_type` = {layernorm_type!r}: expected 'WithBias' or 'BiasFree'")
+        self.body = BiasFreeLayerNorm(dim) if layernorm_type == "BiasFree" else WithBiasLayerNorm(dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        y = self.body(x.flatten(2).transpose(1, 2))  # (B, HW, C)
+        return y.transpose(1, 2).reshape(b, c, h, w)
+
+
+class FeedForward(nn.Module):
+    """Gated-Dconv feed-forward network (GDFN)."""
+
+    def __init__(self, dim: int, ffn_expansion_factor: float, bias: bool):
+        super().__init__()
+        hidden = int(dim * ffn_expansion_factor)
+        self.project_in = nn.Conv2d(dim, hidden * 2, kernel_size=1, bias=bias)
+        self.dwconv = nn.Conv2d(hidden * 2, hidden * 2, kernel_size=3, padding=1, groups=hidden * 2, bias=bias)
+        self.project_out = nn.Conv2d(hidden, dim, kernel_size=1, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, value = self.dwconv(self.project_in(x)).chunk(2, dim=1)
+        return self.project_out(F.gelu(gate) * value)
+
+
+class Attention(nn.Module):
+    """Multi-Dconv head transposed self-attention (MDTA): attention across channels."""
+
+    def __init__(self, dim: int, num_heads: int, bias: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
+        self.qkv = nn.Conv2d(dim, dim * 3, kernel_size=1, bias=bias)
+        self.qkv_dwconv = nn.Conv2d(dim * 3, dim * 3, kernel_size=3, padding=1, groups=dim * 3, bias=bias)
+        self.project_out = nn.Conv2d(dim, dim, kernel_size=1, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1)
+        heads = self.num_heads
+        q = F.normalize(q.reshape(b, heads, c // heads, h * w), dim=-1)  # (B, heads, C/heads, HW)
+        k = F.normalize(k.reshape(b, heads, c // heads, h * w), dim=-1)
+        v = v.reshape(b, heads, c // heads, h * w)
+        attn = ((q @ k.transpose(-2, -1)) * self.temperature).softmax(dim=-1)  # (B, heads, C/h, C/h)
+        out = (attn @ v).reshape(b, c, h, w)
+        return self.project_out(out)
+
+
+class TransformerBlock(nn.Module):
+    """norm1 -> MDTA -> residual, norm2 -> GDFN -> residual."""
+
+    def __init__(self, dim: int, num_heads: int, ffn_expansion_factor: float, bias: bool, layernorm_type: str):
+        super().__init__()
+        self.norm1 = LayerNorm(dim, layernorm_type)
+        self.attn = Attention(dim, num_heads, bias)
+        self.norm2 = LayerNorm(dim, layernorm_type)
+        self.ffn = FeedForward(dim, ffn_expansion_factor, bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.ffn(self.norm2(x))
+
+
+class OverlapPatchEmbed(nn.Module):
+    """3x3 convolution embedding; key ``proj``."""
+
+    def __init__(self, in_c: int = 3, embed_dim: int = 48, bias: bool = False):
+        super().__init__()
+        self.proj = nn.Conv2d(in_c, embed_dim, kernel_size=3, padding=1, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x)
+
+
+class Downsample(nn.Module):
+    """Halve resolution, double channels: conv (C -> C/2) then PixelUnshuffle(2)."""
+
+    def __init__(self, n_feat: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(n_feat, n_feat // 2, kernel_size=3, padding=1, bias=False), nn.PixelUnshuffle(2)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+
+class Upsample(nn.Module):
+    """Double resolution, halve channels: conv (C -> 2C) then PixelShuffle(2)."""
+
+    def __init__(self, n_feat: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(n_feat, n_feat * 2, kernel_size=3, padding=1, bias=False), nn.PixelShuffle(2)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+
+def check_heads(name: str, channels: int, heads: int) -> None:
+    """Channel attention splits channels evenly across heads; say which level breaks that."""
+    if heads < 1 or channels % heads:
+        raise ValueError(f"{name}: {channels} channels cannot be split into {heads} attention heads")
+
+
+def _stage(n: int, dim: int, heads: int, ffn: float, bias: bool, ln: str) -> nn.Sequential:
+    return nn.Sequential(*[TransformerBlock(dim, heads, ffn, bias, ln) for _ in range(n)])
+
+
+class Restormer(nn.Module):
+    """Four-level encoder-decoder of transformer blocks; output = conv(features) + input."""
+
+    multiple = 8  # three 2x downsamplings
+
+    def __init__(
+        self,
+        inp_channels: int = 3,
+        out_channels: int = 3,
+        dim: int = 48,
+        num_blocks: Sequence[int] = (4, 6, 6, 8),
+        num_refinement_blocks: int = 4,
+        heads: Sequence[int] = (1, 2, 4, 8),
+        ffn_expansion_factor: float = 2.66,
+        bias: bool = False,
+        LayerNorm_type: str = "WithBias",  # noqa: N803 - the official keyword, so YAML configs pass through
+        dual_pixel_task: bool = False,
+    ):
+        super().__init__()
+        if len(num_blocks) != 4 or len(heads) != 4:
+            raise ValueError(f"`num_blocks` and `heads` need 4 entries, got {list(num_blocks)} and {list(heads)}")
+        ln, ffn = LayerNorm_type, ffn_expansion_factor
+        for i, (c, hd) in enumerate(zip((dim, dim * 2, dim * 4, dim * 8), heads, strict=True)):
+            check_heads(f"Restormer level {i + 1}", c, hd)
+        check_heads("Restormer decoder level 1", dim * 2, heads[0])
+        self.patch_embed = OverlapPatchEmbed(inp_channels, dim)
+        self.encoder_level1 = _stage(num_blocks[0], dim, heads[0], ffn, bias, ln)
+        self.down1_2 = Downsample(dim)
+        self.encoder_level2 = _stage(num_blocks[1], dim * 2, heads[1], ffn, bias, ln)
+        self.down2_3 = Downsample(dim * 2)
+        self.encoder_level3 = _stage(num_blocks[2], dim * 4, heads[2], ffn, bias, ln)
+        self.down3_4 = Downsample(dim * 4)
+        self.latent = _stage(num_blocks[3], dim * 8, heads[3], ffn, bias, ln)
+        self.up4_3 = Upsample(dim * 8)
+        self.reduce_chan_level3 = nn.Conv2d(dim * 8, dim * 4, kernel_size=1, bias=bias)
+        self.decoder_level3 = _stage(num_blocks[2], dim * 4, heads[2], ffn, bias, ln)
+        self.up3_2 = Upsample(dim * 4)
+        self.reduce_chan_level2 = nn.Conv2d(dim * 4, dim * 2, kernel_size=1, bias=bias)
+        self.decoder_level2 = _stage(num_blocks[1], dim * 2, heads[1], ffn, bias, ln)
+        self.up2_1 = Upsample(dim * 2)  # no 1x1 reduction at level 1: the decoder works at 2*dim
+        self.decoder_level1 = _stage(num_blocks[0], dim * 2, heads[0], ffn, bias, ln)
+        self.refinement = _stage(num_refinement_blocks, dim * 2, heads[0], ffn, bias, ln)
+        self.dual_pixel_task = dual_pixel_task
+        if dual_pixel_task:
+            self.skip_conv = nn.Conv2d(dim, dim * 2, kernel_size=1, bias=bias)
+        self.output = nn.Conv2d(dim * 2, out_channels, kernel_size=3, padding=1, bias=bias)
+        self.residual = inp_channels == out_channels and not dual_pixel_task
+
+    def forward(self, inp_img: Tensor) -> Tensor:
+        x, size = pad_to_multiple(inp_img, self.multiple)  # (B, 3, H8, W8)
+        e1_in = self.patch_embed(x)  # (B, dim, H8, W8)
+        e1 = self.encoder_level1(e1_in)
+        e2 = self.encoder_level2(self.down1_2(e1))  # (B, 2dim, H8/2, W8/2)
+        e3 = self.encoder_level3(self.down2_3(e2))  # (B, 4dim, H8/4, W8/4)
+        lat = self.latent(self.down3_4(e3))  # (B, 8dim, H8/8, W8/8)
+        d3 = self.decoder_level3(self.reduce_chan_level3(torch.cat([self.up4_3(lat), e3], 1)))
+        d2 = self.decoder_level2(self.reduce_chan_level2(torch.cat([self.up3_2(d3), e2], 1)))
+        d1 = self.refinement(self.decoder_level1(torch.cat([self.up2_1(d2), e1], 1)))  # (B, 2dim, H8, W8)
+        if self.dual_pixel_task:
+            out = self.output(d1 + self.skip_conv(e1_in))
+        else:
+            out = self.output(d1) + x if self.residual else self.output(d1)
+        return crop_to(out, size)

@@ -1,0 +1,544 @@
+"""Train the embedded demo's reference teacher on its paired "original training data".
+
+`d4ir train-teacher --profile demo` (``make teacher``) trains a registered restoration
+network (``demo_teacher``, a compact NAFNet) with L1 on the demo's paired
+teacher-train manifest (rain, haze and snow), on the CPU, seeded and deterministic,
+checkpointing every N steps (rerun to resume). It then scores the teacher and the
+identity (degraded input vs target) on the paired test manifests with PSNR / SSIM
+and, when ``out.publish_dir`` is set and every weather beats the identity by
+``eval.min_gain_db``, writes the model and a README with the measured numbers there
+(the committed ``d4ir_pipeline/assets/reference_teacher``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .cliutil import config_from_options, stage_options
+from .config import ConfigError, config_hash, config_to_dict, opt
+from .errors import D4IRError
+from .io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl, sha256_file
+from .models import build_model, count_macs, count_params, save_model
+from .runtime import package_versions, seed_everything
+
+__all__ = ["TeacherConfig", "TeacherResult", "train_teacher", "train_teacher_command", "psnr_u8", "ssim_u8"]
+
+logger = logging.getLogger(__name__)
+
+STATE_NAME = "state.pt"
+# keys that do not change the trained weights: excluded from the resume check
+_HASH_EXCLUDE = (
+    "train.stop_after",
+    "train.log_every",
+    "train.checkpoint_every",
+    "eval.min_gain_db",
+    "eval.max_images",
+    "out.publish_dir",
+    "out.command",
+)
+
+
+# ---------------------------------------------------------------------------------------
+# config
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """Paired manifests (input `path` + clean `target`) and the image root."""
+
+    root: str = opt("{work}/data", help="Image root of the manifests (`d4ir demo-data --out {work}/data`).")
+    train_manifest: str = opt(
+        "data_manifests/demo/teacher-train.jsonl", help="Paired training manifest (all weathers)."
+    )
+    test_manifests: tuple[str, ...] = opt(
+        (
+            "data_manifests/demo/test-rain.jsonl",
+            "data_manifests/demo/test-haze.jsonl",
+            "data_manifests/demo/test-snow.jsonl",
+        ),
+        help="Paired test manifests; scores are reported per weather.",
+    )
+    check_hash: bool = opt(True, help="Verify each image's sha256 against the manifest (the committed data).")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """Which registered network to train."""
+
+    name: str = opt("demo_teacher", help="Registry name or package.module:Class (built with no kwargs).")
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    """Optimisation: AdamW, linear warm-up then cosine decay, L1 loss."""
+
+    seed: int = opt(0, help="Seeds weights, batch order, crops and flips.", min=0)
+    steps: int = opt(3000, help="Optimiser steps in total.", min=1)
+    batch_size: int = opt(8, help="Patches per step.", min=1)
+    patch_size: int = opt(64, help="Random crop side (<= the smallest training image).", min=8)
+    lr: float = opt(2e-3, help="Peak learning rate (NAFNet-style networks train well at 1e-3..2e-3).", min=0.0)
+    min_lr: float = opt(1e-5, help="Learning rate at the end of the cosine decay.", min=0.0)
+    warmup_steps: int = opt(100, help="Linear warm-up steps.", min=0)
+    weight_decay: float = opt(0.0, help="AdamW weight decay (NAFNet trains with 0).", min=0.0)
+    betas: tuple[float, float] = opt((0.9, 0.9), help="AdamW betas (NAFNet's 0.9, 0.9).")
+    grad_clip: float = opt(1.0, help="Max global gradient norm (0 disables).", min=0.0)
+    hflip: bool = opt(True, help="Random horizontal flips (no vertical ones: haze depth and rain fall are vertical).")
+    exposure: tuple[float, float] = opt(
+        (1.0, 1.0),
+        help="Random gain range applied to input and target alike (an exposure change keeps the rain / haze / "
+        "snow models valid); widens a few bright source photos to dark scenes. [1, 1] disables it.",
+        min=0.05,
+        max=1.0,
+    )
+    channel_shuffle: bool = opt(
+        False, help="Randomly permute RGB of input and target alike (more scene colours; the degradations are grey)."
+    )
+    threads: int = opt(2, help="torch CPU threads; fixed so reruns give the same weights.", min=1)
+    checkpoint_every: int = opt(250, help="Save a resumable state every N steps.", min=1)
+    log_every: int = opt(25, help="Append a metrics.jsonl line every N steps.", min=1)
+    stop_after: int = opt(0, help="Stop this run after N new steps (0 = run to the end); rerun resumes.", min=0)
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    """Scoring on the paired test sets."""
+
+    min_gain_db: float = opt(3.0, help="Required PSNR gain over the identity on every weather.")
+    max_images: int = opt(0, help="Images per test manifest (0 = all).", min=0)
+
+
+@dataclass(frozen=True)
+class OutSection:
+    """Where the run and (optionally) the published teacher go."""
+
+    dir: str = opt("{work}/teacher", help="Run folder: state.pt, metrics.jsonl, model/, report.json.")
+    publish_dir: str = opt("", help="If set, copy the model + a README here when the bar is met.")
+    command: str = opt("d4ir train-teacher --profile {profile}", help="The command recorded in the published README.")
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """`d4ir train-teacher` (stages/<profile>/teacher.toml)."""
+
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    out: OutSection = field(default_factory=OutSection)
+
+
+@dataclass
+class TeacherResult:
+    """What a run produced and measured."""
+
+    out_dir: Path
+    model_dir: Path
+    steps: int
+    resumed_from: int
+    finished: bool
+    metrics: dict[str, dict[str, float]]
+    passed: bool
+    published_to: Path | None
+    seconds: float
+
+    def summary(self) -> str:
+        """A few lines for the CLI."""
+        lines = [f"teacher: {self.steps} steps in {self.out_dir} (resumed from {self.resumed_from})"]
+        if not self.finished:
+            lines.append("  stopped early (train.stop_after): rerun the same command to resume")
+        for w, m in sorted(self.metrics.items()):
+            lines.append(
+                f"  {w:<5} PSNR {m['psnr']:.2f} dB (identity {m['identity_psnr']:.2f}, {m['gain_db']:+.2f})"
+                f"  SSIM {m['ssim']:.4f} (identity {m['identity_ssim']:.4f})"
+            )
+        if self.metrics:
+            lines.append(f"  bar (every weather >= identity + min_gain_db): {'met' if self.passed else 'NOT met'}")
+        if self.published_to:
+            lines.append(f"  published to {self.published_to}")
+        return "\n".join(lines)
+
+
+class TeacherBarError(D4IRError):
+    """The trained teacher does not beat the identity by the required margin."""
+
+
+# ---------------------------------------------------------------------------------------
+# data
+
+
+def _to_tensor(img) -> torch.Tensor:
+    """PIL RGB -> uint8 (3, H, W)."""
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+def load_pairs(manifest: str, root: str, *, check_hash: bool, limit: int = 0) -> list[dict[str, Any]]:
+    """Paired records as ``{"id", "weather", "input": uint8 (3,H,W), "target": uint8 (3,H,W)}``."""
+    from .manifests import load_manifest, open_pair
+
+    records = load_manifest(manifest)
+    if limit:
+        records = records[:limit]
+    if not records:
+        raise D4IRError(f"manifest {manifest} holds no records")
+    pairs = []
+    for rec in records:
+        if not rec.paired:
+            raise D4IRError(f"{manifest}: record {rec.id!r} has no `target`; the teacher needs a paired manifest")
+        try:
+            inp, tgt = open_pair(root, rec, check_hash=check_hash)
+        except FileNotFoundError as e:
+            raise D4IRError(
+                f"{manifest}: image of record {rec.id!r} not found under root {root!r} ({e}); "
+                "generate the demo data first: d4ir demo-data --out runs/demo/data"
+            ) from e
+        pairs.append(
+            {"id": rec.id, "weather": rec.weather or "unknown", "input": _to_tensor(inp), "target": _to_tensor(tgt)}
+        )
+    return pairs
+
+
+def sample_batch(pairs: list[dict], cfg: TrainSection, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded random pairs, aligned crops, flips, exposure and channel order -> float (B, 3, P, P) x, y."""
+    p = cfg.patch_size
+    idx = torch.randint(len(pairs), (cfg.batch_size,), generator=g).tolist()
+    xs, ys = [], []
+    for i in idx:
+        inp, tgt = pairs[i]["input"], pairs[i]["target"]
+        h, w = inp.shape[-2:]
+        if h < p or w < p:
+            raise D4IRError(f"`train.patch_size` = {p} exceeds image {pairs[i]['id']!r} ({w}x{h})")
+        y0 = int(torch.randint(h - p + 1, (1,), generator=g))
+        x0 = int(torch.randint(w - p + 1, (1,), generator=g))
+        flip = bool(torch.randint(2, (1,), generator=g)) and cfg.hflip
+        lo, hi = cfg.exposure
+        gain = lo + (hi - lo) * float(torch.rand((), generator=g))
+        perm = torch.randperm(3, generator=g) if cfg.channel_shuffle else torch.arange(3)
+        a = inp[:, y0 : y0 + p, x0 : x0 + p].float() / 255.0  # (3, P, P)
+        b = tgt[:, y0 : y0 + p, x0 : x0 + p].float() / 255.0
+        if flip:
+            a, b = a.flip(-1), b.flip(-1)
+        xs.append(a[perm] * gain)
+        ys.append(b[perm] * gain)
+    return torch.stack(xs), torch.stack(ys)
+
+
+# ---------------------------------------------------------------------------------------
+# metrics
+
+
+def psnr_u8(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of two uint8 images (RGB, data range 255); identical images give 100."""
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return 100.0 if mse == 0 else float(10.0 * math.log10(255.0**2 / mse))
+
+
+def ssim_u8(a: np.ndarray, b: np.ndarray) -> float:
+    """SSIM of two (H, W, 3) uint8 images (skimage, 7x7 uniform window, channels averaged)."""
+    from skimage.metrics import structural_similarity
+
+    return float(structural_similarity(a, b, channel_axis=2, data_range=255))
+
+
+def _u8(x: torch.Tensor) -> np.ndarray:
+    """float (3, H, W) in [0, 1] -> uint8 (H, W, 3), rounded like a saved PNG."""
+    return (x.clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+@torch.no_grad()
+def evaluate_pairs(model: torch.nn.Module, pairs: list[dict]) -> dict[str, dict[str, float]]:
+    """Mean per-image PSNR / SSIM of the model and of the identity, per weather."""
+    model.eval()
+    acc: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for pr in pairs:
+        x = pr["input"].float()[None] / 255.0  # (1, 3, H, W)
+        out = _u8(model(x)[0])
+        inp, tgt = _u8(pr["input"].float() / 255.0), pr["target"].permute(1, 2, 0).numpy()
+        a = acc[pr["weather"]]
+        a["psnr"].append(psnr_u8(out, tgt))
+        a["ssim"].append(ssim_u8(out, tgt))
+        a["identity_psnr"].append(psnr_u8(inp, tgt))
+        a["identity_ssim"].append(ssim_u8(inp, tgt))
+    res = {}
+    for w, a in acc.items():
+        m = {k: float(np.mean(v)) for k, v in a.items()}
+        m["gain_db"] = m["psnr"] - m["identity_psnr"]
+        m["images"] = len(a["psnr"])
+        res[w] = m
+    return res
+
+
+# ---------------------------------------------------------------------------------------
+# training
+
+
+def _lr_lambda(cfg: TrainSection):
+    def f(step: int) -> float:  # multiplier of cfg.lr at `step` (0-based)
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        floor = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    return f
+
+
+def _save_state(path: Path, **state: Any) -> None:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop metrics lines written after the state we resume from (they will be redone)."""
+    if path.is_file():
+        keep = [r for r in read_jsonl(path) if r.get("step", 0) <= step and "eval" not in r]
+        atomic_write_jsonl(path, keep)
+
+
+def _append(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def train_teacher(cfg: TeacherConfig) -> TeacherResult:
+    """Train (or resume), evaluate and optionally publish the demo teacher."""
+    t_start = time.perf_counter()
+    tc = cfg.train
+    out = Path(cfg.out.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path, metrics_path = out / STATE_NAME, out / "metrics.jsonl"
+    if tc.exposure[0] > tc.exposure[1]:
+        raise ConfigError(f"`train.exposure` = {list(tc.exposure)}: expected [low, high] with low <= high")
+    chash = config_hash(cfg, exclude=_HASH_EXCLUDE)
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(tc.threads)
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        # 1. data (all in memory: the demo set is small)
+        pairs = load_pairs(cfg.data.train_manifest, cfg.data.root, check_hash=cfg.data.check_hash)
+        logger.info("teacher: %d training pairs from %s", len(pairs), cfg.data.train_manifest)
+
+        # 2. model, optimiser, schedule; resume if a state exists
+        seed_everything(tc.seed)
+        model = build_model(cfg.model.name)
+        optim = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(optim, _lr_lambda(tc))
+        gen = torch.Generator().manual_seed(tc.seed)
+        step, spent = 0, {"wall_s": 0.0, "cpu_s": 0.0}  # training time over all invocations
+        if state_path.is_file():
+            st = torch.load(state_path, map_location="cpu", weights_only=True)
+            if st.get("config_hash") != chash:
+                raise D4IRError(
+                    f"{state_path} was written with a different config (hash {str(st.get('config_hash'))[:12]} vs "
+                    f"{chash[:12]}); use another `out.dir` or delete {out} to start over"
+                )
+            model.load_state_dict(st["model"])
+            optim.load_state_dict(st["optimizer"])
+            sched.load_state_dict(st["scheduler"])
+            gen.set_state(st["generator"])
+            torch.set_rng_state(st["torch_rng"])
+            step = int(st["step"])
+            spent = {k: float(v) for k, v in st.get("spent", spent).items()}
+            logger.info("teacher: resuming from step %d (%s)", step, state_path)
+        _trim_metrics(metrics_path, step)
+        resumed_from = step
+
+        w_mark, c_mark = time.perf_counter(), time.process_time()
+
+        def checkpoint() -> None:
+            nonlocal w_mark, c_mark
+            spent["wall_s"] += time.perf_counter() - w_mark
+            spent["cpu_s"] += time.process_time() - c_mark
+            w_mark, c_mark = time.perf_counter(), time.process_time()
+            _save_state(
+                state_path,
+                model=model.state_dict(),
+                optimizer=optim.state_dict(),
+                scheduler=sched.state_dict(),
+                generator=gen.get_state(),
+                torch_rng=torch.get_rng_state(),
+                step=step,
+                config_hash=chash,
+                spent=spent,
+            )
+
+        # 3. train
+        end = tc.steps if not tc.stop_after else min(tc.steps, step + tc.stop_after)
+        model.train()
+        t0, losses = time.perf_counter(), []
+        bar = tqdm(total=tc.steps, initial=step, desc="teacher", unit="step", dynamic_ncols=True)
+        while step < end:
+            x, y = sample_batch(pairs, tc, gen)  # (B, 3, P, P) each
+            loss = F.l1_loss(model(x), y)
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            optim.step()
+            sched.step()
+            step += 1
+            losses.append(loss.item())
+            bar.update(1)
+            if step % tc.log_every == 0 or step == end:
+                rate = tc.batch_size * len(losses) / max(1e-9, time.perf_counter() - t0)
+                rec = {"step": step, "loss": float(np.mean(losses)), "lr": sched.get_last_lr()[0], "samples_s": rate}
+                _append(metrics_path, rec)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", samples_s=f"{rate:.1f}")
+                t0, losses = time.perf_counter(), []
+            if step % tc.checkpoint_every == 0 or step == end:
+                checkpoint()
+        bar.close()
+        finished = step >= tc.steps
+        model_dir = out / "model"
+        if not finished:
+            logger.info("teacher: stopped at step %d of %d; rerun to resume", step, tc.steps)
+            return TeacherResult(
+                out, model_dir, step, resumed_from, False, {}, False, None, time.perf_counter() - t_start
+            )
+
+        # 4. evaluate teacher and identity on the paired test sets
+        test_pairs = []
+        for m in cfg.data.test_manifests:
+            test_pairs += load_pairs(m, cfg.data.root, check_hash=cfg.data.check_hash, limit=cfg.eval.max_images)
+        metrics = evaluate_pairs(model, test_pairs)
+        passed = bool(metrics) and all(m["gain_db"] >= cfg.eval.min_gain_db for m in metrics.values())
+        report = {
+            "config": config_to_dict(cfg),
+            "config_hash": chash,
+            "steps": step,
+            "metrics": metrics,
+            "passed": passed,
+            "min_gain_db": cfg.eval.min_gain_db,
+            "params": count_params(model),
+            "macs_256": count_macs(model, (256, 256)),
+            "threads": tc.threads,
+            "train_wall_s": spent["wall_s"],
+            "train_cpu_s": spent["cpu_s"],
+            "versions": package_versions(("torch", "numpy", "scikit-image", "pillow")),
+        }
+        _append(metrics_path, {"step": step, "eval": metrics})
+        save_model(model, model_dir, extra={"train": report})
+        atomic_write_json(out / "report.json", report)
+        for w, m in sorted(metrics.items()):
+            logger.info(
+                "teacher %s: PSNR %.2f dB (identity %.2f), SSIM %.4f", w, m["psnr"], m["identity_psnr"], m["ssim"]
+            )
+
+        # 5. publish (the committed reference teacher) only when the bar is met
+        published = None
+        if cfg.out.publish_dir:
+            if not passed:
+                raise TeacherBarError(
+                    "teacher does not beat the identity by "
+                    f"{cfg.eval.min_gain_db} dB on every weather: "
+                    + ", ".join(f"{w} {m['gain_db']:+.2f} dB" for w, m in sorted(metrics.items()))
+                    + f"; not publishing to {cfg.out.publish_dir} (see {out / 'report.json'})"
+                )
+            published = Path(cfg.out.publish_dir)
+            save_model(model, published, extra={"train": report})
+            atomic_write_text(published / "README.md", _readme(cfg, report, published))
+        return TeacherResult(
+            out, model_dir, step, resumed_from, True, metrics, passed, published, time.perf_counter() - t_start
+        )
+    finally:
+        torch.set_num_threads(prev_threads)
+        torch.use_deterministic_algorithms(prev_det)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
+def _readme(cfg: TeacherConfig, report: dict, folder: Path) -> str:
+    """README of the published teacher: what it is, how it was made, what it scores."""
+    d = config_to_dict(cfg)
+    toml = []
+    for section, values in d.items():
+        toml.append(f"[{section}]")
+        toml += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        toml.append("")
+    rows = [
+        f"| {w} | {m['images']} | {m['psnr']:.2f} | {m['ssim']:.4f} | {m['identity_psnr']:.2f} | "
+        f"{m['identity_ssim']:.4f} | {m['gain_db']:+.2f} |"
+        for w, m in sorted(report["metrics"].items())
+    ]
+    spec = report["config"]["model"]["name"]
+    weights = folder / "model.safetensors"
+    return f"""# Reference teacher of the embedded demo
+
+A compact restoration network (`{spec}`: {type_name(cfg)}, {report["params"]:,} parameters,
+{report["macs_256"] / 1e9:.2f} GMACs at 256x256) trained from scratch with L1 on the demo's
+paired "original training data" (`{cfg.data.train_manifest}`: rain, haze and snow,
+procedurally degraded crops of real photos). `make demo` distills students from it.
+It is a real but small teacher for a CPU demo, not a benchmark model.
+
+Files: `model.safetensors` (sha256 `{sha256_file(weights)}`), `model.json`
+(build spec; `d4ir_pipeline.models.load_model(reference_teacher_path())` rebuilds it).
+
+## How it was made
+
+```
+make teacher
+# = d4ir demo-data --out runs/demo/data
+#   {cfg.out.command}
+```
+
+{report["steps"]} steps with {report["threads"]} CPU thread(s): {report["train_cpu_s"] / 60:.1f} CPU-minutes
+({report["train_wall_s"] / 60:.1f} min wall clock on a shared machine); deterministic (seeded,
+`torch.use_deterministic_algorithms`; a rerun with the same thread count on the same machine gives
+the same weights). Versions:
+{", ".join(f"{k} {v}" for k, v in report["versions"].items())}. Resolved config
+(stages/demo/teacher.toml after substitution; config hash `{report["config_hash"][:16]}`):
+
+```toml
+{chr(10).join(toml).rstrip()}
+```
+
+## Measured on the demo test sets
+
+Mean per-image PSNR (dB, RGB, 8-bit) and SSIM (skimage, 7x7 window, RGB channels averaged)
+of the teacher's output and of the identity (the degraded input scored against the
+target). Bar: the teacher beats the identity by >= {report["min_gain_db"]} dB on every weather.
+
+| weather | images | teacher PSNR | teacher SSIM | identity PSNR | identity SSIM | gain (dB) |
+|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+"""
+
+
+def type_name(cfg: TeacherConfig) -> str:
+    """Class name of the configured model (built on the meta device: no weights)."""
+    with torch.device("meta"):
+        return type(build_model(cfg.model.name)).__name__
+
+
+@click.command("train-teacher")
+@stage_options
+def train_teacher_command(profile: str, config_path: str | None, overrides: tuple[str, ...], work_dir: str | None):
+    """Train the demo's reference teacher (stages/<profile>/teacher.toml)."""
+    cfg = config_from_options(
+        TeacherConfig, "teacher", profile=profile, config_path=config_path, overrides=overrides, work_dir=work_dir
+    )
+    res = train_teacher(cfg)
+    click.echo(res.summary())
