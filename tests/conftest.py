@@ -9,6 +9,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# One intra-op thread: on 2 shared cores, OpenMP threads stall each other (10-100x slower
+# steps were measured under load); results do not depend on it.
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
