@@ -785,7 +785,7 @@ def build_demo_sd(cfg: DemoSDConfig, *, overwrite: bool = False, progress: bool 
     vae = AutoencoderKL.from_pretrained(base / "vae")
     unet = UNet2DConditionModel.from_pretrained(base / "unet")
     scheduler = DDIMScheduler.from_pretrained(base / "scheduler")
-    text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder", torch_dtype=torch.float32).eval()
+    text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder").eval()
     tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer")
 
     # 2. the web images (web-clean + web-degraded only)

@@ -130,6 +130,15 @@ def set_attention_backend(pipe_or_unet, backend: str = "auto") -> str:
     return name
 
 
+def _dtype_kwarg() -> str:
+    """Newer diffusers take ``dtype`` (``torch_dtype`` is deprecated); older ones only ``torch_dtype``."""
+    try:
+        from diffusers.utils import deprecation_utils
+    except ImportError:
+        return "torch_dtype"
+    return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+
+
 def load_img2img_pipeline(
     source: str,
     *,
@@ -152,7 +161,7 @@ def load_img2img_pipeline(
     if not with_text_encoder:
         kwargs.update(text_encoder=None, tokenizer=None)
     if dtype is not None:
-        kwargs["torch_dtype"] = dtype
+        kwargs[_dtype_kwarg()] = dtype
     try:
         pipe = StableDiffusionImg2ImgPipeline.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
