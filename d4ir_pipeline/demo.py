@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from .cli import main as cli_main
+from .errors import D4IRError
 from .runtime import setup_logging
 
 logger = logging.getLogger("d4ir_pipeline.demo")
@@ -50,9 +51,17 @@ def main() -> None:
     ap.add_argument("--work-dir", default="runs/demo", help="where every output goes (default runs/demo)")
     ap.add_argument("--profile", default="demo", help="config profile (stages/<profile>/)")
     ap.add_argument("--student", default=None, help="student registry name (default: the config's)")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = ap.parse_args()
     setup_logging()
-    times = run_demo(args.work_dir, profile=args.profile, student=args.student)
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        times = run_demo(args.work_dir, profile=args.profile, student=args.student)
+    except D4IRError as e:
+        raise SystemExit(f"error: {e}\nFinished steps are kept; rerun `make demo` to continue.") from None
     work = Path(args.work_dir)
     print("\n== d4ir demo: done ==")
     for name, sec in times.items():
@@ -67,7 +76,7 @@ def main() -> None:
     for label, sub in [
         ("demo data + manifests", "data"),
         ("DPA adapter + report", "dpa"),
-        ("prompt bank", "prompt-bank"),
+        ("prompt bank", "bank"),
         ("shards + shardset.json", "shards"),
         ("student checkpoints", "distill"),
         ("evaluation report", "eval"),

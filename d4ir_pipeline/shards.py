@@ -135,7 +135,7 @@ class DataSection:
 class BankSection:
     """Where the prompts come from."""
 
-    dir: str = opt("{work}/prompt-bank", help="prompt-bank folder written by `d4ir prompt-bank`")
+    dir: str = opt("{work}/bank", help="prompt-bank folder written by `d4ir prompt-bank`")
     use: str = opt("entry", choices=("entry", "centroid"), help="one bank entry of the weather, or its centroid")
     mix: dict[str, float] = opt(
         default_factory=dict, min=0.0, help="weather -> ratio, e.g. {rain = 1, haze = 1, snow = 2}; empty = uniform"
