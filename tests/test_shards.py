@@ -48,6 +48,9 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+from d4ir_pipeline.prompts import BANK_KIND  # noqa: E402
+
+
 def write_bank(path: Path, *, k: int = 4, d: int = 32, per: int = 3, weathers=("rain", "haze", "snow")) -> Path:
     """A prompt bank in the documented layout (tokens.safetensors, index.jsonl, bank.json)."""
     from safetensors.torch import save_file
@@ -60,7 +63,8 @@ def write_bank(path: Path, *, k: int = 4, d: int = 32, per: int = 3, weathers=("
     centroids = torch.stack([tokens[i * per : (i + 1) * per].mean(0) for i in range(len(weathers))])  # (W, K, D)
     save_file({"tokens": tokens.contiguous(), "centroids": centroids.contiguous()}, str(path / "tokens.safetensors"))
     atomic_write_jsonl(path / "index.jsonl", rows)
-    atomic_write_json(path / "bank.json", {"weathers": list(weathers), "K": k, "D": d, "adapter_sha256": "0" * 64,
+    atomic_write_json(path / "bank.json", {"kind": BANK_KIND, "version": 1,
+                                           "weathers": list(weathers), "K": k, "D": d, "adapter_sha256": "0" * 64,
                                            "sd_model": "tiny", "created": "2024-01-01T00:00:00"})  # fmt: skip
     return path
 
