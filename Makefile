@@ -22,7 +22,7 @@ student_set = $(if $(STUDENT),--set student.name=$(STUDENT))
 extra_set   = $(foreach s,$(SET),--set $(s))
 common      = --profile $(PROFILE) --work-dir $(WORK)
 
-.PHONY: install test demo synthesize distill evaluate table bench lint clean teacher data tiny-sd dpa prompt-bank
+.PHONY: install test demo synthesize distill evaluate table bench lint clean teacher data tiny-sd dpa prompt-bank label demo-sd
 
 install: $(STAMP)
 
@@ -56,6 +56,10 @@ prompt-bank: $(STAMP)
 synthesize: $(STAMP)
 	$(D4IR) synthesize $(common) $(sd_set) $(extra_set)
 
+# cache the teacher's outputs next to the shards once; later students skip the teacher
+label: $(STAMP)
+	$(D4IR) label $(common) $(teacher_set) $(extra_set)
+
 distill: $(STAMP)
 	$(D4IR) distill $(common) $(teacher_set) $(student_set) $(extra_set)
 
@@ -65,6 +69,11 @@ evaluate: $(STAMP)
 teacher: $(STAMP)
 	$(D4IR) demo-data --out runs/demo/data
 	$(D4IR) train-teacher --profile demo --work-dir runs/demo
+
+# rebuild the small demo SD committed in d4ir_pipeline/assets/demo_sd (docs/DEMO_SD.md; ~40 min CPU)
+demo-sd: $(STAMP)
+	$(D4IR) demo-data --out runs/demo/data
+	$(D4IR) demo-sd --out d4ir_pipeline/assets/demo_sd --work runs/demo/demo-sd.train --overwrite
 
 table: $(STAMP)
 	$(D4IR) compare $(common) --quick $(extra_set)

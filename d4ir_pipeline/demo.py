@@ -37,6 +37,7 @@ def run_demo(work_dir: str = "runs/demo", *, profile: str = "demo", student: str
         ("DPA", ["train-dpa", *common]),
         ("prompt bank", ["prompt-bank", *common]),
         ("synthesis", ["synthesize", *common]),
+        ("teacher labels", ["label", *common]),
         ("distillation", ["distill", *common, *student_set]),
         ("evaluation", ["evaluate", *common, *student_set]),
     ]
