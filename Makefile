@@ -10,6 +10,8 @@ SD_MODEL ?=
 TEACHER  ?=
 STUDENT  ?=
 SET      ?=
+QUICK    ?= --quick
+
 
 BIN   := $(VENV)/bin
 D4IR  := $(BIN)/d4ir
@@ -76,7 +78,7 @@ demo-sd: $(STAMP)
 	$(D4IR) demo-sd --out d4ir_pipeline/assets/demo_sd --work runs/demo/demo-sd.train --overwrite
 
 table: $(STAMP)
-	$(D4IR) compare $(common) --quick $(extra_set)
+	$(D4IR) compare $(common) $(QUICK) $(sd_set) $(teacher_set) $(student_set) $(extra_set)
 
 # The main job on the embedded default: every stage, in order.
 demo: $(STAMP)
