@@ -159,8 +159,8 @@ def load_state_dict_file(path: str | os.PathLike, *, key: str | None = None, str
                 f"checkpoint {path}: refused to unpickle it with torch.load(weights_only=True): it contains "
                 f"objects other than tensors and plain containers ({detail.strip()}). Loading it fully would "
                 "run arbitrary code from the file. If you trust its origin, convert it once in a separate "
-                "Python session (torch.load(..., weights_only=False), then save the state_dict with "
-                "safetensors.torch.save_file) and pass the .safetensors file."
+                "Python session (full unpickling, then save the state_dict with safetensors.torch.save_file) "
+                "and pass the .safetensors file."
             ) from e
         except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
             raise CheckpointError(f"checkpoint {path}: not a readable torch file ({type(e).__name__}: {e})") from e
