@@ -24,10 +24,13 @@ BENCHES = {
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("names", nargs="*", choices=[[], *BENCHES], help="benchmarks to run (default: all)")
+    ap.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks to run: {', '.join(BENCHES)} (default: all)")
     ap.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run of the benchmarks)")
     ap.add_argument("--json", type=Path, default=None, help="also write every result to this JSON file")
     args = ap.parse_args()
+    unknown = sorted(set(args.names) - set(BENCHES))
+    if unknown:
+        ap.error(f"unknown benchmark(s) {unknown}; choose from {sorted(BENCHES)}")
     names = args.names or list(BENCHES)
     results = {}
     for name in names:
