@@ -47,8 +47,9 @@ import torch
 from .cliutil import config_from_options, stage_options
 from .config import config_hash, config_to_dict, opt
 from .errors import BadImageError, D4IRError
-from .io import atomic_write_json, fsync_dir, read_json, resolve_under, sha256_file
+from .io import atomic_write_json, fsync_dir, read_json, sha256_file
 from .runtime import package_versions, pick_device, pick_dtype, seed_everything
+from .shards import SHARDSET_NAME, ShardInfo, ShardSetError, check_shard_file, read_listing
 
 __all__ = [
     "TeacherConfig",
@@ -74,7 +75,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SHARDSET_NAME = "shardset.json"
 LABELS_NAME = "labels.json"
 _LABEL_EXT = {"png": "teacher.png", "npy": "teacher.npy"}
 _IMAGE_EXTS = ("degraded.png", "degraded.jpg", "degraded.jpeg", "degraded.webp")
@@ -276,19 +276,8 @@ class LabelResult:
 # shard set
 
 
-class ShardSetError(D4IRError):
-    """A shard set (or label cache) that is missing, incomplete or fails verification."""
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    """One shard as listed in shardset.json."""
-
-    name: str
-    path: Path
-    samples: int
-    bytes: int
-    sha256: str
+# ShardSetError, ShardInfo and the listing / file checks live in shards.py (stage one
+# writes what stage two reads; one reader for both); they are re-exported here.
 
 
 @dataclass(frozen=True)
@@ -302,40 +291,13 @@ class ShardSet:
     num_samples: int
 
 
-def _check_listing(root: Path, doc: dict, where: str, kind: str) -> list[ShardInfo]:
-    if doc.get("kind") != kind:
-        raise ShardSetError(f"{where}: `kind` = {doc.get('kind')!r}; expected {kind!r}")
-    items = doc.get("shards")
-    if not isinstance(items, list) or not items:
-        raise ShardSetError(f"{where}: `shards` must be a non-empty list, got {items!r:.80}")
-    out = []
-    for i, s in enumerate(items):
-        try:
-            name, n, size, sha = str(s["name"]), int(s["samples"]), int(s["bytes"]), str(s["sha256"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ShardSetError(f"{where}: shards[{i}] = {s!r:.120}: expected name, samples, bytes, sha256") from e
-        try:
-            path = resolve_under(root, name, what="shard name")
-        except ValueError as e:
-            raise ShardSetError(f"{where}: shards[{i}]: {e}") from e
-        out.append(ShardInfo(name=name, path=path, samples=n, bytes=size, sha256=sha))
-    return out
-
-
 def _verify_files(shards: list[ShardInfo], mode: str, where: str) -> None:
     """Refuse missing files, wrong sizes and (mode 'full') wrong hashes, listing every bad shard."""
     from tqdm import tqdm
 
-    bad = []
     full = mode == "full"
     it = tqdm(shards, desc=f"verify {Path(where).parent.name}", unit="shard", disable=not full or len(shards) < 8)
-    for s in it:
-        if not s.path.is_file():
-            bad.append(f"{s.name}: missing")
-        elif mode in ("size", "full") and s.path.stat().st_size != s.bytes:
-            bad.append(f"{s.name}: {s.path.stat().st_size} bytes, listed {s.bytes}")
-        elif full and sha256_file(s.path) != s.sha256:
-            bad.append(f"{s.name}: sha256 differs from the listed {s.sha256[:12]}...")
+    bad = [problem for s in it if (problem := check_shard_file(s, full=full))]
     if bad:
         more = f" ... and {len(bad) - 10} more" if len(bad) > 10 else ""
         raise ShardSetError(
@@ -357,18 +319,14 @@ def open_shardset(root: str | os.PathLike, *, verify: str = "full") -> ShardSet:
             f"`data.shards` = {str(root)!r}: no {SHARDSET_NAME}{hint}; run `d4ir synthesize` (make synthesize) "
             "first, or point `data.shards` at a finished shard-set folder"
         )
-    try:
-        doc = read_json(manifest)
-    except ValueError as e:
-        raise ShardSetError(str(e)) from e
-    if not isinstance(doc, dict):
-        raise ShardSetError(f"{manifest}: expected a JSON object")
+    doc, shards = read_listing(manifest, "d4ir-shardset")
     if doc.get("complete") is not True:
         raise ShardSetError(
             f"{manifest}: the shard set is incomplete (`complete` is not true): synthesis has not finished. "
             "Rerun `d4ir synthesize` with the same config to resume it."
         )
-    shards = _check_listing(root, doc, str(manifest), "d4ir-shardset")
+    if not shards:
+        raise ShardSetError(f"{manifest}: lists no shards; point `data.shards` at a shard set with samples")
     if verify != "off":
         _verify_files(shards, verify, str(manifest))
     return ShardSet(
@@ -764,7 +722,7 @@ def find_labels(cfg: DistillConfig, shardset: ShardSet, ident: dict) -> Path | N
     doc_path = d / LABELS_NAME
     if not doc_path.is_file():
         return None
-    doc = read_json(doc_path)
+    doc, shards = read_listing(doc_path, "d4ir-labels")
     why = None
     if doc.get("complete") is not True:
         why = "incomplete (rerun `d4ir label` to finish it)"
@@ -777,7 +735,6 @@ def find_labels(cfg: DistillConfig, shardset: ShardSet, ident: dict) -> Path | N
     if why:
         logger.info("label cache %s not used: %s", d, why)
         return None
-    shards = _check_listing(d, doc, str(doc_path), "d4ir-labels")
     if cfg.data.verify != "off":
         _verify_files(shards, cfg.data.verify, str(doc_path))
     if sorted(s.name for s in shards) != sorted(s.name for s in shardset.shards):

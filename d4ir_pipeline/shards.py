@@ -48,6 +48,10 @@ __all__ = [
     "ShardPlan",
     "WorkItem",
     "VerifyReport",
+    "ShardSetError",
+    "ShardInfo",
+    "read_listing",
+    "check_shard_file",
     "plan_shards",
     "shards_for_rank",
     "shard_name",
@@ -317,9 +321,24 @@ def read_shard(path: str | os.PathLike) -> dict[str, dict[str, bytes]]:
     return out
 
 
+class ShardSetError(D4IRError):
+    """A shard set (or label cache) that is missing, incomplete, malformed or fails verification."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard as a listing (shardset.json, a rank manifest, a label cache's labels.json) records it."""
+
+    name: str
+    path: Path  # the file, resolved under the listing's folder
+    samples: int
+    bytes: int
+    sha256: str
+
+
 def _check_name(name: Any, where: str) -> str:
     if not isinstance(name, str) or not SHARD_RE.match(name):
-        raise D4IRError(f"{where}: shard name {name!r} is not synth-rNNN-NNNNNN.tar; refusing it")
+        raise ShardSetError(f"{where}: shard name {name!r} is not synth-rNNN-NNNNNN.tar; refusing it")
     return name
 
 
@@ -340,11 +359,10 @@ def shard_urls(root: str | os.PathLike, *, base: str | None = None, allow_pipe: 
     maps each listed name to a URL; ``pipe:`` runs a shell command, so it is refused
     unless ``allow_pipe``. Names are checked, so none can escape ``root``.
     """
-    root = Path(root)
-    doc = _read_doc(root / SHARDSET_NAME, "d4ir-shardset")
-    names = [_check_name(s.get("name"), str(root / SHARDSET_NAME)) for s in doc["shards"]]
+    _, listed = read_listing(Path(root) / SHARDSET_NAME, "d4ir-shardset")
+    names = [s.name for s in listed]
     if base is None:
-        return [str(resolve_under(root, n, what="shard name")) for n in names]
+        return [str(s.path) for s in listed]
     if base.startswith("pipe:") and not allow_pipe:
         raise D4IRError(
             f"shard base URL {base!r} starts with 'pipe:' (a shell command); pass allow_pipe=True to run it"
@@ -358,20 +376,57 @@ def shard_urls(root: str | os.PathLike, *, base: str | None = None, allow_pipe: 
 # manifests: per-rank commit points, merged into shardset.json
 
 
-def _read_doc(path: Path, kind: str) -> dict:
+def read_listing(path: str | os.PathLike, kind: str) -> tuple[dict, list[ShardInfo]]:
+    """Read a shard listing and check its form; the one reader of every manifest of shards.
+
+    ``kind`` is ``d4ir-shardset`` (shardset.json), ``d4ir-shardset-rank`` (a rank's commit
+    point) or ``d4ir-labels`` (distill's label cache). Every ``shards`` entry must be an
+    object with a synth-rNNN-NNNNNN.tar name (so none escapes the folder), samples, bytes
+    and sha256. Returns the raw document (callers read their own extra keys) and the
+    entries resolved under the listing's folder; raises :class:`ShardSetError`. Files are
+    not touched: :func:`check_shard_file` checks them.
+    """
+    path = Path(path)
     try:
         doc = read_json(path)
     except (OSError, ValueError) as e:
-        raise D4IRError(f"{path}: cannot read the shard-set manifest ({e})") from e
+        raise ShardSetError(f"{path}: cannot read the shard-set manifest ({e})") from e
     if not isinstance(doc, dict) or doc.get("kind") != kind or not isinstance(doc.get("shards"), list):
-        raise D4IRError(
+        raise ShardSetError(
             f"{path}: not a {kind} manifest (`kind` = {doc.get('kind') if isinstance(doc, dict) else None!r})"
         )
+    listed = []
     for i, s in enumerate(doc["shards"]):
+        where = f"{path}: shards[{i}]"
         if not isinstance(s, dict):
-            raise D4IRError(f"{path}: shards[{i}] is not an object")
-        _check_name(s.get("name"), f"{path}: shards[{i}]")
-    return doc
+            raise ShardSetError(f"{where} is not an object")
+        name = _check_name(s.get("name"), where)
+        try:
+            n, size, sha = int(s["samples"]), int(s["bytes"]), str(s["sha256"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ShardSetError(f"{where} = {s!r:.120}: expected name, samples, bytes, sha256") from e
+        try:
+            file = resolve_under(path.parent, name, what="shard name")
+        except ValueError as e:
+            raise ShardSetError(f"{where}: {e}") from e
+        listed.append(ShardInfo(name=name, path=file, samples=n, bytes=size, sha256=sha))
+    return doc, listed
+
+
+def check_shard_file(shard: ShardInfo, *, full: bool = True) -> str | None:
+    """What is wrong with a listed shard's file, as ``'name: why'``, or None when it matches.
+
+    Existence and byte count always (cheap: a stat); with ``full`` also the sha256, which
+    reads the whole file.
+    """
+    if not shard.path.is_file():
+        return f"{shard.name}: missing"
+    size = shard.path.stat().st_size
+    if size != shard.bytes:
+        return f"{shard.name}: {size} bytes, listed {shard.bytes}"
+    if full and sha256_file(shard.path) != shard.sha256:
+        return f"{shard.name}: sha256 differs from the listed {shard.sha256[:12]}..."
+    return None
 
 
 def _rank_files(out: Path) -> dict[int, Path]:
@@ -403,14 +458,14 @@ def merge_shardset(out_dir: str | os.PathLike, *, cleanup: bool = True) -> dict:
     files = _rank_files(out)
     if 0 not in files:
         raise D4IRError(f"{out}: no {RANK_MANIFEST.format(rank=0)}; nothing to merge (has synthesis started here?)")
-    head = _read_doc(files[0], "d4ir-shardset-rank")
+    head, _ = read_listing(files[0], "d4ir-shardset-rank")
     world = int(head["world_size"])
     docs, missing, unfinished = [head], [], []
     for r in range(1, world):
         if r not in files:
             missing.append(r)
             continue
-        doc = _read_doc(files[r], "d4ir-shardset-rank")
+        doc, _ = read_listing(files[r], "d4ir-shardset-rank")
         if doc.get("config_hash") != head.get("config_hash") or int(doc.get("world_size", -1)) != world:
             missing.append(r)  # a stale file of another run; this rank has not written yet
             continue
@@ -455,7 +510,7 @@ def _recorded_entries(out: Path) -> tuple[dict[int, list[dict]], set[str]]:
     paths = list(_rank_files(out).values()) + ([out / SHARDSET_NAME] if (out / SHARDSET_NAME).is_file() else [])
     for p in paths:
         kind = "d4ir-shardset" if p.name == SHARDSET_NAME else "d4ir-shardset-rank"
-        doc = _read_doc(p, kind)
+        doc, _ = read_listing(p, kind)
         hashes.add(str(doc.get("config_hash")))
         for s in doc["shards"]:
             by_index.setdefault(int(s["index"]), []).append(s)
@@ -463,8 +518,10 @@ def _recorded_entries(out: Path) -> tuple[dict[int, list[dict]], set[str]]:
 
 
 def _entry_ok(out: Path, entry: dict) -> bool:
+    """A recorded shard (an entry :func:`read_listing` accepted) whose file still verifies."""
     path = resolve_under(out, entry["name"], what="shard name")
-    return path.is_file() and path.stat().st_size == int(entry["bytes"]) and sha256_file(path) == entry["sha256"]
+    info = ShardInfo(entry["name"], path, int(entry["samples"]), int(entry["bytes"]), str(entry["sha256"]))
+    return check_shard_file(info) is None
 
 
 # ---------------------------------------------------------------------------------------
@@ -493,39 +550,32 @@ def verify_shardset(root: str | os.PathLike, *, deep: bool = True) -> VerifyRepo
     from tqdm import tqdm
 
     root = Path(root)
-    doc = _read_doc(root / SHARDSET_NAME, "d4ir-shardset")
-    report = VerifyReport(root=root, complete=bool(doc.get("complete")), shards=len(doc["shards"]))
+    doc, listed = read_listing(root / SHARDSET_NAME, "d4ir-shardset")
+    report = VerifyReport(root=root, complete=bool(doc.get("complete")), shards=len(listed))
     seen_keys: dict[str, str] = {}
-    for s in tqdm(doc["shards"], desc="verify", unit="shard", disable=len(doc["shards"]) < 8):
-        name = s["name"]
-        path = resolve_under(root, name, what="shard name")
-        if not path.is_file():
-            report.damaged.append(f"{name}: missing")
-            continue
-        if path.stat().st_size != int(s["bytes"]):
-            report.damaged.append(f"{name}: {path.stat().st_size} bytes, listed {s['bytes']}")
-            continue
-        if sha256_file(path) != s["sha256"]:
-            report.damaged.append(f"{name}: sha256 differs from the listed {str(s['sha256'])[:12]}...")
+    for s in tqdm(listed, desc="verify", unit="shard", disable=len(listed) < 8):
+        problem = check_shard_file(s)
+        if problem:
+            report.damaged.append(problem)
             continue
         if deep:
             try:
-                samples = read_shard(path)
+                samples = read_shard(s.path)
             except (tarfile.TarError, D4IRError, OSError) as e:
-                report.damaged.append(f"{name}: unreadable tar ({e})")
+                report.damaged.append(f"{s.name}: unreadable tar ({e})")
                 continue
-            if len(samples) != int(s["samples"]):
-                report.damaged.append(f"{name}: {len(samples)} samples, listed {s['samples']}")
+            if len(samples) != s.samples:
+                report.damaged.append(f"{s.name}: {len(samples)} samples, listed {s.samples}")
             for key, files in samples.items():
                 if "json" not in files or not any(ext.startswith("degraded.") for ext in files):
-                    report.damaged.append(f"{name}: sample {key!r} lacks .json or .degraded.*")
+                    report.damaged.append(f"{s.name}: sample {key!r} lacks .json or .degraded.*")
                 if key in seen_keys:
-                    report.damaged.append(f"{name}: key {key!r} also in {seen_keys[key]}")
-                seen_keys[key] = name
-        report.samples += int(s["samples"])
-    listed = {s["name"] for s in doc["shards"]}
+                    report.damaged.append(f"{s.name}: key {key!r} also in {seen_keys[key]}")
+                seen_keys[key] = s.name
+        report.samples += s.samples
+    names = {s.name for s in listed}
     for p in sorted(root.iterdir()):
-        if SHARD_RE.match(p.name) and p.name not in listed:
+        if SHARD_RE.match(p.name) and p.name not in names:
             report.unlisted.append(p.name)
         elif p.name.endswith(".tar.tmp"):
             report.leftovers.append(p.name)
