@@ -45,7 +45,7 @@ import click
 import numpy as np
 
 from .cliutil import config_from_options, stage_options
-from .config import config_to_dict, load_config, opt
+from .config import config_to_dict, load_config, opt, redefault
 from .errors import D4IRError
 from .io import atomic_write_json, atomic_write_text, read_json, sha256_file
 
@@ -136,18 +136,25 @@ class BudgetSection:
 
 @dataclass(frozen=True)
 class QuickSection(BudgetSection):
-    """`--quick`: the budget that runs the whole demo table on 2 CPU cores in minutes."""
+    """`--quick`: the budget that runs the whole demo table on 2 CPU cores in minutes.
 
-    steps: int = opt(300, help="student optimizer steps per row", min=1)
-    batch: int = opt(8, help="crops per step", min=2)
-    patch: int = opt(48, help="crop side (a multiple of 8 for DFMC)", min=8)
-    warmup: int = opt(20, help="learning-rate warm-up steps", min=0)
-    synth_images: int = opt(48, help="clean images used by CCD synthesis (0 = all)", min=0)
-    pack_images: int = opt(96, help="images packed for the data-KD and web rows (0 = all)", min=0)
-    noise_samples: int = opt(96, help="noise images (0 = as many as the D4IR set holds)", min=0)
-    eval_images: int = opt(10, help="test images per weather (0 = all)", min=0)
-    workers: int = opt(
-        0, help="data-loader workers (0 = decode in the training process: least overhead on 2 cores)", min=-1
+    The same keys as [budget], meaning the same; only the defaults below are smaller
+    (batch and seed are [budget]'s).
+    """
+
+    steps: int = redefault(BudgetSection, "steps", 300)
+    patch: int = redefault(BudgetSection, "patch", 48)
+    warmup: int = redefault(BudgetSection, "warmup", 20)
+    synth_images: int = redefault(BudgetSection, "synth_images", 48)
+    pack_images: int = redefault(BudgetSection, "pack_images", 96)
+    noise_samples: int = redefault(BudgetSection, "noise_samples", 96)
+    eval_images: int = redefault(BudgetSection, "eval_images", 10)
+    workers: int = redefault(
+        BudgetSection,
+        "workers",
+        0,
+        help="data-loader workers for distillation (-1 = the distill config's; 0, the default here, decodes in "
+        "the training process: least overhead on 2 cores)",
     )
 
 

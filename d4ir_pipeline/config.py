@@ -30,6 +30,7 @@ from .errors import D4IRError
 __all__ = [
     "ConfigError",
     "opt",
+    "redefault",
     "load_config",
     "load_stage_config",
     "config_to_dict",
@@ -64,6 +65,17 @@ def opt(
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def redefault(section: type, name: str, default: Any, *, help: str | None = None) -> Any:  # noqa: A002
+    """``section``'s key ``name`` again, with another default (and optionally a note on it).
+
+    For a section that subclasses another one because it means the same keys at another
+    size (compare's ``[quick]`` is ``[budget]`` scaled to the demo): the help, range and
+    choices are declared once, on the base, and cannot drift apart.
+    """
+    meta = {f.name: f for f in dataclasses.fields(section)}[name].metadata
+    return opt(default, help=help or meta["help"], min=meta["min"], max=meta["max"], choices=meta["choices"])
 
 
 # ---------------------------------------------------------------------------------------

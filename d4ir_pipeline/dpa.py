@@ -55,6 +55,7 @@ from .cliutil import config_from_options, stage_options
 from .config import config_hash, config_to_dict, opt
 from .errors import BadImageError, D4IRError
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, fsync_dir, read_json, sha256_file
+from .sd import ATTENTION_BACKENDS
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ class SDSection:
     """The frozen Stable Diffusion whose UNet the tokens must make sense to."""
 
     model: str = opt("{work}/tiny-sd", help="diffusers SD folder or hub id; D is read from its UNet config.")
-    attention: str = opt("auto", choices=("auto", "sdpa", "xformers"), help="UNet attention backend.")
+    attention: str = opt("auto", choices=ATTENTION_BACKENDS, help="UNet attention backend.")
     dtype: str = opt(
         "float32", choices=("float32", "float16", "bfloat16"), help="dtype of the frozen SD weights (CUDA only)."
     )

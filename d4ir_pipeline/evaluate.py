@@ -44,6 +44,7 @@ __all__ = [
     "ReportConfig",
     "EvalConfig",
     "EvalResult",
+    "DEMO_TEST_MANIFESTS",
     "FR_METRICS",
     "build_fr_metrics",
     "nr_metric_status",
@@ -61,6 +62,13 @@ FR_METRICS: dict[str, tuple[str, dict]] = {
     "ssim_rgb": ("ssimc", {}),
 }
 MODELS = ("input", "teacher", "student")
+# weather -> the committed demo test set (paired; images from `d4ir demo-data`): the default
+# test sets of `d4ir evaluate` and of `d4ir train-teacher`'s bar, declared once
+DEMO_TEST_MANIFESTS: dict[str, str] = {
+    "rain": "data_manifests/demo/test-rain.jsonl",
+    "haze": "data_manifests/demo/test-haze.jsonl",
+    "snow": "data_manifests/demo/test-snow.jsonl",
+}
 
 
 @dataclass(frozen=True)
@@ -68,11 +76,7 @@ class EvalDataConfig:
     """Paired test sets: one manifest per weather (input + target), paths relative to a root."""
 
     manifests: dict[str, str] = opt(
-        default_factory=lambda: {
-            "rain": "data_manifests/demo/test-rain.jsonl",
-            "haze": "data_manifests/demo/test-haze.jsonl",
-            "snow": "data_manifests/demo/test-snow.jsonl",
-        },
+        default_factory=lambda: dict(DEMO_TEST_MANIFESTS),
         help="weather -> paired manifest (build one with `d4ir manifest build`; docs/EVALUATION.md)",
     )
     root: str = opt("{work}/data", help="image root the manifests' paths are relative to")

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from .cliutil import config_from_options, stage_options
 from .config import ConfigError, config_hash, config_to_dict, opt
 from .errors import D4IRError
+from .evaluate import DEMO_TEST_MANIFESTS
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl, sha256_file
 from .models import build_model, count_macs, count_params, save_model
 from .runtime import package_versions, seed_everything
@@ -65,11 +66,7 @@ class DataSection:
         "data_manifests/demo/teacher-train.jsonl", help="Paired training manifest (all weathers)."
     )
     test_manifests: tuple[str, ...] = opt(
-        (
-            "data_manifests/demo/test-rain.jsonl",
-            "data_manifests/demo/test-haze.jsonl",
-            "data_manifests/demo/test-snow.jsonl",
-        ),
+        tuple(DEMO_TEST_MANIFESTS.values()),
         help="Paired test manifests; scores are reported per weather.",
     )
     check_hash: bool = opt(True, help="Verify each image's sha256 against the manifest (the committed data).")

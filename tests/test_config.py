@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
 
-from d4ir_pipeline.config import ConfigError, config_hash, load_config, opt, parse_override
+from d4ir_pipeline.config import ConfigError, config_hash, load_config, opt, parse_override, redefault
 
 
 @dataclass(frozen=True)
@@ -88,3 +89,18 @@ def test_config_hash_is_stable_and_sensitive(tmp_path):
 def test_missing_file_names_it(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(Cfg, tmp_path / "nope.toml")
+
+
+def test_redefault_keeps_help_and_range_of_the_base_section(tmp_path):
+    @dataclass(frozen=True)
+    class Small(Train):
+        steps: int = redefault(Train, "steps", 3)
+        loss: str = redefault(Train, "loss", "charbonnier", help="pixel loss, smooth")
+
+    fields = {f.name: f for f in dataclasses.fields(Small)}
+    assert Small().steps == 3 and Small().loss == "charbonnier" and Small().lr == 1e-3
+    assert fields["steps"].metadata["help"] == "few steps" and fields["loss"].metadata["help"] == "pixel loss, smooth"
+    with pytest.raises(ConfigError, match=r"`steps` = 0: must be >= 1"):
+        load_config(Small, write(tmp_path, "steps = 0\n"))
+    with pytest.raises(ConfigError, match="allowed values"):
+        load_config(Small, write(tmp_path, "loss = 'l2'\n"))
