@@ -5,7 +5,6 @@ Everything runs on tiny shard sets built here with webdataset.TarWriter and tiny
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -16,11 +15,8 @@ import tarfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import webdataset as wds
-from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
@@ -37,9 +33,10 @@ from d4ir_pipeline.distill import (
     worker_batches,
 )
 from d4ir_pipeline.errors import D4IRError
-from d4ir_pipeline.io import atomic_write_json, sha256_file
+from d4ir_pipeline.io import sha256_file
 from d4ir_pipeline.models import build_model, save_model
 from d4ir_pipeline.models.checkpoint import CheckpointMismatchError
+from d4ir_pipeline.testing import make_shardset, write_shardset_manifest
 
 REPO = Path(__file__).resolve().parent.parent
 TEACHER = "d4ir_pipeline.models.students:LocalCNN"  # importable in subprocesses too
@@ -49,57 +46,8 @@ TEACHER = "d4ir_pipeline.models.students:LocalCNN"  # importable in subprocesses
 # helpers
 
 
-def png_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def write_manifest(root: Path, names: list[str], counts: list[int], complete: bool = True) -> None:
-    shards = [
-        {"name": n, "samples": c, "bytes": (root / n).stat().st_size, "sha256": sha256_file(root / n)}
-        for n, c in zip(names, counts, strict=True)
-    ]
-    atomic_write_json(
-        root / "shardset.json",
-        {
-            "kind": "d4ir-shardset",
-            "version": 1,
-            "complete": complete,
-            "shards": shards,
-            "num_samples": sum(counts),
-            "config_hash": "test",
-        },
-    )
-
-
-def make_shardset(
-    root: Path, n_shards: int = 4, per: int = 8, size: int = 40, seed: int = 0, bad_keys: tuple[str, ...] = ()
-) -> Path:
-    """A shard set like stage one writes: {key}.degraded.png + {key}.json (+ clean.png); bad keys get garbage."""
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    names = []
-    for i in range(n_shards):
-        name = f"synth-r000-{i:06d}.tar"
-        with wds.TarWriter(str(root / name), mtime=0) as w:
-            for j in range(per):
-                key = f"k{i:03d}-{j:04d}"
-                smooth = rng.integers(0, 256, (size // 4, size // 4, 3), dtype=np.uint8)
-                arr = np.array(Image.fromarray(smooth).resize((size, size), Image.BILINEAR))
-                deg = b"not a png at all" if key in bad_keys else png_bytes(arr)
-                meta = {"key": key, "weather": "rain", "width": size, "height": size}
-                w.write(
-                    {
-                        "__key__": key,
-                        "degraded.png": deg,
-                        "json": json.dumps(meta).encode(),
-                        "clean.png": png_bytes(arr),
-                    }
-                )
-        names.append(name)
-    write_manifest(root, names, [per] * n_shards)
-    return root
+    write_shardset_manifest(root, names, counts, complete=complete)
 
 
 def make_teacher(path: Path, spec: str = TEACHER, **kw) -> Path:

@@ -20,7 +20,7 @@ from PIL import Image
 
 from d4ir_pipeline.config import load_config
 from d4ir_pipeline.errors import D4IRError
-from d4ir_pipeline.io import atomic_write_json, atomic_write_jsonl, sha256_file
+from d4ir_pipeline.io import atomic_write_json, sha256_file
 from d4ir_pipeline.manifests import ImageRecord, write_manifest
 from d4ir_pipeline.shards import (
     SynthesizeConfig,
@@ -33,6 +33,7 @@ from d4ir_pipeline.shards import (
     stage,
     verify_shardset,
 )
+from d4ir_pipeline.testing import write_bank
 
 N_GOOD = 8
 SAMPLE_FIELDS = {"key", "source_id", "source_sha256", "weather", "prompt_id", "strength", "guidance", "steps",
@@ -46,27 +47,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-from d4ir_pipeline.prompts import BANK_KIND  # noqa: E402
-
-
-def write_bank(path: Path, *, k: int = 4, d: int = 32, per: int = 3, weathers=("rain", "haze", "snow")) -> Path:
-    """A prompt bank in the documented layout (tokens.safetensors, index.jsonl, bank.json)."""
-    from safetensors.torch import save_file
-
-    path.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randn(per * len(weathers), k, d, generator=g)  # (N, K, D)
-    rows = [{"row": i, "id": f"web-degraded/{w}/p{j}", "sha256": f"{i:064x}", "weather": w}
-            for i, (w, j) in enumerate((w, j) for w in weathers for j in range(per))]  # fmt: skip
-    centroids = torch.stack([tokens[i * per : (i + 1) * per].mean(0) for i in range(len(weathers))])  # (W, K, D)
-    save_file({"tokens": tokens.contiguous(), "centroids": centroids.contiguous()}, str(path / "tokens.safetensors"))
-    atomic_write_jsonl(path / "index.jsonl", rows)
-    atomic_write_json(path / "bank.json", {"kind": BANK_KIND, "version": 1,
-                                           "weathers": list(weathers), "K": k, "D": d, "adapter_sha256": "0" * 64,
-                                           "sd_model": "tiny", "created": "2024-01-01T00:00:00"})  # fmt: skip
-    return path
 
 
 def _image(path: Path, w: int, h: int, seed: int) -> ImageRecord:
