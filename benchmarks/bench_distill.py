@@ -8,13 +8,12 @@
 3. The teacher-target cache: a second student's run with cached teacher outputs vs
    the same run computing the (much heavier) teacher every step (goal: >= 2x faster).
 
-Usage: python benchmarks/bench_distill.py [--quick]
+Usage: python benchmarks/bench_distill.py [--quick | --smoke]   (smoke: tiny sizes, checks the script runs)
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import resource
@@ -34,42 +33,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 LOCAL_CNN = "d4ir_pipeline.models.students:LocalCNN"
 
+# per size: throughput (steps, reps, samples per shard, steps skipped before timing),
+# peak RSS (samples per shard, shards at 1x, image px), label cache (steps, samples per shard)
+SIZES = {
+    "full": {"tp": (40, 4, 48, 5), "rss": (32, 4, 512), "lc": (40, 16)},
+    "quick": {"tp": (20, 2, 24, 5), "rss": (8, 4, 512), "lc": (12, 8)},
+    "smoke": {"tp": (6, 1, 8, 2), "rss": (4, 4, 128), "lc": (4, 4)},
+}
+
 
 def make_shardset(root: Path, n_shards: int, per: int, size: int, seed: int = 0, compress: int = 6) -> Path:
-    """A shard set in stage one's format (smooth random images, PNG) with its shardset.json."""
-    import webdataset as wds
-    from PIL import Image
+    """A shard set in stage one's format: smooth random images with incompressible detail (PNG)."""
+    from d4ir_pipeline.testing import make_shardset as build
 
-    from d4ir_pipeline.io import atomic_write_json, sha256_file
-
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    shards = []
-    for i in range(n_shards):
-        name = f"synth-r000-{i:06d}.tar"
-        with wds.TarWriter(str(root / name), mtime=0) as w:
-            for j in range(per):
-                key = f"b{i:04d}-{j:04d}"
-                small = rng.integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8)
-                arr = np.array(Image.fromarray(small).resize((size, size), Image.BICUBIC))
-                arr = np.clip(arr + rng.normal(0, 8, arr.shape), 0, 255).astype(np.uint8)  # incompressible detail
-                buf = io.BytesIO()
-                Image.fromarray(arr).save(buf, format="PNG", compress_level=compress)
-                w.write({"__key__": key, "degraded.png": buf.getvalue(), "json": json.dumps({"key": key}).encode()})
-        p = root / name
-        shards.append({"name": name, "samples": per, "bytes": p.stat().st_size, "sha256": sha256_file(p)})
-    atomic_write_json(
-        root / "shardset.json",
-        {
-            "kind": "d4ir-shardset",
-            "version": 1,
-            "complete": True,
-            "shards": shards,
-            "num_samples": n_shards * per,
-            "config_hash": "bench",
-        },
-    )
-    return root
+    return build(root, n_shards, per, size, seed=seed, smooth=8, noise=8.0, compress_level=compress, clean=False,
+                 config_hash="bench")  # fmt: skip
 
 
 def save_random(spec: str, path: Path, seed: int = 0, **kw) -> Path:
@@ -128,6 +106,8 @@ def in_memory_source(shards: Path, batch: int, patch: int, seed: int):
         for _key, parts in _iter_tar(s.path):
             arrays.append(torch.from_numpy(np.array(decode_rgb(parts["degraded.png"])[0])).permute(2, 0, 1))
     data = torch.stack(arrays)  # (N, 3, H, W) uint8, all in memory
+    if data.shape[0] < batch:  # the loop below would never yield a batch
+        raise ValueError(f"{shards}: {data.shape[0]} samples, fewer than one batch of {batch}")
 
     def source(ctx):
         rng = np.random.default_rng(seed)
@@ -157,13 +137,12 @@ def in_memory_source(shards: Path, batch: int, patch: int, seed: int):
     return source, int(data.shape[0])
 
 
-def bench_throughput(tmp: Path, quick: bool) -> dict:
+def bench_throughput(tmp: Path, size_name: str) -> dict:
     from d4ir_pipeline.distill import distill
 
     size, patch, batch = 128, 64, 8
-    steps = 20 if quick else 40
-    reps = 2 if quick else 4
-    shards = make_shardset(tmp / "tp-shards", n_shards=8, per=24 if quick else 48, size=size)
+    steps, reps, per, skip = SIZES[size_name]["tp"]
+    shards = make_shardset(tmp / "tp-shards", n_shards=8, per=per, size=size)
     # CPU-sized models (the demo's NAFNets take seconds per step on 2 shared cores)
     teacher = save_random(LOCAL_CNN, tmp / "tp-teacher", width=16, layers=4)
     skw = "{width = 16, blocks = 2}"
@@ -171,7 +150,6 @@ def bench_throughput(tmp: Path, quick: bool) -> dict:
         data__patch=patch, data__batch_size=batch, train__steps=steps, data__shuffle_buffer=64, data__shuffle_initial=16
     )
     source, n = in_memory_source(shards, batch, patch, seed=0)
-    skip = 5
     rates: dict[str, list[float]] = {"memory": [], "streaming": []}
     waits: list[float] = []
     for rep in range(reps):  # interleaved, order alternating, so changes in machine load hit both alike
@@ -269,17 +247,17 @@ def _rss_child(mode: str, shards: str, steps: int, out: str) -> None:
     print(json.dumps(peak))
 
 
-def bench_rss(tmp: Path, quick: bool) -> dict:
+def bench_rss(tmp: Path, size_name: str) -> dict:
     """Peak RSS / PSS of the process tree for a full pass over 1x and 10x the shards (512 px PNGs), fresh processes.
 
     The same pass with every sample pre-loaded in memory is the contrast that shows what
     the measurement would see if memory grew with the data.
     """
-    per, n1 = (8, 4) if quick else (32, 4)
+    per, n1, px = SIZES[size_name]["rss"]
     res: dict = {}
     for mult in (1, 10):
-        shards = make_shardset(tmp / f"rss-{mult}x", n_shards=n1 * mult, per=per, size=512, seed=mult, compress=1)
-        steps = n1 * mult * per // 16  # one full pass over the data
+        shards = make_shardset(tmp / f"rss-{mult}x", n_shards=n1 * mult, per=per, size=px, seed=mult, compress=1)
+        steps = max(1, n1 * mult * per // 16)  # one full pass over the data
         for mode in ("stream", "memory"):
             out = subprocess.run(
                 [sys.executable, __file__, "--rss-child", mode, str(shards), str(steps), str(tmp / f"rss-{mult}")],
@@ -303,12 +281,12 @@ def bench_rss(tmp: Path, quick: bool) -> dict:
     return res
 
 
-def bench_label_cache(tmp: Path, quick: bool) -> dict:
+def bench_label_cache(tmp: Path, size_name: str) -> dict:
     from d4ir_pipeline.distill import distill, label
 
     size, patch, batch = 96, 48, 8
-    steps = 12 if quick else 40
-    shards = make_shardset(tmp / "lc-shards", n_shards=4, per=8 if quick else 16, size=size, seed=3)
+    steps, per = SIZES[size_name]["lc"]
+    shards = make_shardset(tmp / "lc-shards", n_shards=4, per=per, size=size, seed=3)
     # a teacher much heavier than the student: NAFNet width 32 vs a 1-block width-8 ResCNN
     teacher = save_random(
         "nafnet", tmp / "lc-teacher", width=32, enc_blk_nums=[1, 1, 1, 2], middle_blk_num=2, dec_blk_nums=[1, 1, 1, 1]
@@ -348,8 +326,8 @@ def bench_label_cache(tmp: Path, quick: bool) -> dict:
     }
 
 
-def run(quick: bool, parts: tuple[str, ...] = ("throughput", "peak_rss", "label_cache")) -> dict:
-    """The stage-two benchmarks (all three by default); returns their numbers."""
+def run(size: str = "full", parts: tuple[str, ...] = ("throughput", "peak_rss", "label_cache")) -> dict:
+    """The stage-two benchmarks (all three by default) at ``size`` (full / quick / smoke); returns their numbers."""
     import torch
 
     with tempfile.TemporaryDirectory(prefix="bench-distill-") as d:
@@ -359,7 +337,7 @@ def run(quick: bool, parts: tuple[str, ...] = ("throughput", "peak_rss", "label_
         for name in parts:
             fn = benches[name]
             t0 = time.perf_counter()
-            out[name] = fn(tmp, quick)
+            out[name] = fn(tmp, size)
             out[name]["seconds"] = round(time.perf_counter() - t0, 1)
             print(name, json.dumps(out[name]), flush=True)
     return out
@@ -368,10 +346,12 @@ def run(quick: bool, parts: tuple[str, ...] = ("throughput", "peak_rss", "label_
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller sizes")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the benchmark runs")
     ap.add_argument("--only", nargs="+", choices=["throughput", "peak_rss", "label_cache"], help="run only these")
     ap.add_argument("--rss-child", nargs=4, metavar=("MODE", "SHARDS", "STEPS", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rss_child:
         _rss_child(args.rss_child[0], args.rss_child[1], int(args.rss_child[2]), args.rss_child[3])
     else:
-        print(json.dumps(run(args.quick, tuple(args.only or ("throughput", "peak_rss", "label_cache"))), indent=2))
+        size = "smoke" if args.smoke else "quick" if args.quick else "full"
+        print(json.dumps(run(size, tuple(args.only or ("throughput", "peak_rss", "label_cache"))), indent=2))

@@ -1,6 +1,6 @@
 """DPA training throughput (source images / s, each giving two crops) for the demo config.
 
-``run(quick)`` builds the demo data and the tiny SD in a temporary folder, then trains
+``run(size)`` builds the demo data and the tiny SD in a temporary folder, then trains
 the demo config (report off) and returns the images/s measured inside the training loop
 (setup, data checks and the one-off VAE latent cache excluded). Wired into `make bench`.
 """
@@ -15,7 +15,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def run(quick: bool = False) -> dict:
+STEPS = {"full": 40, "quick": 10, "smoke": 2}
+
+
+def run(size: str = "full") -> dict:
     """Train the demo DPA config for a few steps on this machine; return the measured throughput."""
     import torch
 
@@ -24,7 +27,7 @@ def run(quick: bool = False) -> dict:
     from d4ir_pipeline.dpa import DPAConfig, train_dpa
     from d4ir_pipeline.tiny_sd import write_tiny_sd
 
-    steps = 10 if quick else 40
+    steps = STEPS[size]
     with tempfile.TemporaryDirectory(prefix="bench-dpa-") as tmp:
         work = Path(tmp)
         build_demo_data(work / "data", seed=0)
@@ -58,4 +61,6 @@ if __name__ == "__main__":
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="10 steps instead of 40")
-    print(json.dumps(run(quick=ap.parse_args().quick), indent=2))
+    ap.add_argument("--smoke", action="store_true", help="2 steps: checks that the benchmark runs")
+    args = ap.parse_args()
+    print(json.dumps(run("smoke" if args.smoke else "quick" if args.quick else "full"), indent=2))

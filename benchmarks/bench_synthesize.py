@@ -9,7 +9,8 @@
    subprocess (goal: 10x / 1x <= 1.1: nothing accumulates per image).
 
 Threads: ``D4IR_BENCH_THREADS`` (default: torch's default) sets the intra-op threads of
-both sides alike. Usage: python benchmarks/bench_synthesize.py [--quick]
+both sides alike. Usage: python benchmarks/bench_synthesize.py [--quick | --smoke]
+(smoke: tiny sizes at 32 px only; checks that the benchmark runs, its ratios mean little)
 """
 
 from __future__ import annotations
@@ -46,12 +47,11 @@ def _threads() -> None:
 
 def make_inputs(root: Path, n: int, *, sd: Path | None = None, seed: int = 0) -> dict:
     """Clean images (96 px PNG) + manifest, a random prompt bank and the tiny SD under ``root``."""
-    import torch
     from PIL import Image
-    from safetensors.torch import save_file
 
-    from d4ir_pipeline.io import atomic_write_json, atomic_write_jsonl, sha256_file
+    from d4ir_pipeline.io import sha256_file
     from d4ir_pipeline.manifests import ImageRecord, write_manifest
+    from d4ir_pipeline.testing import write_bank
     from d4ir_pipeline.tiny_sd import write_tiny_sd
 
     rng = np.random.default_rng(seed)
@@ -66,22 +66,7 @@ def make_inputs(root: Path, n: int, *, sd: Path | None = None, seed: int = 0) ->
             ImageRecord(f"clean/img-{i:05d}", f"clean/{p.name}", None, sha256_file(p), 96, 96, "clean", "web-clean")
         )
     write_manifest(root / "web-clean.jsonl", recs)
-    bank = root / "bank"
-    bank.mkdir(exist_ok=True)
-    weathers = ("rain", "haze", "snow")
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randn(3 * len(weathers), K, D, generator=g)
-    centroids = torch.stack([tokens[3 * i : 3 * i + 3].mean(0) for i in range(len(weathers))])
-    save_file({"tokens": tokens, "centroids": centroids}, str(bank / "tokens.safetensors"))
-    atomic_write_jsonl(
-        bank / "index.jsonl",
-        [
-            {"row": i, "id": f"bank/{weathers[i // 3]}/{i}", "sha256": f"{i:064x}", "weather": weathers[i // 3]}
-            for i in range(9)
-        ],
-    )
-    atomic_write_json(bank / "bank.json", {"weathers": list(weathers), "K": K, "D": D, "adapter_sha256": "0" * 64,
-                                           "sd_model": "tiny", "created": "bench"})  # fmt: skip
+    bank = write_bank(root / "bank", k=K, d=D)
     sd = sd or write_tiny_sd(root / "tiny-sd")
     return {"root": root, "manifest": root / "web-clean.jsonl", "bank": bank, "sd": sd, "records": recs}
 
@@ -173,20 +158,27 @@ def measure_rss(n: int, batch_size: int, tmp: Path, sd: Path) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def run(quick: bool) -> dict:
-    """Both measurements; returns the numbers and the goal checks."""
+# per size: images timed, batch size, images of the 1x RSS run, resolutions timed (the first is the headline)
+SIZES = {
+    "full": (96, 32, 32, (RES, RES // 2)),
+    "quick": (32, 16, 16, (RES, RES // 2)),
+    "smoke": (4, 4, 2, (RES // 2,)),
+}
+
+
+def run(size: str = "full") -> dict:
+    """Both measurements at ``size`` (full / quick / smoke); returns the numbers and the goal checks."""
     import torch
 
     _threads()
-    n = 32 if quick else 96
-    batch = 16 if quick else 32
+    n, batch, n1, pxs = SIZES[size]
     with tempfile.TemporaryDirectory(prefix="bench-synth-") as tmp:
         tmp = Path(tmp)
         inp = make_inputs(tmp / "speed", n)
         speed = {}
         # 64 px: the tiny SD's native size (compute-bound on a CPU); 32 px: per-call overhead
         # weighs more, closer to a GPU at batch 1 (secondary figure, same settings otherwise)
-        for px in (RES, RES // 2):
+        for px in pxs:
             naive = run_naive(inp, tmp / f"naive{px}", px)
             ours = run_ours(inp, tmp / f"shards{px}", batch, px)
             speedup = ours["loop_images_per_s"] / naive["loop_images_per_s"]
@@ -198,8 +190,7 @@ def run(quick: bool) -> dict:
                 f"{speedup:.2f}x (goal >= 4x); end to end incl. model load {e2e:.2f}x",
                 flush=True,
             )
-        ours, naive, speedup, e2e = speed[RES]
-        n1 = 16 if quick else 32
+        ours, naive, speedup, e2e = speed[pxs[0]]
         rss1 = measure_rss(n1, batch, tmp, inp["sd"])
         rss10 = measure_rss(10 * n1, batch, tmp, inp["sd"])
         ratio = rss10["peak_rss_mib"] / rss1["peak_rss_mib"]
@@ -210,6 +201,7 @@ def run(quick: bool) -> dict:
         )
     return {
         "images": n,
+        "resolution": pxs[0],
         "batch_size": batch,
         "threads": torch.get_num_threads(),
         "synthesize_images_per_s": round(ours["loop_images_per_s"], 3),
@@ -217,9 +209,15 @@ def run(quick: bool) -> dict:
         "speedup": round(speedup, 3),
         "speedup_end_to_end": round(e2e, 3),
         "speedup_goal_met": speedup >= 4.0,
-        "speedup_32px": round(speed[RES // 2][2], 3),
-        "synthesize_images_per_s_32px": round(speed[RES // 2][0]["loop_images_per_s"], 3),
-        "naive_images_per_s_32px": round(speed[RES // 2][1]["loop_images_per_s"], 3),
+        **{
+            f"{name}_{px}px": round(value, 3)
+            for px in pxs[1:]
+            for name, value in (
+                ("speedup", speed[px][2]),
+                ("synthesize_images_per_s", speed[px][0]["loop_images_per_s"]),
+                ("naive_images_per_s", speed[px][1]["loop_images_per_s"]),
+            )
+        },
         "rss_1x_mib": round(rss1["peak_rss_mib"], 1),
         "rss_10x_mib": round(rss10["peak_rss_mib"], 1),
         "rss_ratio": round(ratio, 4),
@@ -229,14 +227,15 @@ def run(quick: bool) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="fewer images")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the benchmark runs")
     ap.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--batch-size", type=int, default=16, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rss_child:
         _rss_child(args.rss_child, args.batch_size)
         return 0
-    print(json.dumps(run(args.quick), indent=2))
+    print(json.dumps(run("smoke" if args.smoke else "quick" if args.quick else "full"), indent=2))
     return 0
 
 

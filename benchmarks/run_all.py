@@ -1,6 +1,9 @@
 """Run every benchmark (``make bench``); each prints a ratio against a baseline from the same run.
 
-Usage: python benchmarks/run_all.py [--quick] [NAME ...]   (NAME: dpa, synthesize, distill)
+Usage: python benchmarks/run_all.py [--quick | --smoke] [NAME ...]   (NAME: dpa, synthesize, distill)
+
+--smoke runs every benchmark at tiny sizes: the tests use it to check that the scripts
+still run against the current code; its ratios mean little.
 """
 
 from __future__ import annotations
@@ -25,19 +28,21 @@ BENCHES = {
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks to run: {', '.join(BENCHES)} (default: all)")
-    ap.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run of the benchmarks)")
+    ap.add_argument("--quick", action="store_true", help="smaller sizes (a few minutes)")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the scripts run (ratios mean little)")
     ap.add_argument("--json", type=Path, default=None, help="also write every result to this JSON file")
     args = ap.parse_args()
     unknown = sorted(set(args.names) - set(BENCHES))
     if unknown:
         ap.error(f"unknown benchmark(s) {unknown}; choose from {sorted(BENCHES)}")
     names = args.names or list(BENCHES)
+    size = "smoke" if args.smoke else "quick" if args.quick else "full"
     results = {}
     for name in names:
         mod = importlib.import_module(BENCHES[name])
         print(f"\n=== benchmark: {name} ===", flush=True)
         t0 = time.perf_counter()
-        results[name] = mod.run(quick=args.quick)
+        results[name] = mod.run(size)
         print(f"=== {name} took {time.perf_counter() - t0:.1f} s ===", flush=True)
     print("\nsummary:")
     print(json.dumps(results, indent=2, sort_keys=True, default=str))
