@@ -48,7 +48,7 @@ from .cliutil import config_from_options, stage_options
 from .config import config_hash, config_to_dict, opt
 from .errors import BadImageError, D4IRError
 from .io import atomic_write_json, fsync_dir, read_json, sha256_file
-from .runtime import package_versions, pick_device, pick_dtype, seed_everything
+from .runtime import cap_cpu_threads, package_versions, pick_device, pick_dtype, seed_everything, usable_cpus
 from .shards import SHARDSET_NAME, ShardInfo, ShardSetError, check_shard_file, read_listing
 
 __all__ = [
@@ -1139,12 +1139,20 @@ def distill(
 
     # 1. processes and device
     dist = _init_dist(cfg.train.device)
+    threads_restore = None
     try:
         if dist.world > 1 and torch.cuda.is_available() and cfg.train.device != "cpu":
             device = torch.device("cuda", dist.local_rank)
         else:
             device = pick_device(cfg.train.device)
         W = max(1, cfg.data.num_workers)
+        if device.type == "cpu":  # training threads + decoding workers must fit the cores
+            busy = cfg.data.num_workers if batch_source is None else 0
+            before, now = cap_cpu_threads(busy)
+            threads_restore = before
+            logger.info(
+                "CPU training: %d torch thread(s) (%d usable CPUs, %d data worker(s))", now, usable_cpus(), busy
+            )
 
         # 2. shard set (verified: re-hashed by rank 0, sizes checked by the others), teacher identity, labels
         verify = cfg.data.verify if dist.rank == 0 or cfg.data.verify == "off" else "size"
@@ -1459,6 +1467,8 @@ def distill(
         dist.barrier()
         return result
     finally:
+        if threads_restore is not None:
+            torch.set_num_threads(threads_restore)
         if dist.initialised:
             import torch.distributed as tdist
 

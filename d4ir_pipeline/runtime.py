@@ -41,6 +41,30 @@ def pick_dtype(name: str, device) -> torch.dtype:  # noqa: F821
     return dtype
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: a Slurm or container limit), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def cap_cpu_threads(busy_processes: int) -> tuple[int, int]:
+    """Lower torch's intra-op threads so they and ``busy_processes`` other processes fit the CPUs.
+
+    Returns (threads before, threads now); never raises the count. Oversubscribed OpenMP
+    threads spin-wait on each other: on a 2-core machine, 2 training threads plus one
+    data-loading worker made steps several times slower than 1 thread.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    limit = max(1, usable_cpus() - max(0, busy_processes))
+    if before > limit:
+        torch.set_num_threads(limit)
+    return before, torch.get_num_threads()
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all devices)."""
     import torch
