@@ -2,6 +2,7 @@
 # works from a fresh clone. Variables select the profile and models:
 #   make synthesize PROFILE=sd15 SD_MODEL=/models/sd15
 #   make distill STUDENT=nafnet_s
+#   make bench BENCH="--quick synthesize"   (--smoke: tiny sizes; names: dpa synthesize distill)
 PYTHON   ?= python3
 VENV     ?= .venv
 PROFILE  ?= demo
@@ -11,6 +12,7 @@ TEACHER  ?=
 STUDENT  ?=
 SET      ?=
 QUICK    ?= --quick
+BENCH    ?=
 
 
 BIN   := $(VENV)/bin
@@ -85,7 +87,7 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m d4ir_pipeline.demo --work-dir $(WORK)
 
 bench: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/run_all.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/run_all.py $(BENCH)
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
