@@ -327,9 +327,18 @@ def bench_label_cache(tmp: Path, size_name: str) -> dict:
 
 
 def run(size: str = "full", parts: tuple[str, ...] = ("throughput", "peak_rss", "label_cache")) -> dict:
-    """The stage-two benchmarks (all three by default) at ``size`` (full / quick / smoke); returns their numbers."""
+    """The stage-two benchmarks (all three by default) at ``size`` (full / quick / smoke); returns their numbers.
+
+    Training threads: the same in every run, one core fewer than the machine has
+    (``D4IR_BENCH_THREADS`` overrides), so the DataLoader worker decodes on its own core as
+    it does on a GPU machine, where the GPU trains and the CPU decodes. Without that, on a
+    2-core box the streaming run would be measuring the decoding's share of the two cores.
+    """
     import torch
 
+    from d4ir_pipeline.runtime import usable_cpus
+
+    torch.set_num_threads(int(os.environ.get("D4IR_BENCH_THREADS") or max(1, usable_cpus() - 1)))
     with tempfile.TemporaryDirectory(prefix="bench-distill-") as d:
         tmp = Path(d)
         out = {"threads": torch.get_num_threads(), "cpus": os.cpu_count()}

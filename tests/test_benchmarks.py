@@ -50,6 +50,7 @@ def test_run_all_smoke_produces_every_figure(tmp_path: Path) -> None:
     assert isinstance(syn["speedup_goal_met"], bool) and isinstance(syn["rss_goal_met"], bool)
     assert syn["speedup_goal_met"] == (syn["speedup"] >= 4.0)
     assert syn["rss_goal_met"] == (syn["rss_ratio"] <= 1.1)
+    assert _positive(syn["batching_ceiling"]) and all(_positive(v) for v in syn["model_ms_per_image"].values())
 
     dis = res["distill"]
     assert all(
