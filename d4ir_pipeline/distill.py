@@ -48,7 +48,7 @@ from .cliutil import config_from_options, stage_options
 from .config import config_hash, config_to_dict, opt
 from .errors import BadImageError, D4IRError
 from .io import atomic_write_json, fsync_dir, read_json, sha256_file
-from .runtime import cap_cpu_threads, package_versions, pick_device, pick_dtype, seed_everything, usable_cpus
+from .runtime import DTYPES, cap_cpu_threads, package_versions, pick_device, pick_dtype, seed_everything, usable_cpus
 from .shards import SHARDSET_NAME, ShardInfo, ShardSetError, check_shard_file, read_listing
 
 __all__ = [
@@ -99,7 +99,7 @@ class TeacherConfig:
     dtype: str = opt(
         "float16",
         help="teacher precision on CUDA (half halves its cost; the CPU always runs float32)",
-        choices=("float32", "float16", "bfloat16"),
+        choices=DTYPES,
     )
     tile: int = opt(0, help="tiled teacher inference above this side in pixels (0 = whole images)", min=0)
     tile_overlap: int = opt(32, help="overlap of neighbouring tiles in pixels", min=0)

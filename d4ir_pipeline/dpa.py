@@ -55,6 +55,7 @@ from .cliutil import config_from_options, stage_options
 from .config import config_hash, config_to_dict, opt
 from .errors import BadImageError, D4IRError
 from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, fsync_dir, read_json, sha256_file
+from .runtime import DTYPES
 from .sd import ATTENTION_BACKENDS
 
 logger = logging.getLogger(__name__)
@@ -128,9 +129,7 @@ class SDSection:
 
     model: str = opt("{work}/tiny-sd", help="diffusers SD folder or hub id; D is read from its UNet config.")
     attention: str = opt("auto", choices=ATTENTION_BACKENDS, help="UNet attention backend.")
-    dtype: str = opt(
-        "float32", choices=("float32", "float16", "bfloat16"), help="dtype of the frozen SD weights (CUDA only)."
-    )
+    dtype: str = opt("float32", choices=DTYPES, help="dtype of the frozen SD weights (CUDA only).")
     resolution: int = opt(0, min=0, help="Pixel size of the diffusion-alignment crops; 0: the UNet's native size.")
 
 

@@ -10,11 +10,20 @@ import sys
 
 import numpy as np
 
-__all__ = ["pick_device", "pick_dtype", "seed_everything", "package_versions", "setup_logging"]
+__all__ = [
+    "DTYPES",
+    "cap_cpu_threads",
+    "package_versions",
+    "pick_device",
+    "pick_dtype",
+    "seed_everything",
+    "setup_logging",
+    "usable_cpus",
+]
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = ("float32", "float16", "bfloat16")  # config `dtype` choices
 
 
 def pick_device(name: str = "auto"):
@@ -32,8 +41,8 @@ def pick_dtype(name: str, device) -> torch.dtype:  # noqa: F821
     """Map a dtype name to torch; half precision on the CPU falls back to float32 (logged)."""
     import torch
 
-    if name not in _DTYPES:
-        raise ValueError(f"`dtype` = {name!r}: expected one of {list(_DTYPES)}")
+    if name not in DTYPES:
+        raise ValueError(f"`dtype` = {name!r}: expected one of {list(DTYPES)}")
     dtype = getattr(torch, name)
     if device.type == "cpu" and dtype != torch.float32:
         logger.info("dtype %s requested on the CPU: using float32", name)

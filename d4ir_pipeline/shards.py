@@ -39,6 +39,7 @@ from .cliutil import config_from_options, stage_options
 from .config import config_hash, config_to_dict, opt
 from .errors import BadImageError, D4IRError
 from .io import atomic_write_bytes, atomic_write_json, fsync_dir, read_json, resolve_under, sha256_file
+from .runtime import DTYPES
 from .sd import ATTENTION_BACKENDS
 
 logger = logging.getLogger(__name__)
@@ -176,7 +177,7 @@ class RuntimeSection:
     """Speed and memory (left out of the config hash unless they change the samples)."""
 
     device: str = opt("auto", help="'auto' = cuda when available (cuda:LOCAL_RANK under torchrun), else cpu")
-    dtype: str = opt("float16", choices=("float32", "float16", "bfloat16"), help="half on CUDA; the CPU uses float32")
+    dtype: str = opt("float16", choices=DTYPES, help="half on CUDA; the CPU uses float32")
     attention: str = opt("sdpa", choices=ATTENTION_BACKENDS, help="PyTorch SDPA; xformers when installed")
     batch_size: int = opt(8, min=1, help="images per UNet call (the UNet sees 2x with CFG)")
     compile: bool = opt(False, help="torch.compile the UNet (slow first batches; for long GPU runs)")
