@@ -106,22 +106,17 @@ def setup(tmp_path: Path) -> Path:
 # streaming
 
 
+def stream_spec(shards, **kw) -> dict:
+    """StreamSpec fields for a small stream over ``shards`` (single rank and worker unless overridden)."""
+    spec = dict(shards=shards, label_dir=None, label_ext="teacher.png", seed=0, rank=0, world=1, workers=1,
+                patch=24, batch_size=4, flips=True, buffer=8, initial=4, holdout=0.0)  # fmt: skip
+    return spec | kw
+
+
 def test_epoch_split_is_seeded_and_disjoint(setup: Path) -> None:
     shardset = open_shardset(setup / "shards")
-    spec = dict(
-        shards=shardset.shards,
-        label_dir=None,
-        label_ext="teacher.png",
-        seed=3,
-        world=2,
-        workers=2,
-        patch=24,
-        batch_size=4,
-        flips=True,
-        buffer=8,
-        initial=4,
-        holdout=0.0,
-    )
+    spec = stream_spec(shardset.shards, seed=3, world=2, workers=2)
+    del spec["rank"]
     for epoch in (0, 1):
         parts = [[s.name for s in epoch_shards(StreamSpec(rank=r, **spec), epoch, w)] for r in (0, 1) for w in (0, 1)]
         flat = [n for p in parts for n in p]
@@ -138,21 +133,7 @@ def test_epoch_split_is_seeded_and_disjoint(setup: Path) -> None:
 
 def test_worker_stream_resumes_at_cursor(setup: Path) -> None:
     shardset = open_shardset(setup / "shards")
-    spec = StreamSpec(
-        shards=shardset.shards,
-        label_dir=None,
-        label_ext="teacher.png",
-        seed=0,
-        rank=0,
-        world=1,
-        workers=1,
-        patch=24,
-        batch_size=4,
-        flips=True,
-        buffer=8,
-        initial=4,
-        holdout=0.0,
-    )
+    spec = StreamSpec(**stream_spec(shardset.shards))
     it = worker_batches(spec, 0, 0, 0, _Stats())
     first = [next(it) for _ in range(12)]  # 48 samples: crosses an epoch boundary (32 per epoch)
     assert {b["cursor"][1] for b in first} == {0, 1}
@@ -272,21 +253,7 @@ def test_label_cache_targets_match_teacher_on_same_crop(setup: Path) -> None:
     assert label(cfg).seconds == 0.0  # complete: nothing redone
     # the cached target of every crop (after flips) equals the teacher applied to that crop
     shardset = open_shardset(setup / "shards")
-    spec = StreamSpec(
-        shards=shardset.shards,
-        label_dir=str(res.labels_dir),
-        label_ext="teacher.npy",
-        seed=0,
-        rank=0,
-        world=1,
-        workers=1,
-        patch=24,
-        batch_size=4,
-        flips=True,
-        buffer=8,
-        initial=4,
-        holdout=0.0,
-    )
+    spec = StreamSpec(**stream_spec(shardset.shards, label_dir=str(res.labels_dir), label_ext="teacher.npy"))
     teacher = Pointwise().eval()
     it = worker_batches(spec, 0, 0, 0, _Stats())
     for _ in range(3):
