@@ -26,7 +26,7 @@ student_set = $(if $(STUDENT),--set student.name=$(STUDENT))
 extra_set   = $(foreach s,$(SET),--set $(s))
 common      = --profile $(PROFILE) --work-dir $(WORK)
 
-.PHONY: install test demo synthesize distill evaluate table bench lint clean teacher data tiny-sd dpa prompt-bank label demo-sd
+.PHONY: install test demo synthesize distill evaluate table bench bench-gpu lint clean teacher data tiny-sd dpa prompt-bank label demo-sd
 
 install: $(STAMP)
 
@@ -88,6 +88,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/run_all.py $(BENCH)
+
+# SD 1.5-sized synthesis on a CUDA GPU (random weights, no download); results in runs/bench-gpu.json
+bench-gpu: $(STAMP)
+	mkdir -p runs
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/gpu_synthesis.py --json runs/bench-gpu.json $(BENCH)
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
