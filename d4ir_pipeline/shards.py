@@ -505,25 +505,19 @@ def merge_shardset(out_dir: str | os.PathLike, *, cleanup: bool = True) -> dict:
     return manifest
 
 
-def _recorded_entries(out: Path) -> tuple[dict[int, list[dict]], set[str]]:
-    """Every shard entry any manifest in ``out`` records (by index) and the config hashes seen."""
-    by_index: dict[int, list[dict]] = {}
+def _recorded_entries(out: Path) -> tuple[dict[int, list[tuple[dict, ShardInfo]]], set[str]]:
+    """Every shard any manifest in ``out`` records, by index, as (raw entry, checked entry),
+    and the config hashes seen."""
+    by_index: dict[int, list[tuple[dict, ShardInfo]]] = {}
     hashes: set[str] = set()
     paths = list(_rank_files(out).values()) + ([out / SHARDSET_NAME] if (out / SHARDSET_NAME).is_file() else [])
     for p in paths:
         kind = "d4ir-shardset" if p.name == SHARDSET_NAME else "d4ir-shardset-rank"
-        doc, _ = read_listing(p, kind)
+        doc, listed = read_listing(p, kind)
         hashes.add(str(doc.get("config_hash")))
-        for s in doc["shards"]:
-            by_index.setdefault(int(s["index"]), []).append(s)
+        for s, info in zip(doc["shards"], listed, strict=True):
+            by_index.setdefault(int(s["index"]), []).append((s, info))
     return by_index, hashes
-
-
-def _entry_ok(out: Path, entry: dict) -> bool:
-    """A recorded shard (an entry :func:`read_listing` accepted) whose file still verifies."""
-    path = resolve_under(out, entry["name"], what="shard name")
-    info = ShardInfo(entry["name"], path, int(entry["samples"]), int(entry["bytes"]), str(entry["sha256"]))
-    return check_shard_file(info) is None
 
 
 # ---------------------------------------------------------------------------------------
@@ -763,8 +757,8 @@ def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def _open_output(ctx: _Context, rank: int, world: int, overwrite: bool) -> dict[int, list[dict]]:
-    """Refuse another config's shard set (unless ``overwrite``); return recorded entries by index."""
+def _open_output(ctx: _Context, rank: int, world: int, overwrite: bool) -> dict[int, list[tuple[dict, ShardInfo]]]:
+    """Refuse another config's shard set (unless ``overwrite``); return recorded (entry, checked entry) by index."""
     out = ctx.out
     out.mkdir(parents=True, exist_ok=True)
     if overwrite:
@@ -1023,17 +1017,20 @@ def stage(
         p.unlink()  # a write interrupted by a crash: never recorded
     entries: dict[int, dict] = {}
     with ThreadPoolExecutor(cfg.runtime.workers) as pool:
-        checks = {p.index: [(e, pool.submit(_entry_ok, ctx.out, e)) for e in recorded.get(p.index, [])] for p in owned}
+        checks = {
+            p.index: [(e, info, pool.submit(check_shard_file, info)) for e, info in recorded.get(p.index, [])]
+            for p in owned
+        }
         for index, cands in checks.items():
-            for e, fut in cands:
-                if fut.result():
+            for e, _, fut in cands:
+                if fut.result() is None:
                     entries[index] = e
                     break
-                logger.warning("recorded shard %s fails verification: redoing it", e["name"])
+                logger.warning("recorded shard %s fails verification (%s): redoing it", e["name"], fut.result())
         todo = [p for p in owned if p.index not in entries]
         for p in todo:  # damaged recorded files of redone shards: remove, so no stale tar lingers
-            for e, _ in checks[p.index]:
-                resolve_under(ctx.out, e["name"], what="shard name").unlink(missing_ok=True)
+            for _, info, _ in checks[p.index]:
+                info.path.unlink(missing_ok=True)
         reused = len(entries)
         logger.info(
             "rank %d/%d: %d shards owned, %d already done, %d to make in %s",
