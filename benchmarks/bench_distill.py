@@ -353,14 +353,14 @@ def run(size: str = "full", parts: tuple[str, ...] = ("throughput", "peak_rss", 
 
 
 if __name__ == "__main__":
+    from _sizes import add_size_flags  # benchmarks/ is on sys.path (the script's folder)
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smaller sizes")
-    ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the benchmark runs")
+    add_size_flags(ap)
     ap.add_argument("--only", nargs="+", choices=["throughput", "peak_rss", "label_cache"], help="run only these")
     ap.add_argument("--rss-child", nargs=4, metavar=("MODE", "SHARDS", "STEPS", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rss_child:
         _rss_child(args.rss_child[0], args.rss_child[1], int(args.rss_child[2]), args.rss_child[3])
     else:
-        size = "smoke" if args.smoke else "quick" if args.quick else "full"
-        print(json.dumps(run(size, tuple(args.only or ("throughput", "peak_rss", "label_cache"))), indent=2))
+        print(json.dumps(run(args.size, tuple(args.only or ("throughput", "peak_rss", "label_cache"))), indent=2))

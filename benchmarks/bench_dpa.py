@@ -59,8 +59,9 @@ if __name__ == "__main__":
     import argparse
     import json
 
+    from _sizes import add_size_flags  # benchmarks/ is on sys.path (the script's folder)
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="10 steps instead of 40")
-    ap.add_argument("--smoke", action="store_true", help="2 steps: checks that the benchmark runs")
+    add_size_flags(ap, quick_help="10 steps instead of 40")
     args = ap.parse_args()
-    print(json.dumps(run("smoke" if args.smoke else "quick" if args.quick else "full"), indent=2))
+    print(json.dumps(run(args.size), indent=2))

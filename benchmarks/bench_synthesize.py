@@ -199,6 +199,11 @@ def measure_rss(n: int, batch_size: int, tmp: Path, sd: Path) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def _medians(runs: list[dict]) -> dict:
+    """Field-wise median of repeated runs' result dicts."""
+    return {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
+
+
 # per size: images timed, batch size, images of the 1x RSS run, resolutions timed (the first is the
 # headline), repeats of each side. Batch 16: on this CPU the model cost per image stops falling
 # by batch 4-16 at 64 px (measured 95-98 ms at batch 4, 8, 16; 106 ms at 32).
@@ -228,7 +233,7 @@ def run(size: str = "full") -> dict:
                 for side in ("naive", "ours") if rep % 2 == 0 else ("ours", "naive"):
                     out = tmp / f"{side}{px}-{rep}"
                     runs[side].append(run_naive(inp, out, px) if side == "naive" else run_ours(inp, out, batch, px))
-            naive, ours = ({k: float(np.median([r[k] for r in runs[side]])) for k in runs[side][0]} for side in ("naive", "ours"))  # fmt: skip
+            naive, ours = _medians(runs["naive"]), _medians(runs["ours"])
             speedup = ours["loop_images_per_s"] / naive["loop_images_per_s"]
             e2e = naive["end_to_end_s"] / ours["end_to_end_s"]
             ceil = batching_ceiling(inp["sd"], px, batch)
@@ -282,16 +287,17 @@ def run(size: str = "full") -> dict:
 
 
 def main() -> int:
+    from _sizes import add_size_flags  # benchmarks/ is on sys.path (the script's folder)
+
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="fewer images")
-    ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the benchmark runs")
+    add_size_flags(ap, quick_help="fewer images")
     ap.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--batch-size", type=int, default=16, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rss_child:
         _rss_child(args.rss_child, args.batch_size)
         return 0
-    print(json.dumps(run("smoke" if args.smoke else "quick" if args.quick else "full"), indent=2))
+    print(json.dumps(run(args.size), indent=2))
     return 0
 
 

@@ -26,23 +26,23 @@ BENCHES = {
 
 
 def main() -> int:
+    from _sizes import add_size_flags  # benchmarks/ is on sys.path (the script's folder)
+
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks to run: {', '.join(BENCHES)} (default: all)")
-    ap.add_argument("--quick", action="store_true", help="smaller sizes (a few minutes)")
-    ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the scripts run (ratios mean little)")
+    add_size_flags(ap, quick_help="smaller sizes (a few minutes)")
     ap.add_argument("--json", type=Path, default=None, help="also write every result to this JSON file")
     args = ap.parse_args()
     unknown = sorted(set(args.names) - set(BENCHES))
     if unknown:
         ap.error(f"unknown benchmark(s) {unknown}; choose from {sorted(BENCHES)}")
     names = args.names or list(BENCHES)
-    size = "smoke" if args.smoke else "quick" if args.quick else "full"
     results = {}
     for name in names:
         mod = importlib.import_module(BENCHES[name])
         print(f"\n=== benchmark: {name} ===", flush=True)
         t0 = time.perf_counter()
-        results[name] = mod.run(size)
+        results[name] = mod.run(args.size)
         print(f"=== {name} took {time.perf_counter() - t0:.1f} s ===", flush=True)
     print("\nsummary:")
     print(json.dumps(results, indent=2, sort_keys=True, default=str))

@@ -1148,8 +1148,7 @@ def distill(
         W = max(1, cfg.data.num_workers)
         if device.type == "cpu":  # training threads + decoding workers must fit the cores
             busy = cfg.data.num_workers if batch_source is None else 0
-            before, now = cap_cpu_threads(busy)
-            threads_restore = before
+            threads_restore, now = cap_cpu_threads(busy)
             logger.info(
                 "CPU training: %d torch thread(s) (%d usable CPUs, %d data worker(s))", now, usable_cpus(), busy
             )
