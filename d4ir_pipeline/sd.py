@@ -7,6 +7,7 @@ length K (see :func:`unconditional_embeds`), so diffusers can concatenate them.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -89,12 +90,21 @@ def model_id(source: str) -> str:
     """A stable description of the model for manifests: hub id, or folder name + unet hash."""
     if not _is_local(source):
         return source
-    from .io import sha256_file
-
     p = Path(source).expanduser()
     weights = sorted((p / "unet").glob("*.safetensors")) + sorted((p / "unet").glob("*.bin"))
-    digest = sha256_file(weights[0])[:16] if weights else "unknown"
-    return f"{p.name}@unet-sha256:{digest}"
+    if not weights:
+        return f"{p.name}@unet-sha256:unknown"
+    st = weights[0].stat()
+    return f"{p.name}@unet-sha256:{_file_digest(str(weights[0].resolve()), st.st_size, st.st_mtime_ns)[:16]}"
+
+
+@functools.lru_cache(maxsize=32)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file, once per (path, size, mtime) in a process: SD 1.5's UNet is 3.4 GB and
+    one compare run names the same model several times. ``size`` / ``mtime_ns`` key the cache."""
+    from .io import sha256_file
+
+    return sha256_file(path)
 
 
 def set_attention_backend(pipe_or_unet, backend: str = "auto") -> str:

@@ -516,7 +516,10 @@ def _recorded_entries(out: Path) -> tuple[dict[int, list[tuple[dict, ShardInfo]]
         doc, listed = read_listing(p, kind)
         hashes.add(str(doc.get("config_hash")))
         for s, info in zip(doc["shards"], listed, strict=True):
-            by_index.setdefault(int(s["index"]), []).append((s, info))
+            cands = by_index.setdefault(int(s["index"]), [])
+            # a merged shardset.json repeats the rank manifests' entries: one candidate each, hashed once
+            if all((i.name, i.bytes, i.sha256) != (info.name, info.bytes, info.sha256) for _, i in cands):
+                cands.append((s, info))
     return by_index, hashes
 
 

@@ -18,6 +18,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from d4ir_pipeline import shards as shards_mod
 from d4ir_pipeline.config import load_config
 from d4ir_pipeline.errors import D4IRError
 from d4ir_pipeline.io import atomic_write_json, sha256_file
@@ -207,7 +208,7 @@ def test_resume_keeps_verified_shards_and_redoes_damaged(first_run, data, tiny_s
     assert r.exit_code == 1 and "DAMAGED synth-r000-000000.tar" in r.output
 
 
-def test_other_config_is_refused_unless_overwrite(first_run, data, tiny_sd_path, tmp_path):
+def test_other_config_is_refused_unless_overwrite(first_run, data, tiny_sd_path, tmp_path, monkeypatch):
     src, _ = first_run
     out = tmp_path / "shards"
     shutil.copytree(src, out)
@@ -215,8 +216,16 @@ def test_other_config_is_refused_unless_overwrite(first_run, data, tiny_sd_path,
     with pytest.raises(D4IRError, match=r"another config.*ccd\.seed"):
         stage(make_cfg(data, tiny_sd_path, out, ccd__seed=1))
     # speed-only keys do not change the hash: a resume may use another batch size
+    checked = []
+    real_check = shards_mod.check_shard_file
+    monkeypatch.setattr(
+        shards_mod, "check_shard_file", lambda info, **kw: checked.append(info.name) or real_check(info, **kw)
+    )
     res = stage(make_cfg(data, tiny_sd_path, out, runtime__batch_size=2))
     assert res.shards_reused == 3 and res.shards_written == 0
+    # shardset.json repeats the rank manifest's entries: still each recorded shard is hashed once
+    assert sorted(checked) == sorted(s["name"] for s in json.loads((out / "shardset.json").read_text())["shards"])
+    monkeypatch.undo()
     res = stage(make_cfg(data, tiny_sd_path, out, ccd__seed=1), overwrite=True)
     doc = json.loads((out / "shardset.json").read_text())
     assert res.shards_written == 3 and doc["complete"] and doc["config_hash"] != old_hash
