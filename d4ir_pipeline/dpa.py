@@ -54,7 +54,14 @@ from torch import nn
 from .cliutil import config_from_options, stage_options
 from .config import config_hash, config_to_dict, opt
 from .errors import BadImageError, D4IRError
-from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, fsync_dir, read_json, sha256_file
+from .io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    fsync_dir,
+    read_json,
+    sha256_bytes,
+)
 from .runtime import DTYPES
 from .sd import ATTENTION_BACKENDS
 
@@ -994,7 +1001,8 @@ def _class_map(records: list, supervised: bool) -> tuple[dict[str, int], torch.T
 
 def train_dpa(cfg: DPAConfig) -> DPAResult:
     """Train the DPA on the web-degraded manifest; checkpoint, resume, report."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
+    from safetensors.torch import save as safetensors_bytes
 
     from .runtime import package_versions, pick_device, seed_everything
     from .sd import check_sd_source, model_id, text_hidden_size
@@ -1207,17 +1215,15 @@ def train_dpa(cfg: DPAConfig) -> DPAResult:
 
     # 7. final weights (the json is the completion marker, written last)
     weights = out / "dpa.safetensors"
-    tmp = out / ".dpa.safetensors.tmp"
-    save_file(model.trainable_state_dict(), str(tmp))
-    tmp.replace(weights)
-    fsync_dir(out)
+    weights_bytes = safetensors_bytes(model.trainable_state_dict())
+    atomic_write_bytes(weights, weights_bytes)  # tmp + fsync + rename: the marker never names a torn file
     atomic_write_json(
         final_meta_path,
         {
             **base_meta,
             "step": t_cfg.steps,
             "complete": True,
-            "weights_sha256": sha256_file(weights),
+            "weights_sha256": sha256_bytes(weights_bytes),
             "versions": package_versions(),
             "images_per_s": images_per_s,
         },  # fmt: skip
