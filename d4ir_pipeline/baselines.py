@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import D4IRError
-from .io import atomic_write_bytes, atomic_write_json, sha256_bytes
+from .io import atomic_write_bytes, atomic_write_json, sha256_bytes, trim_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -605,7 +605,7 @@ def train_dfmc(
 
     # 3. alternate: G maximises the discrepancy (+ contrastive), S minimises it on T's pseudo-labels
     metrics_path = out / "metrics.jsonl"
-    _truncate_metrics(metrics_path, start)  # lines after the last checkpoint are written again
+    trim_jsonl(metrics_path, start)  # lines after the last checkpoint are written again
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -669,14 +669,6 @@ def train_dfmc(
     state_path.unlink(missing_ok=True)
     logger.info("DFMC: student written to %s (%.1fs)", student_dir, time.perf_counter() - t0)
     return student_dir
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep only the metrics lines of steps <= ``step`` (a resumed run rewrites the rest)."""
-    if not path.is_file():
-        return
-    keep = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    atomic_write_bytes(path, "".join(ln + "\n" for ln in keep).encode())
 
 
 def _save_state(path: Path, gen, student, opt_g, opt_s, sched_s, zgen, step: int, meta_hash: str) -> None:

@@ -47,7 +47,7 @@ import torch
 from .cliutil import config_from_options, stage_options
 from .config import config_hash, config_to_dict, opt
 from .errors import BadImageError, D4IRError
-from .io import atomic_write_json, fsync_dir, read_json, sha256_file
+from .io import atomic_write_json, fsync_dir, read_json, sha256_file, trim_jsonl
 from .runtime import DTYPES, cap_cpu_threads, package_versions, pick_device, pick_dtype, seed_everything, usable_cpus
 from .shards import SHARDSET_NAME, ShardInfo, ShardSetError, check_shard_file, read_listing
 
@@ -1006,23 +1006,6 @@ def _save_checkpoint(ckpt_root: Path, step: int, student: Any, state: dict, keep
     return final
 
 
-def _filter_jsonl(path: Path, max_step: int) -> None:
-    """Drop lines written after the checkpoint a run resumes from (and a torn last line)."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and int(rec.get("step", 0)) <= max_step:
-            keep.append(line)
-    from .io import atomic_write_text
-
-    atomic_write_text(path, "".join(k + "\n" for k in keep))
-
-
 # ---------------------------------------------------------------------------------------
 # the loop
 
@@ -1262,9 +1245,9 @@ def distill(
             logger.info("resuming %s from step %d (%s)", out, start, latest.name)
         # lines a killed run wrote after its last checkpoint are dropped (they will be written again)
         if dist.rank == 0:
-            _filter_jsonl(out / "metrics.jsonl", start)
+            trim_jsonl(out / "metrics.jsonl", start)
         if cfg.log.sample_keys:
-            _filter_jsonl(out / f"keys-r{dist.rank}.jsonl", start)
+            trim_jsonl(out / f"keys-r{dist.rank}.jsonl", start)
         model = student
         if dist.world > 1:
             model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if use_cuda else None)

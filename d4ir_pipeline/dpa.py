@@ -57,10 +57,10 @@ from .errors import BadImageError, D4IRError
 from .io import (
     atomic_write_bytes,
     atomic_write_json,
-    atomic_write_text,
     fsync_dir,
     read_json,
     sha256_bytes,
+    trim_jsonl,
 )
 from .runtime import DTYPES
 from .sd import ATTENTION_BACKENDS
@@ -955,21 +955,6 @@ def _append_metrics(path: Path, row: dict) -> None:
         f.flush()
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep the metrics rows up to ``step`` (a resumed run rewrites what came after)."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a kill
-        if row.get("step", -1) <= step:
-            keep.append(json.dumps(row, sort_keys=True))
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
-
-
 # --------------------------------------------------------------------------- stage
 
 
@@ -1124,7 +1109,7 @@ def train_dpa(cfg: DPAConfig) -> DPAResult:
         if start > t_cfg.steps:
             raise D4IRError(f"checkpoint {last} is at step {start}, beyond `train.steps` = {t_cfg.steps}")
         logger.info("resuming DPA training from step %d (%s)", start, last)
-        _truncate_metrics(metrics_path, start)
+        trim_jsonl(metrics_path, start)
     elif metrics_path.exists():
         metrics_path.unlink()
     out.mkdir(parents=True, exist_ok=True)

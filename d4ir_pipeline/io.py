@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ __all__ = [
     "sha256_bytes",
     "sha256_file",
     "resolve_under",
+    "trim_jsonl",
 ]
 
 _CHUNK = 1 << 20
@@ -128,6 +129,28 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
             if not isinstance(obj, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             yield obj
+
+
+def trim_jsonl(path: str | os.PathLike, max_step: int, *, drop: Callable[[dict], bool] | None = None) -> None:
+    """Keep the rows of a metrics-style JSON-lines file up to ``max_step`` (rewritten atomically).
+
+    A resumed run calls this before appending again: rows after its checkpoint are
+    written anew, and a torn last line (the process was killed mid-write) is dropped
+    rather than failing the resume. Rows without a ``step`` are kept unless ``drop``
+    says otherwise. A missing file is left missing.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and int(row.get("step", 0)) <= max_step and not (drop and drop(row)):
+            keep.append(line)
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def resolve_under(root: str | os.PathLike, rel: str, *, what: str = "path") -> Path:

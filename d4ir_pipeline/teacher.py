@@ -32,7 +32,13 @@ from .cliutil import config_from_options, stage_options
 from .config import ConfigError, config_hash, config_to_dict, opt
 from .errors import D4IRError
 from .evaluate import DEMO_TEST_MANIFESTS
-from .io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl, sha256_file
+from .io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    sha256_file,
+    trim_jsonl,
+)
 from .models import build_model, count_macs, count_params, save_model
 from .runtime import package_versions, seed_everything
 
@@ -299,13 +305,6 @@ def _save_state(path: Path, **state: Any) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _trim_metrics(path: Path, step: int) -> None:
-    """Drop metrics lines written after the state we resume from (they will be redone)."""
-    if path.is_file():
-        keep = [r for r in read_jsonl(path) if r.get("step", 0) <= step and "eval" not in r]
-        atomic_write_jsonl(path, keep)
-
-
 def _append(path: Path, record: dict) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
@@ -352,7 +351,7 @@ def train_teacher(cfg: TeacherConfig) -> TeacherResult:
             step = int(st["step"])
             spent = {k: float(v) for k, v in st.get("spent", spent).items()}
             logger.info("teacher: resuming from step %d (%s)", step, state_path)
-        _trim_metrics(metrics_path, step)
+        trim_jsonl(metrics_path, step, drop=lambda r: "eval" in r)
         resumed_from = step
 
         w_mark, c_mark = time.perf_counter(), time.process_time()

@@ -1,4 +1,4 @@
-"""Runtime helpers: the CPU thread cap that keeps training threads and data workers within the cores."""
+"""Runtime and io helpers: the CPU thread cap, metrics trimming on resume."""
 
 from __future__ import annotations
 
@@ -32,3 +32,16 @@ def test_cap_never_raises_threads(monkeypatch, restore_threads) -> None:
 
 def test_usable_cpus_is_positive() -> None:
     assert runtime.usable_cpus() >= 1
+
+
+def test_trim_jsonl_keeps_rows_up_to_the_step_and_drops_a_torn_line(tmp_path) -> None:
+    from d4ir_pipeline.io import trim_jsonl
+
+    p = tmp_path / "metrics.jsonl"
+    p.write_text('{"step": 1, "loss": 2.0}\n{"note": "no step"}\n{"step": 2, "eval": 1}\n{"step": 3}\n{"step": 4, "lo')
+    trim_jsonl(p, 2)  # the torn last line (a kill mid-write) must not fail a resume
+    assert p.read_text() == '{"step": 1, "loss": 2.0}\n{"note": "no step"}\n{"step": 2, "eval": 1}\n'
+    trim_jsonl(p, 2, drop=lambda r: "eval" in r)
+    assert p.read_text() == '{"step": 1, "loss": 2.0}\n{"note": "no step"}\n'
+    trim_jsonl(tmp_path / "missing.jsonl", 5)
+    assert not (tmp_path / "missing.jsonl").exists()
