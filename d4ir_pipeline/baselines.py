@@ -193,7 +193,15 @@ def _write_shardset(
 
     from .errors import BadImageError
     from .runtime import package_versions
-    from .shards import RANK_MANIFEST, SHARDSET_NAME, merge_shardset, shard_name, write_shard
+    from .shards import (
+        RANK_MANIFEST,
+        SHARDSET_NAME,
+        check_shard_file,
+        merge_shardset,
+        read_listing,
+        shard_name,
+        write_shard,
+    )
 
     if not samples:
         raise D4IRError(f"{out}: nothing to pack (no samples)")
@@ -214,20 +222,17 @@ def _write_shardset(
     # 2. resume: keep recorded shards of this config that still verify
     entries: dict[int, dict] = {}
     if rank_path.is_file():
-        doc = json.loads(rank_path.read_text(encoding="utf-8"))
+        doc, listed = read_listing(rank_path, "d4ir-shardset-rank")  # names checked: none escapes `out`
         if doc.get("config_hash") != chash:
             raise D4IRError(
                 f"{out} holds a shard set made with another config (hash {str(doc.get('config_hash'))[:12]}..., "
                 f"this one {chash[:12]}...); refusing to mix them: delete the folder or pick another output"
             )
-        from .io import sha256_file
-
-        for e in doc.get("shards", []):
-            path = out / e["name"]
-            if path.is_file() and path.stat().st_size == e["bytes"] and sha256_file(path) == e["sha256"]:
+        for e, info in zip(doc["shards"], listed, strict=True):
+            if check_shard_file(info) is None:
                 entries[int(e["index"])] = e
     if (out / SHARDSET_NAME).is_file() and len(entries) == len(plans):
-        doc = json.loads((out / SHARDSET_NAME).read_text(encoding="utf-8"))
+        doc, _ = read_listing(out / SHARDSET_NAME, "d4ir-shardset")
         if doc.get("complete") and doc.get("config_hash") == chash:
             logger.info("%s: shard set complete and verified; reused", out)
             return doc
