@@ -322,11 +322,13 @@ def _hash(obj: Any) -> str:
 
 def _complete_shardset(path: Path) -> dict | None:
     """The ``shardset.json`` of a complete set in ``path``, or None."""
-    f = path / "shardset.json"
+    from .shards import SHARDSET_NAME, read_listing
+
+    f = path / SHARDSET_NAME
     if not f.is_file():
         return None
-    doc = read_json(f)
-    return doc if isinstance(doc, dict) and doc.get("complete") is True else None
+    doc, _ = read_listing(f, "d4ir-shardset")
+    return doc if doc.get("complete") is True else None
 
 
 @dataclass
@@ -951,12 +953,12 @@ def format_table(header: dict, rows: list[RowResult], weathers: list[str]) -> st
 
 def _shard_samples(shards: Path, n: int, *, keys: list[str] | None = None) -> dict[str, dict[str, bytes]]:
     """Up to ``n`` samples (key -> {ext: bytes}) of a shard set, in manifest order, or the given keys."""
-    from .shards import read_shard
+    from .shards import SHARDSET_NAME, read_listing, read_shard
 
-    doc = read_json(shards / "shardset.json")
+    _, listed = read_listing(shards / SHARDSET_NAME, "d4ir-shardset")
     out: dict[str, dict[str, bytes]] = {}
-    for s in doc["shards"]:
-        for k, files in read_shard(shards / s["name"]).items():
+    for s in listed:
+        for k, files in read_shard(s.path).items():
             if keys is None or k in keys:
                 out[k] = files
             if keys is None and len(out) >= n:
