@@ -14,7 +14,6 @@ Writing: :func:`save_model` stores the weights and the model's build spec, so
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -304,10 +303,3 @@ def load_model(path_dir: str | os.PathLike, *, device: str | torch.device = "cpu
     model = build_model(spec["name"], **spec.get("kwargs", {}))
     load_weights(model, folder / WEIGHTS_NAME, strict=True)
     return model.to(device).eval()
-
-
-def state_dict_bytes(sd: Mapping[str, Tensor]) -> bytes:
-    """``torch.save`` bytes of a plain tensor dict (tests, conversions)."""
-    buf = io.BytesIO()
-    torch.save(dict(sd), buf)
-    return buf.getvalue()
