@@ -1136,9 +1136,10 @@ def distill(
                 "CPU training: %d torch thread(s) (%d usable CPUs, %d data worker(s))", now, usable_cpus(), busy
             )
 
-        # 2. shard set (verified: re-hashed by rank 0, sizes checked by the others), teacher identity, labels
+        # 2. shard set (sizes checked now; rank 0 re-hashes it below, once it knows it will train), teacher
+        # identity, labels
         verify = cfg.data.verify if dist.rank == 0 or cfg.data.verify == "off" else "size"
-        shardset = open_shardset(cfg.data.shards, verify=verify)
+        shardset = open_shardset(cfg.data.shards, verify="size" if verify == "full" else verify)
         if len(shardset.shards) < dist.world * W:
             raise ShardSetError(
                 f"`data.shards` = {cfg.data.shards!r} has {len(shardset.shards)} shards, but {dist.world} rank(s) x "
@@ -1202,6 +1203,8 @@ def distill(
             if done.get("steps") == cfg.train.steps:
                 logger.info("%s is finished (%d steps); delete it to train again", out, cfg.train.steps)
                 return _result_from_json(done, out)
+        if verify == "full":  # the sha256 pass over every shard, only when this run will read them
+            _verify_files(list(shardset.shards), "full", str(shardset.root / SHARDSET_NAME))
 
         # 4. models, optimizer, schedule
         seed_everything(cfg.train.seed)
