@@ -74,17 +74,17 @@ teacher: $(STAMP)
 	$(D4IR) demo-data --out runs/demo/data
 	$(D4IR) train-teacher --profile demo --work-dir runs/demo
 
-# rebuild the small demo SD committed in d4ir_pipeline/assets/demo_sd (docs/DEMO_SD.md; ~40 min CPU)
+# rebuild the small demo SD committed in d4ir_pipeline/demo/assets/demo_sd (docs/DEMO_SD.md; ~40 min CPU)
 demo-sd: $(STAMP)
 	$(D4IR) demo-data --out runs/demo/data
-	$(D4IR) demo-sd --out d4ir_pipeline/assets/demo_sd --work runs/demo/demo-sd.train --overwrite
+	$(D4IR) demo-sd --out d4ir_pipeline/demo/assets/demo_sd --work runs/demo/demo-sd.train --overwrite
 
 table: $(STAMP)
 	$(D4IR) compare $(common) $(QUICK) $(sd_set) $(teacher_set) $(student_set) $(extra_set)
 
 # The main job on the embedded default: every stage, in order.
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m d4ir_pipeline.demo --work-dir $(WORK)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m d4ir_pipeline.demo.run --work-dir $(WORK)
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/run_all.py $(BENCH)

@@ -62,7 +62,7 @@ def save_random(spec: str, path: Path, seed: int = 0, **kw) -> Path:
 
 def config(tmp: Path, shards: Path, teacher: Path, student: str, skw: str, tag: str, **extra) -> object:
     from d4ir_pipeline.config import load_config
-    from d4ir_pipeline.distill import DistillConfig
+    from d4ir_pipeline.stage2.distill import DistillConfig
 
     over = {
         "out": f"'{tmp / 'distill'}'",
@@ -98,12 +98,12 @@ def in_memory_source(shards: Path, batch: int, patch: int, seed: int):
     """A batch source over the same samples pre-decoded into uint8 tensors (same crops and flips logic)."""
     import torch
 
-    from d4ir_pipeline.distill import _iter_tar, open_shardset
-    from d4ir_pipeline.manifests import decode_rgb
+    from d4ir_pipeline.common.images import decode_rgb
+    from d4ir_pipeline.shardset.reader import iter_tar, open_shardset
 
     arrays = []
     for s in open_shardset(shards).shards:
-        for _key, parts in _iter_tar(s.path):
+        for _key, parts in iter_tar(s.path):
             arrays.append(torch.from_numpy(np.array(decode_rgb(parts["degraded.png"])[0])).permute(2, 0, 1))
     data = torch.stack(arrays)  # (N, 3, H, W) uint8, all in memory
     if data.shape[0] < batch:  # the loop below would never yield a batch
@@ -138,7 +138,7 @@ def in_memory_source(shards: Path, batch: int, patch: int, seed: int):
 
 
 def bench_throughput(tmp: Path, size_name: str) -> dict:
-    from d4ir_pipeline.distill import distill
+    from d4ir_pipeline.stage2.distill import distill
 
     size, patch, batch = 128, 64, 8
     steps, reps, per, skip = SIZES[size_name]["tp"]
@@ -209,7 +209,7 @@ def _rss_child(mode: str, shards: str, steps: int, out: str) -> None:
     """
     import threading
 
-    from d4ir_pipeline.distill import distill
+    from d4ir_pipeline.stage2.distill import distill
 
     peak = {"rss_mib": 0.0, "pss_mib": 0.0}
     stop = threading.Event()
@@ -282,7 +282,8 @@ def bench_rss(tmp: Path, size_name: str) -> dict:
 
 
 def bench_label_cache(tmp: Path, size_name: str) -> dict:
-    from d4ir_pipeline.distill import distill, label
+    from d4ir_pipeline.stage2.distill import distill
+    from d4ir_pipeline.stage2.labels import label
 
     size, patch, batch = 96, 48, 8
     steps, per = SIZES[size_name]["lc"]
@@ -336,7 +337,7 @@ def run(size: str = "full", parts: tuple[str, ...] = ("throughput", "peak_rss", 
     """
     import torch
 
-    from d4ir_pipeline.runtime import usable_cpus
+    from d4ir_pipeline.common.runtime import usable_cpus
 
     torch.set_num_threads(int(os.environ.get("D4IR_BENCH_THREADS") or max(1, usable_cpus() - 1)))
     with tempfile.TemporaryDirectory(prefix="bench-distill-") as d:

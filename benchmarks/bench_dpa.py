@@ -23,9 +23,9 @@ def run(size: str = "full") -> dict:
     import torch
 
     from d4ir_pipeline.config import load_stage_config
-    from d4ir_pipeline.demo_data import build_demo_data
-    from d4ir_pipeline.dpa import DPAConfig, train_dpa
-    from d4ir_pipeline.tiny_sd import write_tiny_sd
+    from d4ir_pipeline.demo.data import build_demo_data
+    from d4ir_pipeline.demo.tiny_sd import write_tiny_sd
+    from d4ir_pipeline.stage1.dpa.train import DPAConfig, train_dpa
 
     steps = STEPS[size]
     with tempfile.TemporaryDirectory(prefix="bench-dpa-") as tmp:

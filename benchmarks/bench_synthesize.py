@@ -1,6 +1,6 @@
 """Stage-one synthesis benchmark (CPU, tiny random SD): `d4ir synthesize` vs a naive loop.
 
-1. images/s of the synthesize stage (batched img2img under looked-up prompt tokens,
+1. images/s of the synthesize synthesize (batched img2img under looked-up prompt tokens,
    shards written) vs a naive loop that calls ``StableDiffusionImg2ImgPipeline`` once
    per image with a text prompt and saves a PNG; same images, resolution, steps,
    strength, guidance and scheduler (goal: >= 4x). Both are timed on their work loop
@@ -49,10 +49,10 @@ def make_inputs(root: Path, n: int, *, sd: Path | None = None, seed: int = 0) ->
     """Clean images (96 px PNG) + manifest, a random prompt bank and the tiny SD under ``root``."""
     from PIL import Image
 
-    from d4ir_pipeline.io import sha256_file
-    from d4ir_pipeline.manifests import ImageRecord, write_manifest
+    from d4ir_pipeline.common.io import sha256_file
+    from d4ir_pipeline.data.manifests import ImageRecord, write_manifest
+    from d4ir_pipeline.demo.tiny_sd import write_tiny_sd
     from d4ir_pipeline.testing import write_bank
-    from d4ir_pipeline.tiny_sd import write_tiny_sd
 
     rng = np.random.default_rng(seed)
     recs = []
@@ -73,7 +73,7 @@ def make_inputs(root: Path, n: int, *, sd: Path | None = None, seed: int = 0) ->
 
 def synth_config(inp: dict, out: Path, *, batch_size: int, steps: int = STEPS, res: int = RES):
     from d4ir_pipeline.config import load_config
-    from d4ir_pipeline.shards import SynthesizeConfig
+    from d4ir_pipeline.stage1.synthesize import SynthesizeConfig
 
     sets = {
         "sd.model": str(inp["sd"]),
@@ -96,10 +96,10 @@ def synth_config(inp: dict, out: Path, *, batch_size: int, steps: int = STEPS, r
 
 
 def run_ours(inp: dict, out: Path, batch_size: int, res_px: int = RES) -> dict:
-    from d4ir_pipeline.shards import stage
+    from d4ir_pipeline.stage1.synthesize import synthesize
 
     t0 = time.perf_counter()
-    res = stage(synth_config(inp, out, batch_size=batch_size, res=res_px))
+    res = synthesize(synth_config(inp, out, batch_size=batch_size, res=res_px))
     total = time.perf_counter() - t0
     return {"images": res.samples_written, "loop_images_per_s": res.images_per_s, "end_to_end_s": total}
 
@@ -176,12 +176,12 @@ def batching_ceiling(sd: Path, px: int, batch: int, reps: int = 2) -> dict:
 
 def _rss_child(workdir: str, batch_size: int) -> None:
     """Subprocess body: one synthesize run, then print this process's peak RSS (MiB)."""
-    from d4ir_pipeline.shards import stage
+    from d4ir_pipeline.stage1.synthesize import synthesize
 
     _threads()
     inp = json.loads(Path(workdir, "inputs.json").read_text())
     inp = {k: Path(v) for k, v in inp.items()}
-    res = stage(synth_config(inp, Path(workdir) / "shards", batch_size=batch_size, steps=4))
+    res = synthesize(synth_config(inp, Path(workdir) / "shards", batch_size=batch_size, steps=4))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     print(json.dumps({"peak_rss_mib": peak, "images": res.samples_written}))
 

@@ -145,8 +145,8 @@ def bench_one(pipe, *, backend: str, batch: int, args, flops_per_call: int) -> d
     import numpy as np
     import torch
 
-    from d4ir_pipeline.ccd import CCD, CCDInput, denoise_steps, sample_seed
-    from d4ir_pipeline.sd import set_attention_backend
+    from d4ir_pipeline.stage1.ccd import CCD, CCDInput, denoise_steps, sample_seed
+    from d4ir_pipeline.stage1.sd import set_attention_backend
 
     set_attention_backend(pipe, backend)
     d = pipe.unet.config.cross_attention_dim
@@ -203,7 +203,7 @@ def png_ms(resolution: int) -> float:
     """CPU milliseconds to PNG-encode one output (what the shard writer's threads do)."""
     import numpy as np
 
-    from d4ir_pipeline.ccd import encode_image
+    from d4ir_pipeline.stage1.ccd import encode_image
 
     arr = np.random.default_rng(0).integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)
     t0 = time.perf_counter()
@@ -250,7 +250,7 @@ def main() -> int:
     print(f"device: {card}; torch {torch.__version__}; {args.resolution}px, {args.steps} steps, strength "
           f"{args.strength}, guidance {args.guidance}, {str(dtype).replace('torch.', '')}")  # fmt: skip
     pipe = build_pipeline(device, dtype)
-    from d4ir_pipeline.ccd import configure_pipeline
+    from d4ir_pipeline.stage1.ccd import configure_pipeline
 
     backends = []
     for b in args.backends:
@@ -267,7 +267,7 @@ def main() -> int:
     latent = args.resolution // 8
     flops = {}
     for batch in args.batches:  # counted before compile, with SDPA (xformers kernels do the same math)
-        from d4ir_pipeline.sd import set_attention_backend
+        from d4ir_pipeline.stage1.sd import set_attention_backend
 
         set_attention_backend(pipe, "sdpa")
         flops[batch] = unet_flops(pipe.unet, batch, latent, args.tokens)

@@ -5,44 +5,68 @@ Commands are imported lazily so ``d4ir --help`` is instant (no torch import).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import sys
+from collections.abc import Callable
+from typing import TypeVar
 
 import click
 
-from . import __version__
-from .errors import D4IRError
-from .runtime import setup_logging
+from d4ir_pipeline import __version__
+from d4ir_pipeline.common.runtime import setup_logging
+from d4ir_pipeline.config import load_stage_config
+from d4ir_pipeline.errors import D4IRError
 
 # name -> (module, attribute, one-line help). A plain table, no import-time scanning.
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "manifest": ("d4ir_pipeline.manifests", "manifest_group", "Build or verify an image manifest (JSON Lines)."),
-    "demo-data": ("d4ir_pipeline.demo_data", "demo_data_command", "Build the embedded multi-weather demo data set."),
+    "manifest": ("d4ir_pipeline.data.manifests", "manifest_group", "Build or verify an image manifest (JSON Lines)."),
+    "demo-data": ("d4ir_pipeline.demo.data", "demo_data_command", "Build the embedded multi-weather demo data set."),
     "tiny-sd": (
-        "d4ir_pipeline.tiny_sd",
+        "d4ir_pipeline.demo.tiny_sd",
         "tiny_sd_command",
         "Write a tiny random Stable Diffusion folder (tests/demo).",
     ),
-    "demo-sd": ("d4ir_pipeline.demo_sd", "demo_sd_command", "Train the small demo SD on the demo's web images."),
-    "train-dpa": ("d4ir_pipeline.dpa", "train_dpa_command", "Stage one: train the degradation-aware prompt adapter."),
+    "demo-sd": ("d4ir_pipeline.demo.demo_sd", "demo_sd_command", "Train the small demo SD on the demo's web images."),
+    "train-dpa": (
+        "d4ir_pipeline.stage1.dpa.train",
+        "train_dpa_command",
+        "Stage one: train the degradation-aware prompt adapter.",
+    ),
     "prompt-bank": (
-        "d4ir_pipeline.prompts",
+        "d4ir_pipeline.stage1.prompt_bank",
         "prompt_bank_command",
         "Stage one: encode web-degraded images into a prompt bank.",
     ),
-    "synthesize": ("d4ir_pipeline.shards", "synthesize_command", "Stage one: CCD synthesis into webdataset shards."),
-    "shards": ("d4ir_pipeline.shards", "shards_group", "Verify or merge a shard set."),
+    "synthesize": (
+        "d4ir_pipeline.stage1.synthesize",
+        "synthesize_command",
+        "Stage one: CCD synthesis into webdataset shards.",
+    ),
+    "shards": ("d4ir_pipeline.shardset.cli", "shards_group", "Verify or merge a shard set."),
     "models": ("d4ir_pipeline.models", "models_command", "List teachers and students with their size."),
-    "train-teacher": ("d4ir_pipeline.teacher", "train_teacher_command", "Train the demo's reference teacher."),
-    "distill": ("d4ir_pipeline.distill", "distill_command", "Stage two: distill a student from the teacher on shards."),
-    "label": ("d4ir_pipeline.distill", "label_command", "Cache the teacher's outputs next to a shard set."),
+    "train-teacher": (
+        "d4ir_pipeline.demo.reference_teacher",
+        "train_teacher_command",
+        "Train the demo's reference teacher.",
+    ),
+    "distill": (
+        "d4ir_pipeline.stage2.distill",
+        "distill_command",
+        "Stage two: distill a student from the teacher on shards.",
+    ),
+    "label": ("d4ir_pipeline.stage2.labels", "label_command", "Cache the teacher's outputs next to a shard set."),
     "evaluate": (
-        "d4ir_pipeline.evaluate",
+        "d4ir_pipeline.stage2.evaluate",
         "evaluate_command",
         "Evaluate teacher and student (PSNR/SSIM) on paired sets.",
     ),
-    "compare": ("d4ir_pipeline.compare", "compare_command", "The paper's comparison table (baselines and ablations)."),
+    "compare": (
+        "d4ir_pipeline.paper.compare",
+        "compare_command",
+        "The paper's comparison table (baselines and ablations).",
+    ),
 }
 
 
@@ -92,6 +116,53 @@ def run() -> None:
     except KeyboardInterrupt:
         click.echo("\ninterrupted: finished work is kept; rerun the same command to resume.", err=True)
         sys.exit(130)
+
+
+T = TypeVar("T")
+
+
+def stage_options(fn: Callable) -> Callable:
+    """Add the options every stage command takes."""
+
+    @click.option(
+        "--profile",
+        default="demo",
+        show_default=True,
+        envvar="D4IR_PROFILE",
+        help="Config profile: reads stages/<profile>/<stage>.toml.",
+    )
+    @click.option(
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="Config file to use instead of stages/<profile>/<stage>.toml.",
+    )
+    @click.option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="SECTION.KEY=VALUE",
+        help="Override one config value (repeatable); VALUE is read as TOML.",
+    )
+    @click.option(
+        "--work-dir",
+        default=None,
+        type=click.Path(file_okay=False),
+        help="Replaces {work} in config paths (default runs/<profile>).",
+    )
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def config_from_options(
+    cls: type[T], stage: str, *, profile: str, config_path: str | None, overrides: tuple[str, ...], work_dir: str | None
+) -> T:
+    """Load a stage config from the values of :func:`stage_options`."""
+    return load_stage_config(cls, stage, profile=profile, config=config_path, overrides=overrides, work_dir=work_dir)
 
 
 if __name__ == "__main__":

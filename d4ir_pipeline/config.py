@@ -25,26 +25,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .errors import D4IRError
-
-__all__ = [
-    "ConfigError",
-    "opt",
-    "redefault",
-    "load_config",
-    "load_stage_config",
-    "config_to_dict",
-    "config_hash",
-    "find_stage_file",
-    "parse_override",
-]
+from d4ir_pipeline.errors import D4IRError
 
 T = TypeVar("T")
 
 _MISSING = dataclasses.MISSING
 
 
-ASSETS = Path(__file__).resolve().parent / "assets"  # packaged weights: `{assets}` in config strings
+ASSETS = Path(__file__).resolve().parent / "demo" / "assets"  # packaged weights: `{assets}` in config strings
 
 
 class ConfigError(D4IRError, ValueError):

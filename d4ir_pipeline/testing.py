@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["make_shardset", "png_bytes", "write_bank", "write_shardset_manifest"]
+from d4ir_pipeline.common.io import atomic_write_json, atomic_write_jsonl, sha256_file
+from d4ir_pipeline.stage1.prompt_bank import BANK_KIND
 
 
 def png_bytes(arr: np.ndarray, compress_level: int = 6) -> bytes:
@@ -42,9 +43,6 @@ def write_bank(
     """A prompt bank of ``per`` random (k, d) entries per weather under ``path``."""
     import torch
     from safetensors.torch import save_file
-
-    from .io import atomic_write_json, atomic_write_jsonl
-    from .prompts import BANK_KIND
 
     path.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
@@ -74,7 +72,6 @@ def write_shardset_manifest(
     root: Path, names: Sequence[str], counts: Sequence[int], *, complete: bool = True, config_hash: str = "test"
 ) -> Path:
     """``shardset.json`` listing the tars ``names`` under ``root`` (sizes and hashes read from disk)."""
-    from .io import atomic_write_json, sha256_file
 
     shards = [
         {"name": n, "samples": int(c), "bytes": (root / n).stat().st_size, "sha256": sha256_file(root / n)}

@@ -29,7 +29,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_sd_path(tmp_path_factory):
     """A tiny random SD 1.x-layout folder, written once per test session."""
-    from d4ir_pipeline.tiny_sd import write_tiny_sd
+    from d4ir_pipeline.demo.tiny_sd import write_tiny_sd
 
     return write_tiny_sd(tmp_path_factory.mktemp("tiny-sd") / "sd")
 
@@ -37,7 +37,7 @@ def tiny_sd_path(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_data_root(tmp_path_factory):
     """The embedded demo data set (seed 0), generated once per test session."""
-    from d4ir_pipeline.demo_data import build_demo_data
+    from d4ir_pipeline.demo.data import build_demo_data
 
     root = tmp_path_factory.mktemp("demo-data")
     build_demo_data(root, seed=0)

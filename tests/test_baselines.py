@@ -9,21 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from d4ir_pipeline.baselines import (
-    DFMCConfig,
-    Generator,
-    generator_samples,
-    info_nce,
-    noise_image,
-    pack_manifest_to_shards,
-    train_dfmc,
-    write_noise_shards,
-)
-from d4ir_pipeline.distill import open_shardset
+from d4ir_pipeline.data.manifests import load_manifest, open_rgb
 from d4ir_pipeline.errors import D4IRError
-from d4ir_pipeline.manifests import load_manifest, open_rgb
 from d4ir_pipeline.models import build_model, load_model
-from d4ir_pipeline.shards import read_shard, verify_shardset
+from d4ir_pipeline.paper.baselines import noise_image, pack_manifest_to_shards, write_noise_shards
+from d4ir_pipeline.paper.dfmc import DFMCConfig, Generator, generator_samples, info_nce, train_dfmc
+from d4ir_pipeline.shardset.reader import open_shardset, read_shard, verify_shardset
 
 STUDENT = {"name": "rescnn", "kwargs": {"width": 8, "blocks": 1}}
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from d4ir_pipeline.ccd import (
+from d4ir_pipeline.errors import D4IRError
+from d4ir_pipeline.stage1.ccd import (
     CCD,
     CCDInput,
     decide_sample,
@@ -20,7 +21,6 @@ from d4ir_pipeline.ccd import (
     sample_key,
     sample_seed,
 )
-from d4ir_pipeline.errors import D4IRError
 
 K, D = 4, 32  # tiny SD: text width 32
 PX = 32  # 16x16 latents: the tiny UNet runs them 4x faster than its native 64 px
@@ -117,7 +117,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def ccd(tiny_sd_path):
-    from d4ir_pipeline.sd import load_img2img_pipeline, unconditional_embeds
+    from d4ir_pipeline.stage1.sd import load_img2img_pipeline, unconditional_embeds
 
     pipe = load_img2img_pipeline(str(tiny_sd_path), device="cpu", attention="sdpa", scheduler="DDIMScheduler")
     return CCD(pipe, steps=4, guidance=3.0, uncond=unconditional_embeds(pipe, K, D))

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from d4ir_pipeline import baselines, distill, shards
-from d4ir_pipeline.compare import CompareConfig, RowResult, compare, format_table
+import d4ir_pipeline.paper.compare as compare_mod
 from d4ir_pipeline.config import load_config
 from d4ir_pipeline.models import build_model, save_model
+from d4ir_pipeline.paper.compare import CompareConfig, RowResult, compare
+from d4ir_pipeline.paper.table import format_table
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -120,11 +121,12 @@ def _spy_forbid(monkeypatch, calls: list[str]) -> None:
 
         return f
 
-    monkeypatch.setattr(baselines, "pack_manifest_to_shards", forbid("pack_manifest_to_shards"))
-    monkeypatch.setattr(baselines, "write_noise_shards", forbid("write_noise_shards"))
-    monkeypatch.setattr(baselines, "train_dfmc", forbid("train_dfmc"))
-    monkeypatch.setattr(distill, "distill", forbid("distill"))
-    monkeypatch.setattr(shards, "stage", forbid("synthesize"))
+    # compare calls the stages through the names it imports: patch them there
+    monkeypatch.setattr(compare_mod, "pack_manifest_to_shards", forbid("pack_manifest_to_shards"))
+    monkeypatch.setattr(compare_mod, "write_noise_shards", forbid("write_noise_shards"))
+    monkeypatch.setattr(compare_mod, "train_dfmc", forbid("train_dfmc"))
+    monkeypatch.setattr(compare_mod, "distill", forbid("distill"))
+    monkeypatch.setattr(compare_mod, "synthesize", forbid("synthesize"))
 
 
 def test_compare_rows_outputs_and_cache(env, monkeypatch):
@@ -259,8 +261,8 @@ def test_smoke_profile_end_to_end(tmp_path):
 def test_text_prompt_bank_matches_pipeline_text_encoding(tiny_sd_path, tmp_path):
     from safetensors.torch import load_file
 
-    from d4ir_pipeline.compare import write_text_prompt_bank
-    from d4ir_pipeline.sd import encode_text, load_img2img_pipeline
+    from d4ir_pipeline.paper.compare import write_text_prompt_bank
+    from d4ir_pipeline.stage1.sd import encode_text, load_img2img_pipeline
 
     prompts = {"rain": "a photo in heavy rain", "snow": "a photo in snow"}
     out = write_text_prompt_bank(str(tiny_sd_path), prompts, tmp_path / "bank")
@@ -268,7 +270,7 @@ def test_text_prompt_bank_matches_pipeline_text_encoding(tiny_sd_path, tmp_path)
     assert tokens["tokens"].shape == (2, 77, 32) and torch.equal(tokens["tokens"], tokens["centroids"])
     meta = json.loads((out / "bank.json").read_text())
     assert meta["weathers"] == ["rain", "snow"] and meta["K"] == 77 and meta["D"] == 32
-    from d4ir_pipeline.prompts import PromptBank
+    from d4ir_pipeline.stage1.prompt_bank import PromptBank
 
     bank = PromptBank.load(out)  # what synthesis reads
     assert bank.weathers == ["rain", "snow"] and bank.rows_for("snow") == [1]

@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from PIL import Image
 from scipy import ndimage
 
-from d4ir_pipeline.demo_data import (
+from d4ir_pipeline.data.manifests import build_manifest, load_manifest, open_pair, open_rgb, verify_manifest
+from d4ir_pipeline.demo.data import (
     DEGRADED_WEATHERS,
     MANIFEST_NAMES,
     PHOTOS,
@@ -24,7 +25,6 @@ from d4ir_pipeline.demo_data import (
     demo_data_command,
     png_bytes,
 )
-from d4ir_pipeline.manifests import build_manifest, load_manifest, open_pair, open_rgb, verify_manifest
 
 COMMITTED = Path(__file__).resolve().parents[1] / "data_manifests" / "demo"
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from d4ir_pipeline import demo_sd as D
-from d4ir_pipeline.manifests import load_manifest, open_rgb
-from d4ir_pipeline.sd import load_img2img_pipeline
+from d4ir_pipeline.data.manifests import load_manifest, open_rgb
+from d4ir_pipeline.demo import demo_sd as D
+from d4ir_pipeline.stage1.sd import load_img2img_pipeline
 
 # Measured (docs/DEMO_SD.md): committed demo SD vs the random tiny SD, img2img at strength
 # 0.3 (20 DDIM steps, guidance 3, "a photo") of 4 demo test targets at 64 px.

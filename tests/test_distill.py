@@ -20,22 +20,16 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from d4ir_pipeline.common.io import sha256_file
 from d4ir_pipeline.config import load_config
-from d4ir_pipeline.distill import (
-    DistillConfig,
-    ShardSetError,
-    StreamSpec,
-    _Stats,
-    distill,
-    epoch_shards,
-    label,
-    open_shardset,
-    worker_batches,
-)
 from d4ir_pipeline.errors import D4IRError
-from d4ir_pipeline.io import sha256_file
 from d4ir_pipeline.models import build_model, save_model
 from d4ir_pipeline.models.checkpoint import CheckpointMismatchError
+from d4ir_pipeline.shardset.format import ShardSetError
+from d4ir_pipeline.shardset.reader import open_shardset
+from d4ir_pipeline.stage2.distill import DistillConfig, distill
+from d4ir_pipeline.stage2.labels import label
+from d4ir_pipeline.stage2.stream import Stats, StreamSpec, epoch_shards, worker_batches
 from d4ir_pipeline.testing import make_shardset, write_shardset_manifest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -134,11 +128,11 @@ def test_epoch_split_is_seeded_and_disjoint(setup: Path) -> None:
 def test_worker_stream_resumes_at_cursor(setup: Path) -> None:
     shardset = open_shardset(setup / "shards")
     spec = StreamSpec(**stream_spec(shardset.shards))
-    it = worker_batches(spec, 0, 0, 0, _Stats())
+    it = worker_batches(spec, 0, 0, 0, Stats())
     first = [next(it) for _ in range(12)]  # 48 samples: crosses an epoch boundary (32 per epoch)
     assert {b["cursor"][1] for b in first} == {0, 1}
     w, ep, idx = first[4]["cursor"]
-    it2 = worker_batches(spec, 0, ep, idx, _Stats())
+    it2 = worker_batches(spec, 0, ep, idx, Stats())
     for want in first[5:]:
         got = next(it2)
         assert got["keys"] == want["keys"]
@@ -255,7 +249,7 @@ def test_label_cache_targets_match_teacher_on_same_crop(setup: Path) -> None:
     shardset = open_shardset(setup / "shards")
     spec = StreamSpec(**stream_spec(shardset.shards, label_dir=str(res.labels_dir), label_ext="teacher.npy"))
     teacher = Pointwise().eval()
-    it = worker_batches(spec, 0, 0, 0, _Stats())
+    it = worker_batches(spec, 0, 0, 0, Stats())
     for _ in range(3):
         b = next(it)
         with torch.no_grad():
@@ -279,7 +273,7 @@ def test_label_require_without_cache_is_clear(setup: Path) -> None:
 def test_undecodable_sample_is_skipped_and_counted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     make_shardset(tmp_path / "shards", bad_keys=("k001-0003",))
     make_teacher(tmp_path / "teacher")
-    with caplog.at_level(logging.WARNING, logger="d4ir_pipeline.distill"):
+    with caplog.at_level(logging.WARNING, logger="d4ir_pipeline.stage2.distill"):
         r = distill(cfg_of(tmp_path, train__steps=9, data__max_error_fraction=0.1, data__error_min_samples=1))
     assert r.bad_samples >= 1
     msgs = [m for m in caplog.messages if "k001-0003" in m]
@@ -303,7 +297,7 @@ def test_truncated_shard_is_skipped_with_shard_and_key(tmp_path: Path, caplog: p
     # a shard damaged before it was hashed: verification passes, reading does not
     write_manifest(root, [f"synth-r000-{i:06d}.tar" for i in range(4)], [8] * 4)
     make_teacher(tmp_path / "teacher")
-    with caplog.at_level(logging.WARNING, logger="d4ir_pipeline.distill"):
+    with caplog.at_level(logging.WARNING, logger="d4ir_pipeline.stage2.distill"):
         r = distill(cfg_of(tmp_path, train__steps=12, data__max_error_fraction=0.5, data__error_min_samples=1))
     assert r.bad_samples >= 5  # the partial sample and the 4 after it, at least once
     msgs = [m for m in caplog.messages if "synth-r000-000002.tar" in m]

@@ -17,20 +17,11 @@ import pytest
 import torch
 
 from d4ir_pipeline.config import load_stage_config
-from d4ir_pipeline.dpa import (
-    DPAConfig,
-    DPADataError,
-    dpa_embedding,
-    encode_images,
-    load_dpa,
-    prepare_image,
-    prototype_loss,
-    supcon_loss,
-    text_anchor_loss,
-    train_dpa,
-)
+from d4ir_pipeline.data.manifests import load_manifest, open_rgb, write_manifest
 from d4ir_pipeline.errors import D4IRError
-from d4ir_pipeline.manifests import load_manifest, open_rgb, write_manifest
+from d4ir_pipeline.stage1.dpa.losses import prototype_loss, supcon_loss, text_anchor_loss
+from d4ir_pipeline.stage1.dpa.model import dpa_embedding, encode_images, load_dpa, prepare_image
+from d4ir_pipeline.stage1.dpa.train import DPAConfig, DPADataError, train_dpa
 
 REPO = Path(__file__).resolve().parent.parent
 

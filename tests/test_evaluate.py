@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+from d4ir_pipeline.common.io import sha256_file
 from d4ir_pipeline.config import load_config
+from d4ir_pipeline.data.manifests import ImageRecord, write_manifest
 from d4ir_pipeline.errors import D4IRError
-from d4ir_pipeline.evaluate import EvalConfig, evaluate, nr_metric_status
-from d4ir_pipeline.io import sha256_file
-from d4ir_pipeline.manifests import ImageRecord, write_manifest
 from d4ir_pipeline.models import build_model, load_model, save_model
+from d4ir_pipeline.stage2.evaluate import EvalConfig, evaluate, nr_metric_status
 
 TEACHER = "d4ir_pipeline.models.students:LocalCNN"
 

@@ -16,14 +16,12 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image, ImageFile
 
-from d4ir_pipeline.demo_data import png_bytes
-from d4ir_pipeline.errors import BadImageError
-from d4ir_pipeline.manifests import (
+from d4ir_pipeline.common.images import decode_rgb
+from d4ir_pipeline.data.manifests import (
     ImageRecord,
     ManifestError,
     StrictBuildError,
     build_manifest,
-    decode_rgb,
     load_manifest,
     load_rgb_checked,
     manifest_group,
@@ -34,6 +32,8 @@ from d4ir_pipeline.manifests import (
     weather_from_path,
     write_manifest,
 )
+from d4ir_pipeline.demo.data import png_bytes
+from d4ir_pipeline.errors import BadImageError
 
 RNG = np.random.default_rng(0)
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from d4ir_pipeline.common.io import sha256_file
 from d4ir_pipeline.config import load_stage_config
-from d4ir_pipeline.dpa import DPAConfig, train_dpa
+from d4ir_pipeline.data.manifests import load_manifest, write_manifest
 from d4ir_pipeline.errors import D4IRError
-from d4ir_pipeline.io import sha256_file
-from d4ir_pipeline.manifests import load_manifest, write_manifest
-from d4ir_pipeline.prompts import BankConfig, PromptBank, build_prompt_bank
+from d4ir_pipeline.stage1.dpa.train import DPAConfig, train_dpa
+from d4ir_pipeline.stage1.prompt_bank import BankConfig, PromptBank, build_prompt_bank
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_bank_format_and_load(trained, demo_data_root):
 def test_bank_tokens_drive_img2img_without_reshaping(trained, tiny_sd_path):
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    from d4ir_pipeline.sd import load_img2img_pipeline, unconditional_embeds
+    from d4ir_pipeline.stage1.sd import load_img2img_pipeline, unconditional_embeds
 
     build_prompt_bank(_bank_cfg(trained))
     bank = PromptBank.load(trained / "bank")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from d4ir_pipeline import runtime
+from d4ir_pipeline.common import runtime
 
 
 @pytest.fixture()
@@ -35,7 +35,7 @@ def test_usable_cpus_is_positive() -> None:
 
 
 def test_trim_jsonl_keeps_rows_up_to_the_step_and_drops_a_torn_line(tmp_path) -> None:
-    from d4ir_pipeline.io import trim_jsonl
+    from d4ir_pipeline.common.io import trim_jsonl
 
     p = tmp_path / "metrics.jsonl"
     p.write_text('{"step": 1, "loss": 2.0}\n{"note": "no step"}\n{"step": 2, "eval": 1}\n{"step": 3}\n{"step": 4, "lo')

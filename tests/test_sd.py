@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from d4ir_pipeline.sd import (
+from d4ir_pipeline.stage1.sd import (
     SDLoadError,
     check_sd_source,
     load_img2img_pipeline,

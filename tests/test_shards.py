@@ -18,22 +18,16 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from d4ir_pipeline import shards as shards_mod
+import d4ir_pipeline.stage1.synthesize as shards_mod
+from d4ir_pipeline.common.io import atomic_write_json, sha256_file
 from d4ir_pipeline.config import load_config
+from d4ir_pipeline.data.manifests import ImageRecord, write_manifest
 from d4ir_pipeline.errors import D4IRError
-from d4ir_pipeline.io import atomic_write_json, sha256_file
-from d4ir_pipeline.manifests import ImageRecord, write_manifest
-from d4ir_pipeline.shards import (
-    SynthesizeConfig,
-    merge_shardset,
-    plan_shards,
-    read_shard,
-    shard_urls,
-    shards_for_rank,
-    shards_group,
-    stage,
-    verify_shardset,
-)
+from d4ir_pipeline.shardset.cli import shards_group
+from d4ir_pipeline.shardset.format import shard_urls
+from d4ir_pipeline.shardset.reader import read_shard, verify_shardset
+from d4ir_pipeline.shardset.writer import merge_shardset
+from d4ir_pipeline.stage1.synthesize import SynthesizeConfig, plan_shards, shards_for_rank, synthesize
 from d4ir_pipeline.testing import write_bank
 
 N_GOOD = 8
@@ -112,7 +106,7 @@ def samples_of(out: Path) -> dict[str, dict[str, bytes]]:
 @pytest.fixture(scope="module")
 def first_run(data, tiny_sd_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "shards"
-    res = stage(make_cfg(data, tiny_sd_path, out))
+    res = synthesize(make_cfg(data, tiny_sd_path, out))
     return out, res
 
 
@@ -162,13 +156,13 @@ def test_shards_read_back_with_tarfile_and_webdataset(first_run, data):
 
 def test_same_seed_gives_identical_bytes_and_only_regenerates_one(first_run, data, tiny_sd_path, tmp_path):
     out, _ = first_run
-    again = stage(make_cfg(data, tiny_sd_path, tmp_path / "again"))
+    again = synthesize(make_cfg(data, tiny_sd_path, tmp_path / "again"))
     a = json.loads((out / "shardset.json").read_text())["shards"]
     b = json.loads((again.out_dir / "shardset.json").read_text())["shards"]
     assert [s["sha256"] for s in a] == [s["sha256"] for s in b]  # same tars, so the same PNG bytes
     samples = samples_of(out)
     key = sorted(samples)[3]
-    res = stage(make_cfg(data, tiny_sd_path, out), only=[key], only_out=tmp_path / "only")
+    res = synthesize(make_cfg(data, tiny_sd_path, out), only=[key], only_out=tmp_path / "only")
     assert res.samples_written == 1
     single = (tmp_path / "only" / f"{key}.degraded.png").read_bytes()
     px_a = np.asarray(Image.open(__import__("io").BytesIO(single)), dtype=int)
@@ -178,7 +172,7 @@ def test_same_seed_gives_identical_bytes_and_only_regenerates_one(first_run, dat
         json.loads((tmp_path / "only" / f"{key}.json").read_bytes())["seed"] == json.loads(samples[key]["json"])["seed"]
     )
     with pytest.raises(D4IRError, match="unknown sample key"):
-        stage(make_cfg(data, tiny_sd_path, out), only=["nope"])
+        synthesize(make_cfg(data, tiny_sd_path, out), only=["nope"])
 
 
 def test_resume_keeps_verified_shards_and_redoes_damaged(first_run, data, tiny_sd_path, tmp_path):
@@ -195,7 +189,7 @@ def test_resume_keeps_verified_shards_and_redoes_damaged(first_run, data, tiny_s
     (out / "synth-r000-000000.tar.tmp").write_bytes(b"partial")  # an interrupted write
     rep = verify_shardset(out)
     assert not rep.ok and len(rep.damaged) == 2 and rep.leftovers == ["synth-r000-000000.tar.tmp"]
-    res = stage(make_cfg(data, tiny_sd_path, out))
+    res = synthesize(make_cfg(data, tiny_sd_path, out))
     assert (res.shards_reused, res.shards_written, res.complete) == (1, 2, True)
     now = {s["name"]: s["sha256"] for s in json.loads((out / "shardset.json").read_text())["shards"]}
     assert now == orig  # redone shards are byte-identical
@@ -214,19 +208,19 @@ def test_other_config_is_refused_unless_overwrite(first_run, data, tiny_sd_path,
     shutil.copytree(src, out)
     old_hash = json.loads((out / "shardset.json").read_text())["config_hash"]
     with pytest.raises(D4IRError, match=r"another config.*ccd\.seed"):
-        stage(make_cfg(data, tiny_sd_path, out, ccd__seed=1))
+        synthesize(make_cfg(data, tiny_sd_path, out, ccd__seed=1))
     # speed-only keys do not change the hash: a resume may use another batch size
     checked = []
     real_check = shards_mod.check_shard_file
     monkeypatch.setattr(
         shards_mod, "check_shard_file", lambda info, **kw: checked.append(info.name) or real_check(info, **kw)
     )
-    res = stage(make_cfg(data, tiny_sd_path, out, runtime__batch_size=2))
+    res = synthesize(make_cfg(data, tiny_sd_path, out, runtime__batch_size=2))
     assert res.shards_reused == 3 and res.shards_written == 0
     # shardset.json repeats the rank manifest's entries: still each recorded shard is hashed once
     assert sorted(checked) == sorted(s["name"] for s in json.loads((out / "shardset.json").read_text())["shards"])
     monkeypatch.undo()
-    res = stage(make_cfg(data, tiny_sd_path, out, ccd__seed=1), overwrite=True)
+    res = synthesize(make_cfg(data, tiny_sd_path, out, ccd__seed=1), overwrite=True)
     doc = json.loads((out / "shardset.json").read_text())
     assert res.shards_written == 3 and doc["complete"] and doc["config_hash"] != old_hash
     assert verify_shardset(out).ok
@@ -247,7 +241,7 @@ def test_bad_clean_images_are_skipped_and_counted(data, tiny_sd_path, tmp_path):
            ImageRecord("clean/text", "clean/text.png", **fake)]  # fmt: skip
     write_manifest(root / "m.jsonl", [*good, small, huge, trunc, *bad])
     d = {**data, "root": root, "manifest": root / "m.jsonl"}
-    res = stage(make_cfg(d, tiny_sd_path, tmp_path / "out", data__max_pixels=20000))
+    res = synthesize(make_cfg(d, tiny_sd_path, tmp_path / "out", data__max_pixels=20000))
     doc = json.loads((tmp_path / "out" / "shardset.json").read_text())
     assert doc["complete"] and doc["num_samples"] == 3 == res.samples_written
     assert doc["skipped"] == {"decompression_bomb": 1, "empty": 1, "missing": 1, "not_image": 1, "too_small": 1,
@@ -267,7 +261,7 @@ def test_failed_samples_are_dropped_and_counted(data, tiny_sd_path, tmp_path, mo
         return types.SimpleNamespace(sample=torch.zeros(z.shape[0], 3, 32, 32))
 
     monkeypatch.setattr(AutoencoderKL, "decode", constant)
-    res = stage(make_cfg(data, tiny_sd_path, tmp_path / "out"))
+    res = synthesize(make_cfg(data, tiny_sd_path, tmp_path / "out"))
     doc = json.loads((tmp_path / "out" / "shardset.json").read_text())
     assert res.dropped == doc["dropped"] == {"constant_image": N_GOOD}
     assert doc["num_samples"] == 0 and doc["complete"]
@@ -275,23 +269,23 @@ def test_failed_samples_are_dropped_and_counted(data, tiny_sd_path, tmp_path, mo
 
 
 def test_bad_sd_folder_or_bank_width_fails_before_any_work(data, tiny_sd_path, tmp_path):
-    from d4ir_pipeline.sd import SDLoadError
+    from d4ir_pipeline.stage1.sd import SDLoadError
 
     (tmp_path / "weights").mkdir()
     out = tmp_path / "out"
     with pytest.raises(SDLoadError, match="not a diffusers folder"):
-        stage(make_cfg(data, tmp_path / "weights", out))
+        synthesize(make_cfg(data, tmp_path / "weights", out))
     narrow = write_bank(tmp_path / "bank16", d=16)
     with pytest.raises(D4IRError, match=r"width D = 16.*width 32"):
-        stage(make_cfg({**data, "bank": narrow}, tiny_sd_path, out))
+        synthesize(make_cfg({**data, "bank": narrow}, tiny_sd_path, out))
     with pytest.raises(D4IRError, match="fog"):
-        stage(make_cfg(data, tiny_sd_path, out, bank__mix={"fog": 1.0}))
+        synthesize(make_cfg(data, tiny_sd_path, out, bank__mix={"fog": 1.0}))
     assert not out.exists()  # nothing was written
 
 
 def test_urls_and_names_never_run_or_escape(first_run, data, tiny_sd_path, tmp_path):
     with pytest.raises(D4IRError, match="URL"):
-        stage(make_cfg(data, tiny_sd_path, "pipe:cat > /tmp/x"))
+        synthesize(make_cfg(data, tiny_sd_path, "pipe:cat > /tmp/x"))
     out, _ = first_run
     with pytest.raises(D4IRError, match="pipe:"):
         shard_urls(out, base="pipe:cat {name}")
@@ -313,10 +307,10 @@ def test_independent_ranks_then_merge_equal_one_process(first_run, data, tiny_sd
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    r1 = stage(make_cfg(data, tiny_sd_path, out))
+    r1 = synthesize(make_cfg(data, tiny_sd_path, out))
     assert r1.complete is None and not (out / "shardset.json").exists() and r1.shards_written == 1
     monkeypatch.setenv("RANK", "0")
-    r0 = stage(make_cfg(data, tiny_sd_path, out))
+    r0 = synthesize(make_cfg(data, tiny_sd_path, out))
     assert r0.complete is True
     one = json.loads((src / "shardset.json").read_text())
     two = json.loads((out / "shardset.json").read_text())
@@ -358,7 +352,7 @@ def test_sigkill_mid_run_then_resume(data, tiny_sd_path, tmp_path):
     assert not json.loads(manifest.read_text())["complete"] and 1 <= len(doc["shards"]) < N_GOOD
     for s in doc["shards"]:  # every recorded shard is whole
         assert sha256_file(out / s["name"]) == s["sha256"]
-    res = stage(load_config(SynthesizeConfig, None, sets))
+    res = synthesize(load_config(SynthesizeConfig, None, sets))
     assert res.complete and res.shards_reused >= 1 and res.shards_reused + res.shards_written == N_GOOD
     rep = verify_shardset(out)
     assert rep.ok and rep.complete and not rep.leftovers and not rep.unlisted

@@ -11,10 +11,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from d4ir_pipeline.common.images import psnr_u8
 from d4ir_pipeline.config import load_config
+from d4ir_pipeline.demo.reference_teacher import (
+    TeacherBarError,
+    TeacherConfig,
+    evaluate_pairs,
+    load_pairs,
+    train_teacher,
+)
 from d4ir_pipeline.errors import D4IRError
 from d4ir_pipeline.models import count_params, load_model, model_spec, reference_teacher_path
-from d4ir_pipeline.teacher import TeacherBarError, TeacherConfig, evaluate_pairs, load_pairs, psnr_u8, train_teacher
 
 SMOKE = Path(__file__).resolve().parent.parent / "stages" / "smoke" / "teacher.toml"
 WEATHERS = ("rain", "haze", "snow")
@@ -100,7 +107,7 @@ def test_publish_only_when_the_bar_is_met(tmp_path, demo_data_root):
 def test_augmentation_keeps_input_and_target_aligned():
     from dataclasses import replace
 
-    from d4ir_pipeline.teacher import TrainSection, sample_batch
+    from d4ir_pipeline.demo.reference_teacher import TrainSection, sample_batch
 
     img = torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8)
     pairs = [{"id": "a", "weather": "rain", "input": img, "target": img.clone()}]

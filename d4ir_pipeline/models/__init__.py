@@ -163,7 +163,7 @@ def model_spec(model: nn.Module) -> dict:
 
 def reference_teacher_path() -> Path:
     """Folder of the committed demo reference teacher (model.safetensors + model.json + README.md)."""
-    return Path(__file__).resolve().parent.parent / "assets" / "reference_teacher"
+    return Path(__file__).resolve().parent.parent / "demo" / "assets" / "reference_teacher"
 
 
 def model_table(size: tuple[int, int] = (256, 256), names: list[str] | None = None) -> list[dict]:

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..common.io import atomic_write_bytes, atomic_write_json
 from ..errors import D4IRError
-from ..io import atomic_write_bytes, atomic_write_json
 
 __all__ = [
     "CheckpointError",

@@ -29,28 +29,16 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .cliutil import config_from_options, stage_options
-from .config import config_to_dict, opt
-from .distill import StudentConfig, TeacherConfig, load_teacher, student_tag, teacher_forward, teacher_identity
-from .errors import BadImageError, D4IRError
-from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from .runtime import package_versions, pick_device
-
-__all__ = [
-    "EvalDataConfig",
-    "EvalStudentConfig",
-    "MetricsConfig",
-    "CostConfig",
-    "ReportConfig",
-    "EvalConfig",
-    "EvalResult",
-    "DEMO_TEST_MANIFESTS",
-    "FR_METRICS",
-    "build_fr_metrics",
-    "nr_metric_status",
-    "evaluate",
-    "evaluate_command",
-]
+from d4ir_pipeline.cli import config_from_options, stage_options
+from d4ir_pipeline.common.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from d4ir_pipeline.common.runtime import package_versions, pick_device
+from d4ir_pipeline.config import config_to_dict, opt
+from d4ir_pipeline.data.manifests import load_manifest, open_pair
+from d4ir_pipeline.errors import BadImageError, D4IRError
+from d4ir_pipeline.models.checkpoint import load_model
+from d4ir_pipeline.models.cost import count_macs, count_params, format_count, measure_latency
+from d4ir_pipeline.stage2.config import StudentConfig, student_tag
+from d4ir_pipeline.stage2.teacher import TeacherConfig, load_teacher, teacher_forward, teacher_identity
 
 logger = logging.getLogger(__name__)
 
@@ -247,7 +235,6 @@ def _student_dir(cfg: EvalConfig) -> Path:
 
 def load_student(cfg: EvalConfig, device: Any) -> tuple[torch.nn.Module, Path]:
     """The distilled student (eval mode) from its save_model folder."""
-    from .models import load_model
 
     d = _student_dir(cfg)
     if not (d / "model.json").is_file():
@@ -354,7 +341,6 @@ def contact_sheet(rows: list[tuple[str, list[Image.Image]]], height: int) -> Ima
 
 
 def _cost(model: torch.nn.Module, name: str, cfg: CostConfig, device: Any, dtype: torch.dtype) -> dict:
-    from .models.cost import count_macs, count_params, format_count, measure_latency
 
     size = (cfg.size, cfg.size)
     out: dict[str, Any] = {"name": name, "params": count_params(model), "macs": count_macs(model, size)}
@@ -385,8 +371,6 @@ def _cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
 def evaluate(cfg: EvalConfig) -> EvalResult:
     """Score input, teacher and student on every paired set; write CSV, JSON, markdown, contact sheet."""
     from tqdm import tqdm
-
-    from .manifests import load_manifest, open_pair
 
     # 1. inputs
     if not cfg.data.manifests:

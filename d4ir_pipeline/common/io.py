@@ -14,20 +14,6 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = [
-    "atomic_write_bytes",
-    "atomic_write_json",
-    "atomic_write_jsonl",
-    "atomic_write_text",
-    "fsync_dir",
-    "read_json",
-    "read_jsonl",
-    "sha256_bytes",
-    "sha256_file",
-    "resolve_under",
-    "trim_jsonl",
-]
-
 _CHUNK = 1 << 20
 _UMASK = os.umask(0)
 os.umask(_UMASK)

@@ -10,54 +10,25 @@ instead of a crash, and convert every usable mode to 8-bit RGB.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
-import io
 import json
 import logging
 import os
 import re
-import threading
-import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import click
-import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
-from .errors import BadImageError, D4IRError
-from .io import atomic_write_jsonl, resolve_under, sha256_bytes, sha256_file
-
-__all__ = [
-    "WEATHERS",
-    "WEATHER_SYNONYMS",
-    "PAIR_LAYOUTS",
-    "IMAGE_EXTENSIONS",
-    "BAD_IMAGE_REASONS",
-    "ManifestError",
-    "StrictBuildError",
-    "ImageRecord",
-    "BuildResult",
-    "VerifyResult",
-    "load_manifest",
-    "write_manifest",
-    "skipped_path",
-    "decode_rgb",
-    "load_rgb_file",
-    "load_rgb_checked",
-    "open_rgb",
-    "open_pair",
-    "weather_from_path",
-    "build_manifest",
-    "verify_manifest",
-    "manifest_group",
-]
+from d4ir_pipeline.common.images import IMAGE_EXTENSIONS, decode_rgb, load_rgb_file, read_bytes
+from d4ir_pipeline.common.io import atomic_write_jsonl, resolve_under, sha256_bytes, sha256_file
+from d4ir_pipeline.errors import BadImageError, D4IRError
 
 logger = logging.getLogger(__name__)
 
@@ -96,26 +67,6 @@ PAIR_LAYOUTS: tuple[tuple[str, str], ...] = (
 )
 # Sibling folders of a paired layout that hold no images to record (Snow100K's masks).
 _IGNORED_PAIR_SIBLINGS = frozenset({"mask", "masks"})
-
-IMAGE_EXTENSIONS = frozenset(
-    {".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm", ".pbm"}
-)
-
-# Reasons :func:`load_rgb_file` gives in ``BadImageError.reason``.
-BAD_IMAGE_REASONS: tuple[str, ...] = (
-    "missing",  # no such file (or a dangling symlink)
-    "unreadable",  # exists but cannot be read (permissions, a directory, I/O error)
-    "escapes_root",  # its path (or a symlink) leads outside the image root
-    "no_path",  # a url-only record: nothing local to open
-    "empty",  # zero bytes
-    "not_image",  # Pillow cannot identify it (text file named .png, ...)
-    "truncated",  # the header is fine but the pixel data ends early
-    "corrupt",  # the pixel data does not decode for another reason
-    "decompression_bomb",  # more pixels than PIL.Image.MAX_IMAGE_PIXELS
-    "too_small",  # shorter side below the requested minimum
-    "unsupported_mode",  # a pixel mode that cannot be turned into RGB
-    "changed",  # bytes no longer match the record's sha256 (only when asked to check)
-)
 # Extra reasons only :func:`build_manifest` gives (paired layouts).
 _PAIR_REASONS = ("no_target", "bad_target", "size_mismatch", "unpaired_target")
 
@@ -294,186 +245,6 @@ def skipped_path(out: str | os.PathLike) -> Path:
     return out.with_name(stem + ".skipped.jsonl")
 
 
-# --------------------------------------------------------------------------- loading
-
-_TRUNCATION_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _strict_truncation() -> Iterator[None]:
-    """Force Pillow to report truncated data even if a library set LOAD_TRUNCATED_IMAGES."""
-    with _TRUNCATION_LOCK:
-        saved = ImageFile.LOAD_TRUNCATED_IMAGES
-        ImageFile.LOAD_TRUNCATED_IMAGES = False
-        try:
-            yield
-        finally:
-            ImageFile.LOAD_TRUNCATED_IMAGES = saved
-
-
-def _white_composite(img: Image.Image) -> Image.Image:
-    """Alpha-composite on white (see :func:`decode_rgb` for why white)."""
-    rgba = img.convert("RGBA")
-    bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(bg, rgba).convert("RGB")
-
-
-def _gray_to_rgb(arr8: np.ndarray) -> Image.Image:
-    return Image.fromarray(np.ascontiguousarray(np.repeat(arr8[:, :, None], 3, axis=2)), mode="RGB")
-
-
-def _scale_16bit(arr: np.ndarray) -> np.ndarray:
-    """0..65535 -> 0..255 with exact rounding (v / 257)."""
-    v = arr.astype(np.int64)
-    return ((v * 255 + 32767) // 65535).astype(np.uint8)
-
-
-def _stretch(arr: np.ndarray) -> np.ndarray:
-    """Min-max stretch to 0..255 (NaN -> 0); a constant image becomes 0."""
-    a = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    lo, hi = float(a.min()), float(a.max())
-    if hi <= lo:
-        return np.zeros(a.shape, np.uint8)
-    return np.clip(np.round((a - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
-
-
-def _to_rgb(img: Image.Image, raw: str | None = None) -> tuple[Image.Image, str | None]:
-    """Convert a loaded image to 8-bit RGB; returns (image, original mode or None if RGB)."""
-    mode = img.mode
-    if mode == "RGB":
-        # Pillow reads 48-bit RGB PNG/TIFF as RGB keeping the high byte of each sample
-        return img, ("RGB;16" if raw and ";16" in raw else None)
-    if mode in ("RGBA", "RGBa", "LA", "La", "PA"):
-        return _white_composite(img), mode
-    if mode == "P":
-        if "transparency" in img.info:
-            return _white_composite(img), mode
-        return img.convert("RGB"), mode
-    if mode.startswith("I;16"):
-        return _gray_to_rgb(_scale_16bit(np.asarray(img))), mode
-    if mode == "I":
-        arr = np.asarray(img)
-        if arr.size and arr.min() >= 0 and arr.max() <= 65535:
-            return _gray_to_rgb(_scale_16bit(arr)), mode
-        return _gray_to_rgb(_stretch(arr)), mode
-    if mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        finite = np.isfinite(arr).all()
-        if finite and arr.size and arr.min() >= 0.0 and arr.max() <= 1.0:
-            return _gray_to_rgb(np.round(arr * 255.0).astype(np.uint8)), mode
-        return _gray_to_rgb(_stretch(arr)), mode
-    try:  # L, 1, CMYK, YCbCr, LAB, HSV, RGBX
-        return img.convert("RGB"), mode
-    except (ValueError, OSError) as e:
-        raise BadImageError("unsupported_mode", f"pixel mode {mode!r} cannot be converted to RGB ({e})") from e
-
-
-def _raw_mode(img: Image.Image) -> str | None:
-    tile = getattr(img, "tile", None) or []
-    for t in tile:
-        args = t[3] if len(t) > 3 else None
-        if isinstance(args, str):
-            return args
-        if isinstance(args, tuple) and args and isinstance(args[0], str):
-            return args[0]
-    return None
-
-
-def decode_rgb(data: bytes, *, name: str = "<bytes>", min_side: int = 1) -> tuple[Image.Image, str | None]:
-    """Decode image bytes to a fully loaded 8-bit RGB image; bad data -> ``BadImageError``.
-
-    Returns ``(image, converted_from)`` where ``converted_from`` is the original pixel
-    mode when a conversion happened (``"CMYK"``, ``"L"``, ``"P"``, ``"RGBA"``, ``"I;16"``,
-    ``"RGB;16"``, ...) and ``None`` for plain 8-bit RGB. Alpha is composited on WHITE:
-    dropping it would expose whatever colour sits under transparent pixels (often black
-    or junk), and white is how viewers and web pages show such images. 16-bit data is
-    scaled v/257 (exact rounding), not clipped; ``I`` images are read as 16-bit when
-    they fit 0..65535 and min-max stretched otherwise; ``F`` images as 0..1 when they fit,
-    stretched otherwise. EXIF orientation is applied (sizes are those after rotation).
-    """
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow's warning level is a bomb too
-        try:
-            return _decode(data, name, min_side)
-        finally:
-            for w in caught:  # damaged files make Pillow warn (bad TIFF tags, ...): keep the build output clean
-                logger.debug("%s: %s", name, w.message)
-
-
-def _decode(data: bytes, name: str, min_side: int) -> tuple[Image.Image, str | None]:
-    if not data:
-        raise BadImageError("empty", f"{name}: file is empty (0 bytes)")
-    limit = Image.MAX_IMAGE_PIXELS
-    try:
-        img = Image.open(io.BytesIO(data))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadImageError("decompression_bomb", f"{name}: {e}") from e
-    except UnidentifiedImageError as e:
-        raise BadImageError("not_image", f"{name}: not an image Pillow can identify") from e
-    except Exception as e:  # noqa: BLE001  malformed files raise anything (struct.error, TypeError, ...)
-        raise BadImageError("corrupt", f"{name}: header does not decode ({type(e).__name__}: {e})") from e
-    w, h = img.size
-    if limit is not None and w * h > limit:  # also catches a limit lowered after open
-        raise BadImageError(
-            "decompression_bomb",
-            f"{name}: {w}x{h} = {w * h} pixels exceeds PIL.Image.MAX_IMAGE_PIXELS = {limit}",
-        )
-    if min(w, h) < min_side:
-        raise BadImageError("too_small", f"{name}: {w}x{h} has a side below the minimum {min_side}")
-    raw = _raw_mode(img)  # Pillow clears `tile` on load: read the decoder's raw mode first
-    try:
-        with _strict_truncation():
-            img.load()
-    except Exception as e:  # noqa: BLE001  reported as a skip reason, never swallowed
-        msg = str(e)
-        reason = "truncated" if ("truncat" in msg.lower() or isinstance(e, EOFError)) else "corrupt"
-        raise BadImageError(reason, f"{name}: pixel data does not decode ({type(e).__name__}: {msg})") from e
-    try:
-        rgb, converted_from = _to_rgb(img, raw)
-    except BadImageError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise BadImageError("unsupported_mode", f"{name}: mode {img.mode!r} does not convert to RGB ({e})") from e
-    transpose = _EXIF_TRANSPOSE.get(_orientation(img))
-    return (rgb.transpose(transpose) if transpose is not None else rgb), converted_from
-
-
-# EXIF orientation tag value -> the transpose that shows the image upright
-_EXIF_TRANSPOSE = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
-
-
-def _orientation(img: Image.Image) -> int:
-    try:
-        return int(img.getexif().get(0x0112, 1))
-    except (OSError, ValueError, SyntaxError, TypeError):
-        return 1
-
-
-def _read_bytes(full: Path, name: str) -> bytes:
-    try:
-        return full.read_bytes()
-    except FileNotFoundError as e:
-        raise BadImageError("missing", f"{name}: no such file") from e
-    except (IsADirectoryError, PermissionError, OSError) as e:
-        raise BadImageError("unreadable", f"{name}: cannot be read ({type(e).__name__}: {e})") from e
-
-
-def load_rgb_file(path: str | os.PathLike, *, min_side: int = 1) -> tuple[Image.Image, str | None, str]:
-    """Read and decode one file: ``(rgb_image, converted_from, sha256_of_bytes)``."""
-    data = _read_bytes(Path(path), str(path))
-    img, conv = decode_rgb(data, name=str(path), min_side=min_side)
-    return img, conv, sha256_bytes(data)
-
-
 def _resolve(root: str | os.PathLike, rel: str, what: str) -> Path:
     try:
         return resolve_under(root, rel, what=what)
@@ -502,7 +273,7 @@ def load_rgb_checked(
     else:
         rel, want_sha = str(record_or_relpath), None
     full = _resolve(root, rel, "image path")
-    data = _read_bytes(full, rel)
+    data = read_bytes(full, rel)
     if check_hash and want_sha is not None:
         got = sha256_bytes(data)
         if got != want_sha:
@@ -527,7 +298,7 @@ def open_pair(
         raise D4IRError(f"record {record.id!r} is not paired (no `target`); a paired manifest is needed here")
     inp = open_rgb(root, record, check_hash=check_hash)
     full = _resolve(root, record.target, "target path")
-    data = _read_bytes(full, record.target)
+    data = read_bytes(full, record.target)
     if check_hash and sha256_bytes(data) != record.target_sha256:
         raise BadImageError("changed", f"{record.target}: sha256 differs from the manifest's target_sha256")
     tgt, _ = decode_rgb(data, name=record.target)

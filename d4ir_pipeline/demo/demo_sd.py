@@ -37,31 +37,22 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .config import opt
-from .errors import D4IRError
-from .io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text, read_json, read_jsonl
-from .manifests import ImageRecord, load_manifest, open_rgb
+from d4ir_pipeline.common.io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_jsonl,
+    atomic_write_text,
+    read_json,
+    read_jsonl,
+)
+from d4ir_pipeline.common.runtime import package_versions
+from d4ir_pipeline.config import opt
+from d4ir_pipeline.data.manifests import ImageRecord, load_manifest, open_rgb
+from d4ir_pipeline.demo.tiny_sd import TinySDSpec, write_tiny_sd
+from d4ir_pipeline.errors import D4IRError
+from d4ir_pipeline.stage1.sd import load_img2img_pipeline
 
 logger = logging.getLogger(__name__)
-
-__all__ = [
-    "CAPTIONS",
-    "WEB_SPLITS",
-    "DEMO_SD_DIR",
-    "DemoSDConfig",
-    "DemoSDResult",
-    "demo_sd_path",
-    "load_web_images",
-    "train_vae",
-    "train_unet",
-    "measure_latent_std",
-    "img2img_psnr",
-    "vae_psnr",
-    "save_grid",
-    "measure",
-    "build_demo_sd",
-    "demo_sd_command",
-]
 
 # One caption per weather; "" is the unconditional (dropout) caption.
 CAPTIONS: dict[str, str] = {
@@ -693,8 +684,6 @@ def measure(
     """
     import torch
 
-    from .sd import load_img2img_pipeline
-
     data = Path(data)
     recs = load_manifest(data / "manifests" / "test-rain.jsonl")[:n]
     test = torch.from_numpy(np.stack([_square(open_rgb(data, r.target), 64) for r in recs])).permute(0, 3, 1, 2)
@@ -759,9 +748,6 @@ def build_demo_sd(cfg: DemoSDConfig, *, overwrite: bool = False, progress: bool 
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from .runtime import package_versions
-    from .tiny_sd import TinySDSpec, write_tiny_sd
-
     t0 = time.time()
     out = Path(cfg.out)
     if (out / "model_index.json").is_file() and not overwrite:
@@ -817,7 +803,6 @@ def build_demo_sd(cfg: DemoSDConfig, *, overwrite: bool = False, progress: bool 
         shutil.copyfile(work / "metrics.jsonl", tmp / "metrics.jsonl")
 
     # 6. measure on web images and record
-    from .sd import load_img2img_pipeline
 
     pipe = load_img2img_pipeline(str(tmp), device="cpu", attention="sdpa")
     n = min(cfg.eval_images, len(images))

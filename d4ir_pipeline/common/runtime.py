@@ -10,17 +10,6 @@ import sys
 
 import numpy as np
 
-__all__ = [
-    "DTYPES",
-    "cap_cpu_threads",
-    "package_versions",
-    "pick_device",
-    "pick_dtype",
-    "seed_everything",
-    "setup_logging",
-    "usable_cpus",
-]
-
 logger = logging.getLogger(__name__)
 
 DTYPES = ("float32", "float16", "bfloat16")  # config `dtype` choices

@@ -28,23 +28,16 @@ from pathlib import Path
 import click
 import torch
 
-from .cliutil import config_from_options, stage_options
-from .config import opt
-from .errors import BadImageError, D4IRError
-from .io import atomic_write_json, atomic_write_jsonl, fsync_dir, read_json, read_jsonl, sha256_file
+from d4ir_pipeline.cli import config_from_options, stage_options
+from d4ir_pipeline.common.io import atomic_write_json, atomic_write_jsonl, fsync_dir, read_json, read_jsonl, sha256_file
+from d4ir_pipeline.common.runtime import pick_device
+from d4ir_pipeline.config import opt
+from d4ir_pipeline.data.manifests import open_rgb
+from d4ir_pipeline.errors import BadImageError, D4IRError
+from d4ir_pipeline.stage1.dpa.data import usable_records
+from d4ir_pipeline.stage1.dpa.model import encode_images, load_dpa, prepare_image
 
 logger = logging.getLogger(__name__)
-
-__all__ = [
-    "BANK_KIND",
-    "BANK_VERSION",
-    "BankConfig",
-    "BankSection",
-    "BankResult",
-    "PromptBank",
-    "build_prompt_bank",
-    "prompt_bank_command",
-]
 
 BANK_KIND = "d4ir-prompt-bank"
 BANK_VERSION = 1
@@ -167,10 +160,6 @@ def build_prompt_bank(cfg: BankConfig) -> BankResult:
     """Encode every web-degraded image with the trained DPA into the prompt bank folder."""
     from safetensors.torch import save_file
 
-    from .dpa import _usable_records, encode_images, load_dpa, prepare_image
-    from .manifests import open_rgb
-    from .runtime import pick_device
-
     b = cfg.bank
     out = Path(b.out)
     # 1. check inputs (before loading anything heavy)
@@ -179,7 +168,7 @@ def build_prompt_bank(cfg: BankConfig) -> BankResult:
     if not weights.is_file() or not dpa_meta_p.is_file():
         raise D4IRError(f"`bank.dpa_dir` = {b.dpa_dir!r}: no trained DPA there (dpa.json / dpa.safetensors); "
                         "run `d4ir train-dpa` first")  # fmt: skip
-    records = _usable_records(b.manifest, b.root, what="bank.manifest")
+    records = usable_records(b.manifest, b.root, what="bank.manifest")
     adapter_sha, manifest_sha = sha256_file(weights), sha256_file(b.manifest)
 
     # 2. up to date?

@@ -13,20 +13,10 @@ import logging
 import os
 from pathlib import Path
 
-from .errors import D4IRError
+from d4ir_pipeline.common.io import sha256_file
+from d4ir_pipeline.errors import D4IRError
 
 logger = logging.getLogger(__name__)
-
-__all__ = [
-    "SDLoadError",
-    "check_sd_source",
-    "text_hidden_size",
-    "load_img2img_pipeline",
-    "set_attention_backend",
-    "unconditional_embeds",
-    "encode_text",
-    "model_id",
-]
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "xformers")
 
@@ -102,7 +92,6 @@ def model_id(source: str) -> str:
 def _file_digest(path: str, size: int, mtime_ns: int) -> str:
     """sha256 of a file, once per (path, size, mtime) in a process: SD 1.5's UNet is 3.4 GB and
     one compare run names the same model several times. ``size`` / ``mtime_ns`` key the cache."""
-    from .io import sha256_file
 
     return sha256_file(path)
 

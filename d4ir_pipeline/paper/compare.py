@@ -44,37 +44,48 @@ from typing import Any
 import click
 import numpy as np
 
-from .cliutil import config_from_options, stage_options
-from .config import config_to_dict, load_config, opt, redefault
-from .errors import D4IRError
-from .io import atomic_write_json, atomic_write_text, read_json, sha256_file
+from d4ir_pipeline.cli import config_from_options, stage_options
+from d4ir_pipeline.cli import main as cli_main
+from d4ir_pipeline.common.images import decode_rgb, image_grid, save_png
+from d4ir_pipeline.common.io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_jsonl,
+    atomic_write_text,
+    read_json,
+    sha256_bytes,
+    sha256_file,
+)
+from d4ir_pipeline.common.runtime import pick_device
+from d4ir_pipeline.config import config_to_dict, find_stage_file, load_config, opt, redefault
+from d4ir_pipeline.data.manifests import load_manifest, open_pair, open_rgb
+from d4ir_pipeline.demo.data import build_demo_data
+from d4ir_pipeline.demo.tiny_sd import write_tiny_sd
+from d4ir_pipeline.errors import BadImageError, D4IRError
+from d4ir_pipeline.models import build_model
+from d4ir_pipeline.models.checkpoint import load_model
+from d4ir_pipeline.models.cost import count_params
+from d4ir_pipeline.paper.baselines import pack_manifest_to_shards, write_noise_shards
+from d4ir_pipeline.paper.dfmc import DFMCConfig, generator_samples, train_dfmc
+from d4ir_pipeline.paper.table import (
+    ROW_TITLES,
+    ROWS,
+    WEATHERS,
+    RowResult,
+    format_table,
+    sd_description,
+    teacher_description,
+)
+from d4ir_pipeline.shardset.format import SHARDSET_NAME, read_listing
+from d4ir_pipeline.shardset.reader import read_shard
+from d4ir_pipeline.stage1.prompt_bank import BANK_KIND, BANK_VERSION, BankConfig
+from d4ir_pipeline.stage1.sd import SDLoadError, check_sd_source, model_id
+from d4ir_pipeline.stage1.synthesize import HASH_EXCLUDE, SynthesizeConfig, synthesize
+from d4ir_pipeline.stage2.distill import DistillConfig, distill
+from d4ir_pipeline.stage2.evaluate import FR_METRICS, EvalConfig, build_fr_metrics
+from d4ir_pipeline.stage2.teacher import load_teacher, teacher_forward, teacher_identity
 
 logger = logging.getLogger(__name__)
-
-__all__ = [
-    "ROWS",
-    "CompareConfig",
-    "CompareResult",
-    "RowResult",
-    "SkipRow",
-    "compare",
-    "compare_command",
-    "format_table",
-    "write_text_prompt_bank",
-]
-
-ROWS = ("data_kd", "web", "d4ir", "sd_text", "noise", "dfmc")
-ROW_TITLES = {
-    "input": "Degraded input (no restoration)",
-    "teacher": "Teacher",
-    "data_kd": "Data-based KD (teacher's training inputs)",
-    "web": "Web data (degraded web photos)",
-    "d4ir": "D4IR (CCD, DPA prompts)",
-    "sd_text": "SD + text prompt (CCD, no DPA)",
-    "noise": "Noise (random inputs)",
-    "dfmc": "GAN (DFMC-style)",
-}
-WEATHERS = ("rain", "haze", "snow")
 
 
 # ---------------------------------------------------------------------------------------
@@ -280,24 +291,6 @@ class SkipRow(D4IRError):
 
 
 @dataclass
-class RowResult:
-    """One row of the table."""
-
-    row: str
-    title: str
-    status: str  # "ok" | "skipped"
-    reason: str | None = None
-    metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # weather -> {psnr, ssim}
-    average: dict[str, float] = field(default_factory=dict)
-    params: int | None = None
-    samples: int | None = None  # training inputs in the row's shard set
-    shards: str | None = None
-    student_dir: str | None = None
-    seconds: dict[str, float] = field(default_factory=dict)  # source / distill / eval, this run (0 = cached)
-    cached: dict[str, bool] = field(default_factory=dict)
-
-
-@dataclass
 class CompareResult:
     """What `d4ir compare` produced."""
 
@@ -322,7 +315,6 @@ def _hash(obj: Any) -> str:
 
 def _complete_shardset(path: Path) -> dict | None:
     """The ``shardset.json`` of a complete set in ``path``, or None."""
-    from .shards import SHARDSET_NAME, read_listing
 
     f = path / SHARDSET_NAME
     if not f.is_file():
@@ -355,7 +347,6 @@ class _Ctx:
 
 
 def _stage_file(explicit: str, stage: str, profile: str) -> Path:
-    from .config import find_stage_file
 
     return Path(explicit) if explicit else find_stage_file(stage, profile)
 
@@ -367,7 +358,6 @@ def _load_stage(cls: type, explicit: str, stage: str, cfg: CompareConfig) -> Any
 
 def _distill_config(cfg: CompareConfig, budget: BudgetSection) -> Any:
     """The profile's distill config with this table's teacher, student and budget."""
-    from .distill import DistillConfig
 
     d = _load_stage(DistillConfig, cfg.stages.distill, "distill", cfg)
     teacher = d.teacher
@@ -402,8 +392,6 @@ def _prepare(ctx: _Ctx) -> None:
     if cfg.prepare.demo_data:
         root = Path(next(iter(_test_sources(cfg).roots.values()), cfg.eval.root))
         if not (root / "demo_data.json").is_file():
-            from .demo_data import build_demo_data
-
             logger.info("compare: building the demo data in %s", root)
             build_demo_data(root, seed=0)
     sc = ctx.synth_cfg
@@ -413,7 +401,6 @@ def _prepare(ctx: _Ctx) -> None:
     sd_path = Path(sc.sd.model).resolve()
     if cfg.prepare.tiny_sd and not sd_path.exists() and (sd_path == work or work in sd_path.parents):
         # only inside the work dir: a missing hub id or user path is reported, never replaced by a random model
-        from .tiny_sd import write_tiny_sd
 
         logger.info("compare: writing the tiny random SD to %s", sc.sd.model)
         write_tiny_sd(sc.sd.model)
@@ -423,8 +410,6 @@ def _prepare(ctx: _Ctx) -> None:
         for command, explicit in (("train-dpa", cfg.stages.dpa), ("prompt-bank", cfg.stages.prompt_bank)):
             _run_command(command, explicit, cfg)
         if not (Path(sc.bank.dir) / "tokens.safetensors").is_file():
-            from .prompts import BankConfig
-
             written = Path(_load_stage(BankConfig, cfg.stages.prompt_bank, "prompt-bank", cfg).bank.out)
             if not (written / "tokens.safetensors").is_file():
                 raise D4IRError(f"train-dpa + prompt-bank ran, but neither {sc.bank.dir} nor {written} holds a bank")
@@ -440,7 +425,6 @@ def _prepare(ctx: _Ctx) -> None:
 
 def _run_command(command: str, explicit: str, cfg: CompareConfig) -> None:
     """Run one ``d4ir`` stage command in-process (as ``make demo`` does)."""
-    from .cli import main as cli_main
 
     args = [command, "--profile", cfg.stages.profile, "--work-dir", cfg.stages.work]
     if explicit:
@@ -454,7 +438,6 @@ def _run_command(command: str, explicit: str, cfg: CompareConfig) -> None:
 
 
 def _pack_source(ctx: _Ctx, row: str) -> Path:
-    from .baselines import pack_manifest_to_shards
 
     sec: PackSection = getattr(ctx.cfg, row)
     what = "the teacher's paired training data" if row == "data_kd" else "the web-collected degraded images"
@@ -494,7 +477,6 @@ def _synth_config(ctx: _Ctx, bank_dir: str | None = None, mix: dict | None = Non
 
 
 def _synth_samples(sc: Any, limit: int) -> int:
-    from .manifests import load_manifest
 
     n = len(load_manifest(sc.data.manifest))
     return (min(n, limit) if limit else n) * sc.ccd.samples_per_image
@@ -502,8 +484,6 @@ def _synth_samples(sc: Any, limit: int) -> int:
 
 def _synth_key(sc: Any) -> dict:
     """What determines a synthesis output: its config (less paths / speed knobs) and input hashes."""
-    from .sd import model_id
-    from .shards import HASH_EXCLUDE
 
     d = config_to_dict(sc)
     for dotted in HASH_EXCLUDE:
@@ -518,7 +498,6 @@ def _synth_key(sc: Any) -> dict:
 
 
 def _run_synthesis(ctx: _Ctx, row: str, sc: Any) -> Path:
-    from .shards import stage as synthesize
 
     out = ctx.cache / "shards" / f"{row}-{_hash(_synth_key(sc))}"
     if _complete_shardset(out) is None:
@@ -532,7 +511,6 @@ def _run_synthesis(ctx: _Ctx, row: str, sc: Any) -> Path:
 def _check_sd(ctx: _Ctx) -> None:
     if ctx.synth_cfg is None:
         raise SkipRow("no synthesize config for this profile (stages/<profile>/synthesize.toml)")
-    from .sd import SDLoadError, check_sd_source
 
     try:
         check_sd_source(ctx.synth_cfg.sd.model)
@@ -558,7 +536,6 @@ def _sd_text_source(ctx: _Ctx) -> Path:
     prompts = dict(ctx.cfg.sd_text.prompts)
     if not prompts:
         raise SkipRow("`sd_text.prompts` is empty")
-    from .sd import model_id
 
     bank_dir = ctx.cache / "text-bank" / _hash({"sd": model_id(sc.sd.model), "prompts": prompts})
     if not (bank_dir / "tokens.safetensors").is_file():
@@ -568,7 +545,6 @@ def _sd_text_source(ctx: _Ctx) -> Path:
 
 
 def _noise_source(ctx: _Ctx) -> Path:
-    from .baselines import write_noise_shards
 
     n = ctx.budget.noise_samples
     if not n:
@@ -603,10 +579,6 @@ def write_text_prompt_bank(sd_model: str, prompts: dict[str, str], out: str | os
     import torch
     from safetensors.torch import save
     from transformers import CLIPTextModel, CLIPTokenizer
-
-    from .io import atomic_write_bytes, atomic_write_jsonl, sha256_bytes
-    from .prompts import BANK_KIND, BANK_VERSION
-    from .sd import check_sd_source, model_id
 
     # 1. only the tokenizer and text encoder are needed (no UNet / VAE in memory)
     check_sd_source(sd_model)
@@ -661,7 +633,6 @@ def write_text_prompt_bank(sd_model: str, prompts: dict[str, str], out: str | os
 
 def _distill_row(ctx: _Ctx, row: str, shards: Path) -> tuple[Path, bool]:
     """Distil the row's student from ``shards``; returns (student dir, cached)."""
-    from .distill import distill
 
     dc = ctx.distill_cfg
     cfg_d = config_to_dict(dc)
@@ -697,8 +668,6 @@ def _distill_row(ctx: _Ctx, row: str, shards: Path) -> tuple[Path, bool]:
 
 
 def _dfmc_row(ctx: _Ctx) -> tuple[Path, bool]:
-    from .baselines import DFMCConfig, train_dfmc
-    from .distill import load_teacher
 
     b, d = ctx.budget, ctx.cfg.dfmc
     if b.patch % 8:
@@ -761,7 +730,6 @@ def _test_sources(cfg: CompareConfig) -> _TestSources:
     if cfg.eval.manifests:
         root = cfg.eval.root or f"{cfg.stages.work}/data"
         return _TestSources(dict(cfg.eval.manifests), {w: root for w in cfg.eval.manifests}, cfg.eval.teacher_tile, 32)
-    from .evaluate import EvalConfig
 
     ec = _load_stage(EvalConfig, cfg.stages.evaluate, "evaluate", cfg)
     root = cfg.eval.root or ec.data.root
@@ -771,7 +739,6 @@ def _test_sources(cfg: CompareConfig) -> _TestSources:
 
 
 def _load_testset(cfg: CompareConfig, budget: BudgetSection) -> _TestSet:
-    from .manifests import load_manifest, open_pair
 
     src = _test_sources(cfg)
     manifests = src.manifests
@@ -818,7 +785,6 @@ def _evaluate(ctx: _Ctx, name: str, model_key: str, model: Any | None, tests: _T
 
     Cached under ``cache/eval`` by (model weights, test manifests, image count).
     """
-    from .evaluate import FR_METRICS, build_fr_metrics
 
     key = {"model": model_key, "tests": tests.manifest_sha256, "n": ctx.budget.eval_images, "metrics": FR_METRICS}
     path = ctx.cache / "eval" / f"{name}-{_hash(key)}.json"
@@ -852,216 +818,6 @@ def _average(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------
-# 6. table and figures
-
-
-def _sd_description(synth_cfg: Any) -> dict:
-    """Which SD the D4IR / SD + text rows used, flagged when it is a toy (tiny random or demo SD)."""
-    if synth_cfg is None:
-        return {"id": None, "kind": "none", "note": "no synthesize config: no SD rows"}
-    from .sd import SDLoadError, model_id
-
-    src = synth_cfg.sd.model
-    try:
-        ident = model_id(src)
-    except (SDLoadError, OSError):
-        ident = src
-    if (Path(src) / "d4ir_tiny_sd.json").is_file():
-        kind = "tiny-random"
-        note = (
-            "TINY RANDOM SD (`d4ir tiny-sd`): its images are meaningless; these rows exercise the pipeline and are "
-            "NOT the paper's numbers"
-        )
-    elif (Path(src) / "d4ir_demo_sd.json").is_file():
-        kind = "demo-toy"
-        note = (
-            "64 px TOY SD trained on the demo's web images (`d4ir demo-sd`), not a pretrained Stable Diffusion: "
-            "these rows are NOT the paper's numbers"
-        )
-    else:
-        kind = "user"
-        note = "user-supplied Stable Diffusion weights"
-    return {"id": ident, "source": src, "kind": kind, "note": note}
-
-
-def _teacher_description(ident: dict) -> dict:
-    from .models import reference_teacher_path
-
-    path = Path(ident["path"])
-    ref = path.resolve() == reference_teacher_path().resolve()
-    note = "the embedded demo's reference teacher (trained on the demo's paired data)" if ref else "user teacher"
-    return {
-        "id": ident["id"],
-        "path": str(path),
-        "spec": ident["spec"],
-        "weights_sha256": ident["weights_sha256"],
-        "note": note,
-    }
-
-
-def _fmt(v: float | None, digits: int) -> str:
-    return "-" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
-
-
-def _fmt_params(n: int | None) -> str:
-    if n is None:
-        return "-"
-    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
-
-
-def format_table(header: dict, rows: list[RowResult], weathers: list[str]) -> str:
-    """The markdown table (deterministic: no timings, so a rerun prints the same text)."""
-    t, s, b = header["teacher"], header["student"], header["budget"]
-    lines = [
-        "# D4IR comparison table",
-        "",
-        f"- Teacher: `{t['spec']['name']}` from `{t['path']}` ({t['note']}; weights sha256 {t['weights_sha256'][:12]}...,"
-        f" {_fmt_params(t.get('params'))} params)",
-        f"- Student: `{s['spec']['name']}` {json.dumps(s['spec'].get('kwargs', {}), sort_keys=True)}"
-        f" ({_fmt_params(s.get('params'))} params, {s['ratio']:.1%} of the teacher)",
-        f"- SD model: `{header['sd']['id']}` - {header['sd']['note']}",
-        f"- Budget{' (--quick)' if header['quick'] else ''}: {b['steps']} steps, batch {b['batch']}, patch {b['patch']},"
-        f" seed {b['seed']}; test images per weather: "
-        + ", ".join(f"{w} {header['test_images'][w]}" for w in weathers),
-        f"- Metrics: PSNR (dB) / SSIM on the {'Y channel (BT.601)' if header['y_channel'] else 'RGB channels'},"
-        " mean over each weather's test images",
-        "",
-    ]
-    p, q = ("psnr_y", "ssim_y") if header["y_channel"] else ("psnr_rgb", "ssim_rgb")
-    cols = ["Row"] + [f"{w} PSNR / SSIM" for w in weathers] + ["Average PSNR / SSIM", "Params", "Train inputs"]
-    lines.append("| " + " | ".join(cols) + " |")
-    lines.append("|" + "|".join(["---"] + ["---:"] * (len(cols) - 1)) + "|")
-    skipped = []
-    for r in rows:
-        if r.status != "ok":
-            skipped.append(r)
-            lines.append("| " + " | ".join([r.title] + ["skipped"] * len(weathers) + ["skipped", "-", "-"]) + " |")
-            continue
-        cells = [r.title]
-        for w in weathers:
-            m = r.metrics.get(w, {})
-            cells.append(f"{_fmt(m.get(p), 2)} / {_fmt(m.get(q), 4)}")
-        cells.append(f"{_fmt(r.average.get(p), 2)} / {_fmt(r.average.get(q), 4)}")
-        cells.append(_fmt_params(r.params))
-        cells.append("-" if r.samples is None else str(r.samples))
-        lines.append("| " + " | ".join(cells) + " |")
-    if skipped:
-        lines += ["", "Skipped rows:"]
-        lines += [f"- {r.title}: {r.reason}" for r in skipped]
-    return "\n".join(lines) + "\n"
-
-
-def _shard_samples(shards: Path, n: int, *, keys: list[str] | None = None) -> dict[str, dict[str, bytes]]:
-    """Up to ``n`` samples (key -> {ext: bytes}) of a shard set, in manifest order, or the given keys."""
-    from .shards import SHARDSET_NAME, read_listing, read_shard
-
-    _, listed = read_listing(shards / SHARDSET_NAME, "d4ir-shardset")
-    out: dict[str, dict[str, bytes]] = {}
-    for s in listed:
-        for k, files in read_shard(s.path).items():
-            if keys is None or k in keys:
-                out[k] = files
-            if keys is None and len(out) >= n:
-                return out
-        if keys is not None and len(out) == len(keys):
-            break
-    return out
-
-
-def _decode(data: bytes) -> np.ndarray:
-    from .manifests import decode_rgb
-
-    return np.asarray(decode_rgb(data)[0], dtype=np.uint8)
-
-
-def _image_of(files: dict[str, bytes], prefix: str = "degraded.") -> np.ndarray | None:
-    ext = next((e for e in files if e.startswith(prefix)), None)
-    return _decode(files[ext]) if ext else None
-
-
-def _clean_crop(ctx: _Ctx, meta: dict) -> np.ndarray | None:
-    """The clean crop a synthetic sample was made from (resize short side, then its recorded crop box)."""
-    from PIL import Image
-
-    from .errors import BadImageError
-    from .manifests import load_manifest, open_rgb
-
-    sc = ctx.synth_cfg
-    if ctx.clean_records is None:
-        ctx.clean_records = {r.id: r for r in load_manifest(sc.data.manifest)}
-    rec = ctx.clean_records.get(meta.get("source_id"))
-    box = meta.get("crop_box")
-    if rec is None or not box:
-        return None
-    try:
-        img = open_rgb(sc.data.root, rec)
-    except BadImageError:
-        return None
-    res = sc.data.resolution
-    scale = res / min(img.size)
-    size = (max(res, round(img.width * scale)), max(res, round(img.height * scale)))  # as ccd.prepare_image
-    if size != img.size:
-        img = img.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-    return np.asarray(img.crop(tuple(box)), dtype=np.uint8)
-
-
-def _inputs_figure(ctx: _Ctx, path: Path) -> Path | None:
-    """A grid of training inputs per source; D4IR and SD + text share source images (same keys)."""
-    from .baselines import generator_samples, image_grid, save_png
-
-    n = ctx.cfg.eval.figure_samples
-    rows, labels = [], []
-    d4, sdt = ctx.sources.get("d4ir"), ctx.sources.get("sd_text")
-    keys: list[str] | None = None
-    col_labels = None
-    if d4 is not None:
-        first = _shard_samples(d4, n)
-        keys = list(first)
-        col_labels = [str(json.loads(f["json"]).get("weather")) for f in first.values()]  # D4IR's weather per column
-        clean = [_image_of(f, "clean.") for f in first.values()]
-        if any(c is None for c in clean):  # not kept in the shards: cut again from the web-clean image
-            clean = [_clean_crop(ctx, json.loads(f["json"])) for f in first.values()]
-        rows.append(clean)
-        labels.append("clean source")
-    for row in ("sd_text", "d4ir"):
-        src = ctx.sources.get(row)
-        if src is None:
-            continue
-        got = _shard_samples(src, n, keys=keys) if keys and src == sdt else _shard_samples(src, n)
-        ordered = [got[k] for k in keys if k in got] if keys and src == sdt else list(got.values())
-        rows.append([_image_of(f) for f in ordered])
-        labels.append(ROW_TITLES[row].split(" (")[0])
-    if ctx.sources.get("dfmc") is not None and (ctx.sources["dfmc"] / "generator.json").is_file():
-        rows.append(generator_samples(ctx.sources["dfmc"], n, seed=ctx.budget.seed))
-        labels.append("GAN (DFMC)")
-    for row in ("noise", "web", "data_kd"):
-        src = ctx.sources.get(row)
-        if src is not None:
-            rows.append([_image_of(f) for f in _shard_samples(src, n).values()])
-            labels.append(ROW_TITLES[row].split(" (")[0])
-    if not rows:
-        return None
-    cell = max(64, min(160, ctx.synth_cfg.data.resolution if ctx.synth_cfg is not None else 96))
-    save_png(path, image_grid(rows, cell=cell, labels=labels, col_labels=col_labels))
-    return path
-
-
-def _restorations_figure(ctx: _Ctx, tests: _TestSet, models: list[tuple[str, Any]], path: Path) -> Path:
-    """A grid: columns are test images (per weather), rows are input, target, teacher and each row's student."""
-    from .baselines import image_grid, save_png
-
-    picks = [(w, item) for w in tests.weathers for item in tests.images[w][: ctx.cfg.eval.figure_images]]
-    rows = [[inp for _, (_, inp, _) in picks], [tgt for _, (_, _, tgt) in picks]]
-    labels = ["input", "target"]
-    for name, model in models:
-        rows.append([_run_model(model, inp, ctx.device) for _, (_, inp, _) in picks])
-        labels.append(name)
-    cols = [w for w, _ in picks]
-    save_png(path, image_grid(rows, cell=128, labels=labels, col_labels=cols))
-    return path
-
-
-# ---------------------------------------------------------------------------------------
 # the stage
 
 
@@ -1076,10 +832,6 @@ SOURCES = {
 
 def compare(cfg: CompareConfig, quick: bool = False) -> CompareResult:
     """Distil and evaluate one student per input source; write the table, JSON and figures."""
-    from .distill import load_teacher, teacher_forward, teacher_identity
-    from .models import count_params, load_model
-    from .runtime import pick_device
-    from .shards import SynthesizeConfig
 
     t_start = time.perf_counter()
     if cfg.runtime.threads:
@@ -1119,8 +871,6 @@ def compare(cfg: CompareConfig, quick: bool = False) -> CompareResult:
 
     def teacher_fn(x: Any) -> Any:  # (1, 3, H, W) -> (1, 3, H, W), tiled above `tile` px
         return teacher_forward(teacher, x, tdtype, tcfg)
-
-    from .models import build_model
 
     student_params = count_params(build_model(student_spec["name"], **student_spec["kwargs"]))
     teacher_params = count_params(teacher)
@@ -1181,9 +931,9 @@ def compare(cfg: CompareConfig, quick: bool = False) -> CompareResult:
 
     # 4. outputs
     header = {
-        "teacher": {**_teacher_description(ctx.teacher_ident), "params": teacher_params},
+        "teacher": {**teacher_description(ctx.teacher_ident), "params": teacher_params},
         "student": {"spec": student_spec, "params": student_params, "ratio": student_params / max(1, teacher_params)},
-        "sd": _sd_description(synth_cfg),
+        "sd": sd_description(synth_cfg),
         "budget": dataclasses.asdict(budget),
         "quick": quick,
         "y_channel": cfg.eval.y_channel,
@@ -1227,3 +977,106 @@ def compare_command(
     click.echo(res.markdown)
     click.echo(f"table: {res.table_md}  json: {res.table_json}  figures: {', '.join(map(str, res.figures.values()))}")
     click.echo(f"({res.seconds:.0f} s)")
+
+
+def _shard_samples(shards: Path, n: int, *, keys: list[str] | None = None) -> dict[str, dict[str, bytes]]:
+    """Up to ``n`` samples (key -> {ext: bytes}) of a shard set, in manifest order, or the given keys."""
+
+    _, listed = read_listing(shards / SHARDSET_NAME, "d4ir-shardset")
+    out: dict[str, dict[str, bytes]] = {}
+    for s in listed:
+        for k, files in read_shard(s.path).items():
+            if keys is None or k in keys:
+                out[k] = files
+            if keys is None and len(out) >= n:
+                return out
+        if keys is not None and len(out) == len(keys):
+            break
+    return out
+
+
+def _decode(data: bytes) -> np.ndarray:
+
+    return np.asarray(decode_rgb(data)[0], dtype=np.uint8)
+
+
+def _image_of(files: dict[str, bytes], prefix: str = "degraded.") -> np.ndarray | None:
+    ext = next((e for e in files if e.startswith(prefix)), None)
+    return _decode(files[ext]) if ext else None
+
+
+def _clean_crop(ctx: _Ctx, meta: dict) -> np.ndarray | None:
+    """The clean crop a synthetic sample was made from (resize short side, then its recorded crop box)."""
+    from PIL import Image
+
+    sc = ctx.synth_cfg
+    if ctx.clean_records is None:
+        ctx.clean_records = {r.id: r for r in load_manifest(sc.data.manifest)}
+    rec = ctx.clean_records.get(meta.get("source_id"))
+    box = meta.get("crop_box")
+    if rec is None or not box:
+        return None
+    try:
+        img = open_rgb(sc.data.root, rec)
+    except BadImageError:
+        return None
+    res = sc.data.resolution
+    scale = res / min(img.size)
+    size = (max(res, round(img.width * scale)), max(res, round(img.height * scale)))  # as ccd.prepare_image
+    if size != img.size:
+        img = img.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return np.asarray(img.crop(tuple(box)), dtype=np.uint8)
+
+
+def _inputs_figure(ctx: _Ctx, path: Path) -> Path | None:
+    """A grid of training inputs per source; D4IR and SD + text share source images (same keys)."""
+
+    n = ctx.cfg.eval.figure_samples
+    rows, labels = [], []
+    d4, sdt = ctx.sources.get("d4ir"), ctx.sources.get("sd_text")
+    keys: list[str] | None = None
+    col_labels = None
+    if d4 is not None:
+        first = _shard_samples(d4, n)
+        keys = list(first)
+        col_labels = [str(json.loads(f["json"]).get("weather")) for f in first.values()]  # D4IR's weather per column
+        clean = [_image_of(f, "clean.") for f in first.values()]
+        if any(c is None for c in clean):  # not kept in the shards: cut again from the web-clean image
+            clean = [_clean_crop(ctx, json.loads(f["json"])) for f in first.values()]
+        rows.append(clean)
+        labels.append("clean source")
+    for row in ("sd_text", "d4ir"):
+        src = ctx.sources.get(row)
+        if src is None:
+            continue
+        got = _shard_samples(src, n, keys=keys) if keys and src == sdt else _shard_samples(src, n)
+        ordered = [got[k] for k in keys if k in got] if keys and src == sdt else list(got.values())
+        rows.append([_image_of(f) for f in ordered])
+        labels.append(ROW_TITLES[row].split(" (")[0])
+    if ctx.sources.get("dfmc") is not None and (ctx.sources["dfmc"] / "generator.json").is_file():
+        rows.append(generator_samples(ctx.sources["dfmc"], n, seed=ctx.budget.seed))
+        labels.append("GAN (DFMC)")
+    for row in ("noise", "web", "data_kd"):
+        src = ctx.sources.get(row)
+        if src is not None:
+            rows.append([_image_of(f) for f in _shard_samples(src, n).values()])
+            labels.append(ROW_TITLES[row].split(" (")[0])
+    if not rows:
+        return None
+    cell = max(64, min(160, ctx.synth_cfg.data.resolution if ctx.synth_cfg is not None else 96))
+    save_png(path, image_grid(rows, cell=cell, labels=labels, col_labels=col_labels))
+    return path
+
+
+def _restorations_figure(ctx: _Ctx, tests: _TestSet, models: list[tuple[str, Any]], path: Path) -> Path:
+    """A grid: columns are test images (per weather), rows are input, target, teacher and each row's student."""
+
+    picks = [(w, item) for w in tests.weathers for item in tests.images[w][: ctx.cfg.eval.figure_images]]
+    rows = [[inp for _, (_, inp, _) in picks], [tgt for _, (_, _, tgt) in picks]]
+    labels = ["input", "target"]
+    for name, model in models:
+        rows.append([_run_model(model, inp, ctx.device) for _, (_, inp, _) in picks])
+        labels.append(name)
+    cols = [w for w, _ in picks]
+    save_png(path, image_grid(rows, cell=128, labels=labels, col_labels=cols))
+    return path

@@ -36,27 +36,9 @@ import click
 import numpy as np
 from scipy import ndimage
 
-from .errors import D4IRError
-from .io import atomic_write_json, atomic_write_jsonl, read_json, sha256_bytes
-from .manifests import ImageRecord, ManifestError, load_manifest, verify_manifest, write_manifest
-
-__all__ = [
-    "DATA_VERSION",
-    "Photo",
-    "PHOTOS",
-    "SPLITS",
-    "DEGRADED_WEATHERS",
-    "MANIFEST_NAMES",
-    "DemoDataResult",
-    "build_demo_data",
-    "load_photo",
-    "add_rain",
-    "add_haze",
-    "add_snow",
-    "degrade",
-    "png_bytes",
-    "demo_data_command",
-]
+from d4ir_pipeline.common.io import atomic_write_json, atomic_write_jsonl, read_json, sha256_bytes
+from d4ir_pipeline.data.manifests import ImageRecord, ManifestError, load_manifest, verify_manifest, write_manifest
+from d4ir_pipeline.errors import D4IRError
 
 logger = logging.getLogger(__name__)
 

@@ -16,62 +16,65 @@ config hash in the same folder is refused unless ``--overwrite``.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
 import re
-import tarfile
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import click
 import numpy as np
 
-from .ccd import CROPS, IMAGE_FORMATS, SampleDecision, decide_sample, encode_image, normalise_mix, prepare_image
-from .cliutil import config_from_options, stage_options
-from .config import config_hash, config_to_dict, opt
-from .errors import BadImageError, D4IRError
-from .io import atomic_write_bytes, atomic_write_json, fsync_dir, read_json, resolve_under, sha256_file
-from .runtime import DTYPES
-from .sd import ATTENTION_BACKENDS
+from d4ir_pipeline.cli import config_from_options, stage_options
+from d4ir_pipeline.common.dist import dist_env, init_barrier_group, pick_rank_device
+from d4ir_pipeline.common.io import atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from d4ir_pipeline.common.runtime import DTYPES, package_versions, pick_dtype
+from d4ir_pipeline.config import config_hash, config_to_dict, opt
+from d4ir_pipeline.data.manifests import load_manifest, open_rgb
+from d4ir_pipeline.errors import BadImageError, D4IRError
+from d4ir_pipeline.shardset.format import (
+    RANK_MANIFEST,
+    RANK_MANIFEST_RE,
+    SHARDSET_NAME,
+    ShardInfo,
+    check_output_dir,
+    check_shard_file,
+    rank_files,
+    shard_name,
+)
+from d4ir_pipeline.shardset.writer import all_ranks_done, merge_shardset, recorded_entries, write_shard
+from d4ir_pipeline.stage1.ccd import (
+    CCD,
+    CROPS,
+    IMAGE_FORMATS,
+    CCDInput,
+    SampleDecision,
+    configure_pipeline,
+    decide_sample,
+    encode_image,
+    normalise_mix,
+    prepare_image,
+    sample_key,
+    sample_seed,
+)
+from d4ir_pipeline.stage1.prompt_bank import PromptBank
+from d4ir_pipeline.stage1.sd import (
+    ATTENTION_BACKENDS,
+    check_sd_source,
+    load_img2img_pipeline,
+    model_id,
+    text_hidden_size,
+    unconditional_embeds,
+)
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "SynthesizeConfig",
-    "SynthesizeResult",
-    "ShardPlan",
-    "WorkItem",
-    "VerifyReport",
-    "ShardSetError",
-    "ShardInfo",
-    "read_listing",
-    "check_shard_file",
-    "plan_shards",
-    "shards_for_rank",
-    "shard_name",
-    "write_shard",
-    "read_shard",
-    "merge_shardset",
-    "verify_shardset",
-    "shard_urls",
-    "dist_env",
-    "stage",
-    "synthesize_command",
-    "shards_group",
-]
-
-SHARDSET_NAME = "shardset.json"
-RANK_MANIFEST = "shardset.r{rank:03d}.json"
-SHARD_RE = re.compile(r"^synth-r(\d{3})-(\d{6})\.tar$")
-RANK_MANIFEST_RE = re.compile(r"^shardset\.r(\d{3})\.json$")
 SCHEDULERS = (
     "DDIMScheduler",
     "DDPMScheduler",
@@ -226,18 +229,12 @@ class ShardPlan:
         return shard_name(rank, self.index)
 
 
-def shard_name(rank: int, index: int) -> str:
-    """``synth-r{rank:03d}-{index:06d}.tar``."""
-    return f"synth-r{rank:03d}-{index:06d}.tar"
-
-
 def plan_shards(record_ids: Sequence[str], *, shard_size: int, samples_per_image: int = 1) -> list[ShardPlan]:
     """Cut records (already in their final order) into shards of whole records.
 
     All variants of a record go in one shard, so a bad image is skipped (and counted)
     once; a shard holds ``max(1, shard_size // samples_per_image)`` records.
     """
-    from .ccd import sample_key
 
     per = max(1, shard_size // samples_per_image)
     plans, keys = [], set()
@@ -259,330 +256,8 @@ def shards_for_rank(plans: Sequence[ShardPlan], rank: int, world_size: int) -> l
     return [p for p in plans if p.index % world_size == rank]
 
 
-def dist_env() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's RANK / WORLD_SIZE / LOCAL_RANK."""
-    try:
-        rank = int(os.environ.get("RANK", "0"))
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    except ValueError as e:
-        raise D4IRError(f"RANK / WORLD_SIZE / LOCAL_RANK must be integers ({e})") from e
-    if world < 1 or not 0 <= rank < world:
-        raise D4IRError(f"RANK={rank}, WORLD_SIZE={world}: expected 0 <= RANK < WORLD_SIZE")
-    return rank, world, local
-
-
 # ---------------------------------------------------------------------------------------
-# writing and reading tars
-
-
-def write_shard(path: str | os.PathLike, samples: Iterable[tuple[str, Sequence[tuple[str, bytes]]]]) -> tuple[int, str]:
-    """Write a reproducible tar (mtime 0, uid/gid 0, no owner names) via ``.tmp`` -> fsync -> rename.
-
-    ``samples`` yields ``(key, [(ext, bytes), ...])``; a sample's files stay adjacent, as
-    webdataset requires. Returns (byte size, sha256) of the file on disk.
-    """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                for key, files in samples:
-                    for ext, data in files:
-                        info = tarfile.TarInfo(f"{key}.{ext}")
-                        info.size, info.mtime, info.mode = len(data), 0, 0o644
-                        info.uid = info.gid = 0
-                        info.uname = info.gname = ""
-                        tar.addfile(info, io.BytesIO(data))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-    return path.stat().st_size, sha256_file(path)
-
-
-def read_shard(path: str | os.PathLike) -> dict[str, dict[str, bytes]]:
-    """Read a shard with plain ``tarfile``: key -> {ext: bytes}; a repeated file is an error."""
-    out: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path, mode="r:") as tar:
-        for m in tar:
-            if not m.isfile():
-                raise D4IRError(f"{path}: member {m.name!r} is not a regular file")
-            name = m.name
-            if "/" in name or "." not in name:
-                raise D4IRError(f"{path}: member {name!r} is not `key.ext`")
-            key, ext = name.split(".", 1)
-            f = tar.extractfile(m)
-            assert f is not None, m.name
-            if ext in out.setdefault(key, {}):
-                raise D4IRError(f"{path}: {name!r} occurs twice")
-            out[key][ext] = f.read()
-    return out
-
-
-class ShardSetError(D4IRError):
-    """A shard set (or label cache) that is missing, incomplete, malformed or fails verification."""
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    """One shard as a listing (shardset.json, a rank manifest, a label cache's labels.json) records it."""
-
-    name: str
-    path: Path  # the file, resolved under the listing's folder
-    samples: int
-    bytes: int
-    sha256: str
-
-
-def _check_name(name: Any, where: str) -> str:
-    if not isinstance(name, str) or not SHARD_RE.match(name):
-        raise ShardSetError(f"{where}: shard name {name!r} is not synth-rNNN-NNNNNN.tar; refusing it")
-    return name
-
-
-def check_output_dir(path: str) -> Path:
-    """The shard-set folder: a local path; URLs (``pipe:``, ``s3://``, ...) are refused."""
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", path) and not re.match(r"^[A-Za-z]:[\\/]", path):
-        raise D4IRError(
-            f"`output.dir` = {path!r} is a URL; synthesis writes to a local folder only (pipe: is never run). "
-            "Write locally, then copy the folder"
-        )
-    return Path(path)
-
-
-def shard_urls(root: str | os.PathLike, *, base: str | None = None, allow_pipe: bool = False) -> list[str]:
-    """URLs of the shards listed in ``root/shardset.json``, for a webdataset reader.
-
-    By default local paths under ``root``. ``base`` (e.g. ``'pipe:aws s3 cp s3://b/{name} -'``)
-    maps each listed name to a URL; ``pipe:`` runs a shell command, so it is refused
-    unless ``allow_pipe``. Names are checked, so none can escape ``root``.
-    """
-    _, listed = read_listing(Path(root) / SHARDSET_NAME, "d4ir-shardset")
-    names = [s.name for s in listed]
-    if base is None:
-        return [str(s.path) for s in listed]
-    if base.startswith("pipe:") and not allow_pipe:
-        raise D4IRError(
-            f"shard base URL {base!r} starts with 'pipe:' (a shell command); pass allow_pipe=True to run it"
-        )
-    if "{name}" not in base:
-        raise D4IRError(f"shard base URL {base!r} must contain '{{name}}'")
-    return [base.replace("{name}", n) for n in names]
-
-
-# ---------------------------------------------------------------------------------------
-# manifests: per-rank commit points, merged into shardset.json
-
-
-def read_listing(path: str | os.PathLike, kind: str) -> tuple[dict, list[ShardInfo]]:
-    """Read a shard listing and check its form; the one reader of every manifest of shards.
-
-    ``kind`` is ``d4ir-shardset`` (shardset.json), ``d4ir-shardset-rank`` (a rank's commit
-    point) or ``d4ir-labels`` (distill's label cache). Every ``shards`` entry must be an
-    object with a synth-rNNN-NNNNNN.tar name (so none escapes the folder), samples, bytes
-    and sha256. Returns the raw document (callers read their own extra keys) and the
-    entries resolved under the listing's folder; raises :class:`ShardSetError`. Files are
-    not touched: :func:`check_shard_file` checks them.
-    """
-    path = Path(path)
-    try:
-        doc = read_json(path)
-    except (OSError, ValueError) as e:
-        raise ShardSetError(f"{path}: cannot read the shard-set manifest ({e})") from e
-    if not isinstance(doc, dict) or doc.get("kind") != kind or not isinstance(doc.get("shards"), list):
-        raise ShardSetError(
-            f"{path}: not a {kind} manifest (`kind` = {doc.get('kind') if isinstance(doc, dict) else None!r})"
-        )
-    listed = []
-    for i, s in enumerate(doc["shards"]):
-        where = f"{path}: shards[{i}]"
-        if not isinstance(s, dict):
-            raise ShardSetError(f"{where} is not an object")
-        name = _check_name(s.get("name"), where)
-        try:
-            n, size, sha = int(s["samples"]), int(s["bytes"]), str(s["sha256"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ShardSetError(f"{where} = {s!r:.120}: expected name, samples, bytes, sha256") from e
-        try:
-            file = resolve_under(path.parent, name, what="shard name")
-        except ValueError as e:
-            raise ShardSetError(f"{where}: {e}") from e
-        listed.append(ShardInfo(name=name, path=file, samples=n, bytes=size, sha256=sha))
-    return doc, listed
-
-
-def check_shard_file(shard: ShardInfo, *, full: bool = True) -> str | None:
-    """What is wrong with a listed shard's file, as ``'name: why'``, or None when it matches.
-
-    Existence and byte count always (cheap: a stat); with ``full`` also the sha256, which
-    reads the whole file.
-    """
-    if not shard.path.is_file():
-        return f"{shard.name}: missing"
-    size = shard.path.stat().st_size
-    if size != shard.bytes:
-        return f"{shard.name}: {size} bytes, listed {shard.bytes}"
-    if full and sha256_file(shard.path) != shard.sha256:
-        return f"{shard.name}: sha256 differs from the listed {shard.sha256[:12]}..."
-    return None
-
-
-def _rank_files(out: Path) -> dict[int, Path]:
-    found = {}
-    if out.is_dir():
-        for p in out.iterdir():
-            m = RANK_MANIFEST_RE.match(p.name)
-            if m:
-                found[int(m.group(1))] = p
-    return dict(sorted(found.items()))
-
-
-def _sum_counts(entries: Iterable[dict], key: str) -> dict[str, int]:
-    total: Counter = Counter()
-    for e in entries:
-        total.update(e.get(key, {}))
-    return dict(sorted(total.items()))
-
-
-def merge_shardset(out_dir: str | os.PathLike, *, cleanup: bool = True) -> dict:
-    """Union the rank manifests of ``out_dir`` into ``shardset.json`` (written atomically).
-
-    The world size is rank 0's; every rank file must carry the same config hash. The set
-    is complete when every rank finished and every planned shard is listed. With
-    ``cleanup``, a complete merge removes rank files of ranks >= the world size (stale
-    files of an earlier, wider run, whose shards rank 0 re-recorded).
-    """
-    out = Path(out_dir)
-    files = _rank_files(out)
-    if 0 not in files:
-        raise D4IRError(f"{out}: no {RANK_MANIFEST.format(rank=0)}; nothing to merge (has synthesis started here?)")
-    head, _ = read_listing(files[0], "d4ir-shardset-rank")
-    world = int(head["world_size"])
-    docs, missing, unfinished = [head], [], []
-    for r in range(1, world):
-        if r not in files:
-            missing.append(r)
-            continue
-        doc, _ = read_listing(files[r], "d4ir-shardset-rank")
-        if doc.get("config_hash") != head.get("config_hash") or int(doc.get("world_size", -1)) != world:
-            missing.append(r)  # a stale file of another run; this rank has not written yet
-            continue
-        docs.append(doc)
-    unfinished = [int(d["rank"]) for d in docs if not d.get("done")]
-    shards: dict[int, dict] = {}
-    for d in docs:
-        for s in d["shards"]:
-            if int(s["index"]) in shards:
-                raise D4IRError(f"{out}: shard index {s['index']} is listed by two ranks; rerun with --overwrite")
-            shards[int(s["index"])] = s
-    planned = int(head["num_shards_planned"])
-    complete = not missing and not unfinished and len(shards) == planned
-    entries = [shards[i] for i in sorted(shards)]
-    manifest = {
-        "kind": "d4ir-shardset",
-        "version": 1,
-        "complete": complete,
-        "shards": entries,
-        "num_samples": sum(int(s["samples"]) for s in entries),
-        "num_shards": len(entries),
-        "num_shards_planned": planned,
-        "world_size": world,
-        "skipped": _sum_counts(entries, "skipped"),
-        "dropped": _sum_counts(entries, "dropped"),
-        **{k: head[k] for k in ("config", "config_hash", "inputs", "models", "versions", "runtime") if k in head},
-    }
-    if missing or unfinished:
-        manifest["pending_ranks"] = sorted(set(missing) | set(unfinished))
-    atomic_write_json(out / SHARDSET_NAME, manifest, indent=None)
-    if complete and cleanup:
-        for r, p in files.items():
-            if r >= world:
-                p.unlink(missing_ok=True)
-    return manifest
-
-
-def _recorded_entries(out: Path) -> tuple[dict[int, list[tuple[dict, ShardInfo]]], set[str]]:
-    """Every shard any manifest in ``out`` records, by index, as (raw entry, checked entry),
-    and the config hashes seen."""
-    by_index: dict[int, list[tuple[dict, ShardInfo]]] = {}
-    hashes: set[str] = set()
-    paths = list(_rank_files(out).values()) + ([out / SHARDSET_NAME] if (out / SHARDSET_NAME).is_file() else [])
-    for p in paths:
-        kind = "d4ir-shardset" if p.name == SHARDSET_NAME else "d4ir-shardset-rank"
-        doc, listed = read_listing(p, kind)
-        hashes.add(str(doc.get("config_hash")))
-        for s, info in zip(doc["shards"], listed, strict=True):
-            cands = by_index.setdefault(int(s["index"]), [])
-            # a merged shardset.json repeats the rank manifests' entries: one candidate each, hashed once
-            if all((i.name, i.bytes, i.sha256) != (info.name, info.bytes, info.sha256) for _, i in cands):
-                cands.append((s, info))
-    return by_index, hashes
-
-
-# ---------------------------------------------------------------------------------------
-# verify
-
-
-@dataclass
-class VerifyReport:
-    """What ``d4ir shards verify`` found; ``ok`` when nothing is damaged."""
-
-    root: Path
-    complete: bool
-    shards: int = 0
-    samples: int = 0
-    damaged: list[str] = field(default_factory=list)  # "name: why"
-    unlisted: list[str] = field(default_factory=list)  # synth-*.tar files no manifest lists
-    leftovers: list[str] = field(default_factory=list)  # *.tar.tmp of an interrupted write
-
-    @property
-    def ok(self) -> bool:
-        return not self.damaged
-
-
-def verify_shardset(root: str | os.PathLike, *, deep: bool = True) -> VerifyReport:
-    """Re-hash every listed shard; with ``deep`` also read it: sample count, unique keys, files per sample."""
-    from tqdm import tqdm
-
-    root = Path(root)
-    doc, listed = read_listing(root / SHARDSET_NAME, "d4ir-shardset")
-    report = VerifyReport(root=root, complete=bool(doc.get("complete")), shards=len(listed))
-    seen_keys: dict[str, str] = {}
-    for s in tqdm(listed, desc="verify", unit="shard", disable=len(listed) < 8):
-        problem = check_shard_file(s)
-        if problem:
-            report.damaged.append(problem)
-            continue
-        if deep:
-            try:
-                samples = read_shard(s.path)
-            except (tarfile.TarError, D4IRError, OSError) as e:
-                report.damaged.append(f"{s.name}: unreadable tar ({e})")
-                continue
-            if len(samples) != s.samples:
-                report.damaged.append(f"{s.name}: {len(samples)} samples, listed {s.samples}")
-            for key, files in samples.items():
-                if "json" not in files or not any(ext.startswith("degraded.") for ext in files):
-                    report.damaged.append(f"{s.name}: sample {key!r} lacks .json or .degraded.*")
-                if key in seen_keys:
-                    report.damaged.append(f"{s.name}: key {key!r} also in {seen_keys[key]}")
-                seen_keys[key] = s.name
-        report.samples += s.samples
-    names = {s.name for s in listed}
-    for p in sorted(root.iterdir()):
-        if SHARD_RE.match(p.name) and p.name not in names:
-            report.unlisted.append(p.name)
-        elif p.name.endswith(".tar.tmp"):
-            report.leftovers.append(p.name)
-    return report
-
-
-# ---------------------------------------------------------------------------------------
-# the stage
+# the synthesize
 
 
 @dataclass(frozen=True)
@@ -621,8 +296,6 @@ class _Bank:
 
 def _load_bank(bank_dir: str) -> _Bank:
     import torch
-
-    from .prompts import PromptBank
 
     path = Path(bank_dir)
     if not (path / "tokens.safetensors").is_file():
@@ -688,9 +361,6 @@ class _Context:
 
 def _prepare(cfg: SynthesizeConfig) -> _Context:
     """Check every input and build the plan, before loading a model or touching the output."""
-    from .manifests import load_manifest
-    from .runtime import package_versions
-    from .sd import check_sd_source, model_id, text_hidden_size
 
     out = check_output_dir(cfg.output.dir)
     # 1. SD folder and prompt bank: widths must match before any work
@@ -778,11 +448,11 @@ def _open_output(ctx: _Context, rank: int, world: int, overwrite: bool) -> dict[
                 p.unlink()
         logger.info("--overwrite: removed rank %d's earlier shards and manifests in %s", rank, out)
         return {}
-    by_index, hashes = _recorded_entries(out)
+    by_index, hashes = recorded_entries(out)
     other = hashes - {ctx.config_hash}
     if other:
         old_cfg = {}
-        for p in [out / SHARDSET_NAME, *_rank_files(out).values()]:
+        for p in [out / SHARDSET_NAME, *rank_files(out).values()]:
             if p.is_file():
                 old_cfg = read_json(p).get("config", {})
                 break
@@ -822,9 +492,6 @@ class _Worker:
     """Loads SD once; turns one shard plan into one tar's samples."""
 
     def __init__(self, ctx: _Context, device, pool: ThreadPoolExecutor):
-        from .ccd import CCD, configure_pipeline
-        from .runtime import pick_dtype
-        from .sd import load_img2img_pipeline, unconditional_embeds
 
         cfg, rt = ctx.cfg, ctx.cfg.runtime
         self.ctx, self.pool = ctx, pool
@@ -854,7 +521,6 @@ class _Worker:
         return [self.pool.submit(self._load_one, plan.items[i]) for i in range(len(plan.items))]
 
     def _load_one(self, item: WorkItem):
-        from .manifests import open_rgb
 
         ctx, d = self.ctx, self.ctx.cfg.data
         rec = ctx.records[item.record]
@@ -869,7 +535,6 @@ class _Worker:
 
     def make(self, plan: ShardPlan, loads: list) -> tuple[list, Counter, Counter]:
         """Synthesise the shard's samples: [(key, [(ext, bytes)])] in plan order, skipped, dropped."""
-        from .ccd import CCDInput, sample_seed
 
         cfg = self.ctx.cfg
         skipped: Counter = Counter()
@@ -946,34 +611,8 @@ class _Worker:
         return files
 
 
-def _init_dist(world: int, timeout_min: int):
-    """A gloo process group for the barriers (torchrun sets MASTER_ADDR): (module, created here) or (None, False)."""
-    if world <= 1 or not os.environ.get("MASTER_ADDR"):
-        return None, False
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return dist, False
-    # gloo even on GPUs: only barriers cross ranks, and NCCL's watchdog would kill a long wait
-    dist.init_process_group("gloo", timeout=timedelta(minutes=timeout_min))
-    return dist, True
-
-
-def _pick_device(name: str, world: int, local_rank: int):
-    import torch
-
-    from .runtime import pick_device
-
-    device = pick_device(name)
-    if device.type == "cuda" and device.index is None and world > 1:
-        device = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return device
-
-
 class _MaxPixels:
-    """Set Pillow's decompression-bomb limit for the stage, restore it afterwards."""
+    """Set Pillow's decompression-bomb limit for the synthesize, restore it afterwards."""
 
     def __init__(self, limit: int):
         self.limit = limit
@@ -990,7 +629,7 @@ class _MaxPixels:
         Image.MAX_IMAGE_PIXELS = self.old
 
 
-def stage(
+def synthesize(
     cfg: SynthesizeConfig,
     *,
     overwrite: bool = False,
@@ -1010,7 +649,7 @@ def stage(
     ctx = _prepare(cfg)
     if only:
         return _only(ctx, list(only), only_out, t0, rank, world, local_rank)
-    dist, own_group = _init_dist(world, cfg.runtime.barrier_timeout_min)
+    dist, own_group = init_barrier_group(world, cfg.runtime.barrier_timeout_min)
     owned = shards_for_rank(ctx.plans, rank, world)
     # 2. the output folder: refuse another config; what is recorded and still verifies is kept
     recorded = _open_output(ctx, rank, world, overwrite)
@@ -1053,7 +692,7 @@ def stage(
         # 3. synthesise: one shard at a time, the next shard's images load meanwhile
         if todo:
             with _MaxPixels(cfg.data.max_pixels):
-                device = _pick_device(cfg.runtime.device, world, local_rank)
+                device = pick_rank_device(cfg.runtime.device, world, local_rank)
                 worker = _Worker(ctx, device, pool)
                 ctx.header["runtime"] = worker.runtime
                 nxt = worker.load(todo[0])
@@ -1104,7 +743,7 @@ def stage(
         complete = bool(read_json(manifest_path).get("complete"))
         if own_group:
             dist.destroy_process_group()
-    elif world == 1 or _all_ranks_done(ctx.out, world, ctx.config_hash):
+    elif world == 1 or all_ranks_done(ctx.out, world, ctx.config_hash):
         complete = merge_shardset(ctx.out)["complete"]
         manifest_path = ctx.out / SHARDSET_NAME
     else:
@@ -1128,17 +767,6 @@ def stage(
     )
 
 
-def _all_ranks_done(out: Path, world: int, chash: str) -> bool:
-    files = _rank_files(out)
-    for r in range(world):
-        if r not in files:
-            return False
-        doc = read_json(files[r])
-        if not doc.get("done") or doc.get("config_hash") != chash or doc.get("world_size") != world:
-            return False
-    return True
-
-
 def _only(ctx: _Context, keys: list[str], only_out, t0: float, rank: int, world: int, local_rank: int):
     """Regenerate single samples by key, exactly as in the shard set, into ``only_out``."""
     by_key = {it.key: it for plan in ctx.plans for it in plan.items}
@@ -1150,7 +778,7 @@ def _only(ctx: _Context, keys: list[str], only_out, t0: float, rank: int, world:
     dest.mkdir(parents=True, exist_ok=True)
     written, skipped, dropped = [], Counter(), Counter()
     with ThreadPoolExecutor(1) as pool, _MaxPixels(ctx.cfg.data.max_pixels):
-        worker = _Worker(ctx, _pick_device(ctx.cfg.runtime.device, 1, local_rank), pool)
+        worker = _Worker(ctx, pick_rank_device(ctx.cfg.runtime.device, 1, local_rank), pool)
         for key in keys:
             single = ShardPlan(-1, (by_key[key],))
             samples, sk, dr = worker.make(single, worker.load(single))
@@ -1196,7 +824,7 @@ def synthesize_command(profile, config_path, overrides, work_dir, overwrite, onl
     cfg = config_from_options(
         SynthesizeConfig, "synthesize", profile=profile, config_path=config_path, overrides=overrides, work_dir=work_dir
     )
-    res = stage(cfg, overwrite=overwrite, only=only, only_out=only_out)
+    res = synthesize(cfg, overwrite=overwrite, only=only, only_out=only_out)
     if only:
         click.echo(f"regenerated {res.samples_written} sample(s): " + ", ".join(str(p) for p in res.only))
         return
@@ -1206,42 +834,3 @@ def synthesize_command(profile, config_path, overrides, work_dir, overwrite, onl
         f"{res.samples_written} samples ({res.images_per_s:.2f} images/s); skipped {res.skipped or 0}, "
         f"dropped {res.dropped or 0}; shard set {state}: {res.out_dir}"
     )
-
-
-@click.group("shards")
-def shards_group() -> None:
-    """Verify or merge a shard set."""
-
-
-@shards_group.command("verify")
-@click.argument("directory", type=click.Path(file_okay=False, exists=True))
-@click.option("--quick", is_flag=True, help="Only hash the files; do not open the tars.")
-def verify_command(directory: str, quick: bool) -> None:
-    """Re-hash every shard listed in DIRECTORY/shardset.json and report damage (exit 1 if any)."""
-    rep = verify_shardset(directory, deep=not quick)
-    for line in rep.damaged:
-        click.echo(f"DAMAGED {line}")
-    for name in rep.unlisted:
-        click.echo(f"unlisted {name} (not in the manifest; stage two ignores it)")
-    for name in rep.leftovers:
-        click.echo(f"leftover {name} (an interrupted write; the next run removes it)")
-    state = "complete" if rep.complete else "INCOMPLETE"
-    click.echo(f"{rep.shards} shards, {rep.samples} samples, {len(rep.damaged)} damaged; set {state}")
-    if not rep.ok:
-        click.echo("rerun the synthesize command that wrote it: damaged shards are redone", err=True)
-        raise SystemExit(1)
-    if not rep.complete:
-        raise SystemExit(1)
-
-
-@shards_group.command("merge")
-@click.argument("directory", type=click.Path(file_okay=False, exists=True))
-def merge_command(directory: str) -> None:
-    """Merge the per-rank manifests of DIRECTORY into shardset.json (after every rank finished)."""
-    doc = merge_shardset(directory)
-    click.echo(
-        f"{doc['num_shards']}/{doc['num_shards_planned']} shards, {doc['num_samples']} samples; "
-        + ("complete" if doc["complete"] else f"INCOMPLETE (pending ranks {doc.get('pending_ranks')})")
-    )
-    if not doc["complete"]:
-        raise SystemExit(1)

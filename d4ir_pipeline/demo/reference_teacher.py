@@ -7,7 +7,7 @@ checkpointing every N steps (rerun to resume). It then scores the teacher and th
 identity (degraded input vs target) on the paired test manifests with PSNR / SSIM
 and, when ``out.publish_dir`` is set and every weather beats the identity by
 ``eval.min_gain_db``, writes the model and a README with the measured numbers there
-(the committed ``d4ir_pipeline/assets/reference_teacher``).
+(the committed ``d4ir_pipeline/demo/assets/reference_teacher``).
 """
 
 from __future__ import annotations
@@ -28,21 +28,17 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .cliutil import config_from_options, stage_options
-from .config import ConfigError, config_hash, config_to_dict, opt
-from .errors import D4IRError
-from .evaluate import DEMO_TEST_MANIFESTS
-from .io import (
-    atomic_write_bytes,
-    atomic_write_json,
-    atomic_write_text,
-    sha256_file,
-    trim_jsonl,
-)
-from .models import build_model, count_macs, count_params, save_model
-from .runtime import package_versions, seed_everything
-
-__all__ = ["TeacherConfig", "TeacherResult", "train_teacher", "train_teacher_command", "psnr_u8", "ssim_u8"]
+from d4ir_pipeline.cli import config_from_options, stage_options
+from d4ir_pipeline.common.images import psnr_u8, ssim_u8
+from d4ir_pipeline.common.io import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file, trim_jsonl
+from d4ir_pipeline.common.runtime import package_versions, seed_everything
+from d4ir_pipeline.config import ConfigError, config_hash, config_to_dict, opt
+from d4ir_pipeline.data.manifests import load_manifest, open_pair
+from d4ir_pipeline.errors import D4IRError
+from d4ir_pipeline.models import build_model
+from d4ir_pipeline.models.checkpoint import save_model
+from d4ir_pipeline.models.cost import count_macs, count_params
+from d4ir_pipeline.stage2.evaluate import DEMO_TEST_MANIFESTS
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +186,6 @@ def _to_tensor(img) -> torch.Tensor:
 
 def load_pairs(manifest: str, root: str, *, check_hash: bool, limit: int = 0) -> list[dict[str, Any]]:
     """Paired records as ``{"id", "weather", "input": uint8 (3,H,W), "target": uint8 (3,H,W)}``."""
-    from .manifests import load_manifest, open_pair
 
     records = load_manifest(manifest)
     if limit:
@@ -237,23 +232,6 @@ def sample_batch(pairs: list[dict], cfg: TrainSection, g: torch.Generator) -> tu
         xs.append(a[perm] * gain)
         ys.append(b[perm] * gain)
     return torch.stack(xs), torch.stack(ys)
-
-
-# ---------------------------------------------------------------------------------------
-# metrics
-
-
-def psnr_u8(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB of two uint8 images (RGB, data range 255); identical images give 100."""
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return 100.0 if mse == 0 else float(10.0 * math.log10(255.0**2 / mse))
-
-
-def ssim_u8(a: np.ndarray, b: np.ndarray) -> float:
-    """SSIM of two (H, W, 3) uint8 images (skimage, 7x7 uniform window, channels averaged)."""
-    from skimage.metrics import structural_similarity
-
-    return float(structural_similarity(a, b, channel_axis=2, data_range=255))
 
 
 def _u8(x: torch.Tensor) -> np.ndarray:

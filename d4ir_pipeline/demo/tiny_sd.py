@@ -15,11 +15,9 @@ from pathlib import Path
 
 import click
 
-from .io import atomic_write_json, atomic_write_text
+from d4ir_pipeline.common.io import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
-
-__all__ = ["TinySDSpec", "write_tiny_sd", "tiny_sd_command"]
 
 README = """# Tiny random Stable Diffusion (d4ir-pipeline)
 

@@ -13,11 +13,11 @@ import os
 import time
 from pathlib import Path
 
-from .cli import main as cli_main
-from .errors import D4IRError
-from .runtime import setup_logging
+from d4ir_pipeline.cli import main as cli_main
+from d4ir_pipeline.common.runtime import setup_logging
+from d4ir_pipeline.errors import D4IRError
 
-logger = logging.getLogger("d4ir_pipeline.demo")
+logger = logging.getLogger(__name__)
 
 
 def _run(args: list[str]) -> float:
@@ -75,8 +75,8 @@ def main() -> None:
     if report is not None:
         print(f"\n{report.read_text()}")
     print("Outputs:")
-    print(f"  {'demo SD (64 px toy)':<26} d4ir_pipeline/assets/demo_sd")
-    print(f"  {'reference teacher':<26} d4ir_pipeline/assets/reference_teacher")
+    print(f"  {'demo SD (64 px toy)':<26} d4ir_pipeline/demo/assets/demo_sd")
+    print(f"  {'reference teacher':<26} d4ir_pipeline/demo/assets/reference_teacher")
     for label, sub in [
         ("demo data + manifests", "data"),
         ("DPA adapter + report", "dpa"),

@@ -25,24 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .errors import D4IRError
+from d4ir_pipeline.errors import D4IRError
 
 logger = logging.getLogger(__name__)
-
-__all__ = [
-    "CCD",
-    "CCDInput",
-    "CCDOutput",
-    "SampleDecision",
-    "configure_pipeline",
-    "decide_sample",
-    "denoise_steps",
-    "encode_image",
-    "normalise_mix",
-    "prepare_image",
-    "sample_key",
-    "sample_seed",
-]
 
 IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 CROPS = ("center", "random")

@@ -1,0 +1,225 @@
+"""The teacher-target cache (`d4ir label`): the teacher runs once over a shard set, later students reuse it."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import torch
+
+from d4ir_pipeline.cli import config_from_options, stage_options
+from d4ir_pipeline.common.images import decode_rgb
+from d4ir_pipeline.common.io import atomic_write_json, fsync_dir, read_json, sha256_file
+from d4ir_pipeline.common.runtime import package_versions, pick_device
+from d4ir_pipeline.errors import BadImageError
+from d4ir_pipeline.shardset.format import ShardSetError, read_listing
+from d4ir_pipeline.shardset.reader import ShardSet, open_shardset, verify_files
+from d4ir_pipeline.stage2.config import DistillConfig
+from d4ir_pipeline.stage2.stream import IMAGE_EXTS, Stats, shard_samples
+from d4ir_pipeline.stage2.teacher import load_teacher, teacher_forward, teacher_identity
+
+logger = logging.getLogger(__name__)
+
+LABELS_NAME = "labels.json"
+LABEL_EXT = {"png": "teacher.png", "npy": "teacher.npy"}
+
+
+@dataclass
+class LabelResult:
+    """What `d4ir label` produced."""
+
+    labels_dir: Path
+    teacher_id: str
+    shards: int
+    samples: int
+    skipped: int
+    seconds: float
+
+
+# ---------------------------------------------------------------------------------------
+# label cache
+
+
+def labels_folder(cfg: DistillConfig, shardset: ShardSet, tid: str) -> Path:
+    return Path(cfg.labels.dir) if cfg.labels.dir else shardset.root / "labels" / tid
+
+
+def find_labels(cfg: DistillConfig, shardset: ShardSet, ident: dict) -> Path | None:
+    """A complete label cache for this teacher and shard set, verified per `data.verify`, or None."""
+    d = labels_folder(cfg, shardset, ident["id"])
+    doc_path = d / LABELS_NAME
+    if not doc_path.is_file():
+        return None
+    doc, shards = read_listing(doc_path, "d4ir-labels")
+    why = None
+    if doc.get("complete") is not True:
+        why = "incomplete (rerun `d4ir label` to finish it)"
+    elif doc.get("teacher", {}).get("id") != ident["id"]:
+        why = f"made by teacher {doc.get('teacher', {}).get('id')}, not {ident['id']}"
+    elif doc.get("shardset_sha256") != shardset.manifest_sha256:
+        why = "made for another version of the shard set"
+    elif doc.get("format") != cfg.labels.format:
+        why = f"format {doc.get('format')!r}, config asks {cfg.labels.format!r}"
+    if why:
+        logger.info("label cache %s not used: %s", d, why)
+        return None
+    if cfg.data.verify != "off":
+        verify_files(shards, cfg.data.verify, str(doc_path))
+    if sorted(s.name for s in shards) != sorted(s.name for s in shardset.shards):
+        raise ShardSetError(f"{doc_path}: its shards differ from the shard set's; rebuild it with `d4ir label`")
+    return d
+
+
+def _write_tar(path: Path, samples: list[dict]) -> tuple[int, str]:
+    """Write a tar atomically (tmp + fsync + rename); returns (bytes, sha256)."""
+    import webdataset as wds
+
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        with wds.TarWriter(f, encoder=False, mtime=0) as w:
+            for s in samples:
+                w.write(s)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return path.stat().st_size, sha256_file(path)
+
+
+def _encode_label(t: Any, fmt: str) -> bytes:
+    """float (3, H, W) in [0, 1] -> PNG (8-bit) or .npy (float16 HWC) bytes."""
+    from PIL import Image
+
+    hwc = t.permute(1, 2, 0).cpu()
+    if fmt == "npy":
+        buf = io.BytesIO()
+        np.save(buf, hwc.numpy().astype(np.float16), allow_pickle=False)
+        return buf.getvalue()
+    arr = (hwc * 255.0).round_().clamp_(0, 255).to(dtype=__import__("torch").uint8).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def label(cfg: DistillConfig) -> LabelResult:
+    """Run the teacher once over every sample of the shard set and cache its outputs next to the shards."""
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    # 1. inputs: verified shard set, teacher identity, cache folder
+    shardset = open_shardset(cfg.data.shards, verify=cfg.data.verify)
+    ident = teacher_identity(cfg.teacher)
+    out = labels_folder(cfg, shardset, ident["id"])
+    out.mkdir(parents=True, exist_ok=True)
+    doc_path = out / LABELS_NAME
+    ext = LABEL_EXT[cfg.labels.format]
+    doc = {
+        "kind": "d4ir-labels",
+        "version": 1,
+        "complete": False,
+        "teacher": ident,
+        "shardset": str(shardset.root),
+        "shardset_sha256": shardset.manifest_sha256,
+        "format": cfg.labels.format,
+        "shards": [],
+        "skipped": 0,
+        "versions": package_versions(),
+    }
+    # 2. resume: keep shards already written for the same teacher, shard set and format
+    if doc_path.is_file():
+        old = read_json(doc_path)
+        same = (
+            old.get("teacher", {}).get("id") == ident["id"]
+            and old.get("shardset_sha256") == shardset.manifest_sha256
+            and old.get("format") == cfg.labels.format
+        )
+        if not same:
+            raise ShardSetError(
+                f"{doc_path} belongs to another teacher / shard set / format; remove the folder or set `labels.dir`"
+            )
+        if old.get("complete") is True:
+            logger.info("label cache %s is complete", out)
+            return LabelResult(
+                out,
+                ident["id"],
+                len(old["shards"]),
+                sum(s["samples"] for s in old["shards"]),
+                int(old.get("skipped", 0)),
+                0.0,
+            )
+        done = {
+            s["name"]: s
+            for s in old.get("shards", [])
+            if (out / s["name"]).is_file() and (out / s["name"]).stat().st_size == s["bytes"]
+        }
+        doc["shards"] = [done[s.name] for s in shardset.shards if s.name in done]
+        doc["skipped"] = int(old.get("skipped", 0))
+    done_names = {s["name"] for s in doc["shards"]}
+    # 3. teacher
+    device = pick_device(cfg.train.device)
+    teacher, dtype = load_teacher(cfg.teacher, device)
+    stats = Stats()
+    total = 0
+    todo = [s for s in shardset.shards if s.name not in done_names]
+    for shard in tqdm(todo, desc="label", unit="shard", disable=not cfg.log.progress):
+        written: list[dict] = []
+        group: list[tuple[str, np.ndarray]] = []
+
+        def flush(group: list[tuple[str, np.ndarray]] = group, written: list[dict] = written) -> None:
+            if not group:
+                return
+            x = torch.from_numpy(np.stack([a for _, a in group])).to(device).permute(0, 3, 1, 2).float() / 255.0
+            y = teacher_forward(teacher, x, dtype, cfg.teacher)  # (B, 3, H, W)
+            for (key, _), yi in zip(group, y, strict=True):
+                written.append({"__key__": key, ext: _encode_label(yi, cfg.labels.format)})
+            group.clear()
+
+        for sample in shard_samples(shard, None, ext, stats):
+            key = sample["__key__"]
+            img_ext = next((e for e in IMAGE_EXTS if e in sample), None)
+            try:
+                if img_ext is None:
+                    raise BadImageError("missing", "no degraded image in the sample")
+                arr = np.asarray(decode_rgb(sample[img_ext], name=f"{key}.{img_ext}")[0])  # (H, W, 3)
+            except BadImageError as e:
+                stats.bad_sample(shard.name, key, f"{e.reason}: {e}")
+                continue
+            if group and (group[0][1].shape != arr.shape or len(group) >= cfg.labels.batch_size):
+                flush()
+            group.append((key, arr))
+        flush()
+        size, sha = _write_tar(out / shard.name, written)
+        doc["shards"].append({"name": shard.name, "samples": len(written), "bytes": size, "sha256": sha})
+        doc["skipped"] = int(doc["skipped"]) + stats.bad
+        stats.bad = 0
+        total += len(written)
+        atomic_write_json(doc_path, doc)  # progress: finished shards survive an interrupt
+    order = {s.name: i for i, s in enumerate(shardset.shards)}
+    doc["shards"].sort(key=lambda s: order[s["name"]])
+    doc["complete"] = True
+    atomic_write_json(doc_path, doc)
+    secs = time.perf_counter() - t0
+    logger.info("labelled %d samples in %d shards -> %s (%.1fs)", total, len(todo), out, secs)
+    return LabelResult(
+        out, ident["id"], len(doc["shards"]), sum(s["samples"] for s in doc["shards"]), int(doc["skipped"]), secs
+    )
+
+
+@click.command("label")
+@stage_options
+def label_command(profile: str, config_path: str | None, overrides: tuple[str, ...], work_dir: str | None) -> None:
+    """Cache the teacher's outputs next to a shard set (reads the distill config)."""
+    cfg = config_from_options(
+        DistillConfig, "distill", profile=profile, config_path=config_path, overrides=overrides, work_dir=work_dir
+    )
+    r = label(cfg)
+    click.echo(
+        f"labels: {r.labels_dir}  teacher {r.teacher_id}  {r.samples} samples in {r.shards} shards  skipped {r.skipped}"
+    )
