@@ -6,9 +6,16 @@ and the allowed range. :func:`load_config` reads ``stages/<profile>/<stage>.toml
 applies ``--set section.key=value`` overrides, and rejects unknown keys (with a
 "did you mean"), wrong types and out-of-range values before any work starts.
 
-Strings may contain ``{work}`` (the run's work directory, default ``runs/<profile>``),
-``{profile}`` and ``{assets}`` (the package's bundled weights); they are substituted at
-load time.
+Profiles: ``stages/<profile>/`` holds one TOML per stage and optionally ``profile.toml``
+with ``base = "<other profile>"`` (its stage files are read first, this profile's on top:
+a profile holds only what differs) and a ``[paths]`` table. Strings may contain ``{work}``
+(the run's work directory, default ``runs/<profile>``), ``{profile}``, ``{assets}`` (the
+package's bundled weights) and the shared paths ``{data}``, ``{dpa}``, ``{bank}``,
+``{shards}``, ``{distill}`` (defaults ``{work}/<name>``): one stage's output folder and the
+next stage's input are the same placeholder, so they cannot drift apart.
+
+A field declared ``opt(..., affects_output=False)`` changes speed, memory or logging but not
+what a stage produces: :func:`config_hash` leaves it out, so a resume may change it.
 """
 
 from __future__ import annotations
@@ -33,6 +40,17 @@ _MISSING = dataclasses.MISSING
 
 
 ASSETS = Path(__file__).resolve().parent / "demo" / "assets"  # packaged weights: `{assets}` in config strings
+PROFILE_FILE = "profile.toml"
+# shared folders of a profile (`{name}` in config strings); profile.toml's [paths] changes them
+PATHS: dict[str, str] = {
+    "data": "{work}/data",
+    "dpa": "{work}/dpa",
+    "bank": "{work}/bank",
+    "shards": "{work}/shards",
+    "distill": "{work}/distill",
+}
+# keys that were renamed: old dotted key -> new one (an old key in a file gets an error naming the new one)
+RENAMED: dict[str, str] = {}
 
 
 class ConfigError(D4IRError, ValueError):
@@ -47,9 +65,20 @@ def opt(
     max: float | None = None,  # noqa: A002
     choices: Sequence[Any] | None = None,
     default_factory: Any = _MISSING,
+    affects_output: bool = True,
 ) -> Any:
-    """Declare a config field with its help text and allowed values."""
-    meta = {"help": help, "min": min, "max": max, "choices": tuple(choices) if choices else None}
+    """Declare a config field with its help text and allowed values.
+
+    ``affects_output=False``: the field changes speed, memory or logging, not the result;
+    it is left out of :func:`config_hash`, so a resumed run may change it.
+    """
+    meta = {
+        "help": help,
+        "min": min,
+        "max": max,
+        "choices": tuple(choices) if choices else None,
+        "affects_output": affects_output,
+    }
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -63,7 +92,14 @@ def redefault(section: type, name: str, default: Any, *, help: str | None = None
     choices are declared once, on the base, and cannot drift apart.
     """
     meta = {f.name: f for f in dataclasses.fields(section)}[name].metadata
-    return opt(default, help=help or meta["help"], min=meta["min"], max=meta["max"], choices=meta["choices"])
+    return opt(
+        default,
+        help=help or meta["help"],
+        min=meta["min"],
+        max=meta["max"],
+        choices=meta["choices"],
+        affects_output=meta["affects_output"],
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -147,26 +183,47 @@ def _check_range(value: Any, meta: dict, where: str) -> None:
 
 
 def _unknown(key: str, allowed: Sequence[str], where: str) -> ConfigError:
+    if key in RENAMED:
+        return ConfigError(f"{where}: `{key}` was renamed; did you mean `{RENAMED[key]}`? (same meaning, new name)")
     hint = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
     dym = f" Did you mean `{hint[0]}`?" if hint else ""
     return ConfigError(f"{where}: unknown key `{key}`.{dym} Allowed here: {sorted(allowed)}")
 
 
-def _build(cls: type[T], data: dict, file: str, prefix: str, subst: dict[str, str]) -> T:
+def _check_keys(cls: type, data: dict, file: str, prefix: str = "") -> None:
+    """Refuse unknown keys (with a "did you mean") and values where a table belongs, naming ``file``."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in data:
+    for key, value in data.items():
         if key not in fields:
             raise _unknown(prefix + key, [prefix + k for k in fields], file)
+        if dataclasses.is_dataclass(hints[key]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{file}: `{prefix}{key}` = {value!r}: expected a table [{prefix}{key}]")
+            _check_keys(hints[key], value, file, f"{prefix}{key}.")
+
+
+def _merge(base: dict, top: dict, origins: dict[str, str], file: str, prefix: str = "") -> dict:
+    """``top`` over ``base`` (tables merged key by key); ``origins`` records which file set each key."""
+    out = dict(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v, origins, file, f"{prefix}{k}.")
+        else:
+            out[k] = v
+            origins[f"{prefix}{k}"] = file
+    return out
+
+
+def _build(cls: type[T], data: dict, origins: dict[str, str], prefix: str, subst: dict[str, str]) -> T:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for name, f in fields.items():
         tp = hints[name]
-        key_where = f"{file}: `{prefix}{name}`"
+        key_where = f"{origins.get(prefix + name, origins.get('', '<defaults>'))}: `{prefix}{name}`"
         if dataclasses.is_dataclass(tp):
-            sub = data.get(name, {})
-            if not isinstance(sub, dict):
-                raise ConfigError(f"{key_where} = {sub!r}: expected a table [{prefix}{name}]")
-            kwargs[name] = _build(tp, sub, file, f"{prefix}{name}.", subst)
+            kwargs[name] = _build(tp, data.get(name, {}), origins, f"{prefix}{name}.", subst)
             continue
         if name in data:
             value = _coerce(data[name], tp, key_where)
@@ -224,34 +281,46 @@ def _apply_override(data: dict, path: list[str], value: Any, cls: type, origin: 
         node_cls = tp
 
 
+def _read_toml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from e
+
+
+def _substitutions(work: str, profile: str, paths: dict[str, str]) -> dict[str, str]:
+    base = {"work": work, "profile": profile, "assets": str(ASSETS)}
+    return {**base, **{k: _substitute(v, base) for k, v in paths.items()}}
+
+
 def load_config(
     cls: type[T],
-    path: str | os.PathLike | None,
+    path: str | os.PathLike | Sequence[str | os.PathLike] | None,
     overrides: Sequence[str] = (),
     *,
     work_dir: str | os.PathLike | None = None,
     profile: str | None = None,
+    paths: dict[str, str] | None = None,
 ) -> T:
-    """Read ``path`` (TOML; None means all defaults) into ``cls`` and apply overrides."""
+    """Read ``path`` (TOML; a list is read in order, later files on top; None means all
+    defaults) into ``cls`` and apply ``--set`` overrides."""
+    files = [Path(p) for p in ([] if path is None else [path] if isinstance(path, str | os.PathLike) else path)]
     data: dict = {}
-    where = "<defaults>"
-    if path is not None:
-        path = Path(path)
-        where = str(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {where} does not exist")
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{where}: not valid TOML ({e})") from e
-        if profile is None:
-            profile = path.parent.name
-    profile = profile or "default"
+    origins: dict[str, str] = {"": str(files[-1]) if files else "<defaults>"}
+    for f in files:
+        layer = _read_toml(f)
+        _check_keys(cls, layer, str(f))
+        data = _merge(data, layer, origins, str(f))
+    if profile is None:
+        profile = files[-1].parent.name if files else "default"
     for text in overrides:
         keys, value = parse_override(text)
         _apply_override(data, keys, value, cls, f"--set {text}")
+        origins[".".join(keys)] = f"--set {text}"
     work = str(work_dir) if work_dir is not None else f"runs/{profile}"
-    return _build(cls, data, where, "", {"work": work, "profile": profile, "assets": str(ASSETS)})
+    return _build(cls, data, origins, "", _substitutions(work, profile, {**PATHS, **(paths or {})}))
 
 
 def stages_root() -> Path:
@@ -265,15 +334,47 @@ def stages_root() -> Path:
     return Path(__file__).resolve().parent.parent / "stages"
 
 
-def find_stage_file(stage: str, profile: str) -> Path:
-    """``stages/<profile>/<stage>.toml``, with an error listing the profiles that exist."""
+def profile_chain(profile: str) -> list[tuple[Path, dict]]:
+    """(folder, profile.toml contents) of ``profile`` and its bases, the root base first."""
     root = stages_root()
-    path = root / profile / f"{stage}.toml"
-    if not path.is_file():
-        profiles = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-        have = [p for p in profiles if (root / p / f"{stage}.toml").is_file()]
-        raise ConfigError(f"no config {path} for stage {stage!r}, profile {profile!r}; profiles with one: {have}")
-    return path
+    chain: list[tuple[Path, dict]] = []
+    name: str | None = profile
+    while name is not None:
+        folder = root / name
+        if not folder.is_dir():
+            have = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+            who = f"profile {profile!r}" + (f" (via base {name!r})" if name != profile else "")
+            raise ConfigError(f"{who}: no folder {folder}; profiles: {have}")
+        if any(folder == f for f, _ in chain):
+            raise ConfigError(f"profile {profile!r}: `base` forms a cycle through {name!r}")
+        meta = _read_toml(folder / PROFILE_FILE) if (folder / PROFILE_FILE).is_file() else {}
+        where = str(folder / PROFILE_FILE)
+        for key in meta:
+            if key not in ("base", "paths"):
+                raise _unknown(key, ["base", "paths"], where)
+        for key, value in meta.get("paths", {}).items():
+            if key not in PATHS:
+                raise _unknown(f"paths.{key}", [f"paths.{k}" for k in PATHS], where)
+            if not isinstance(value, str):
+                raise ConfigError(f"{where}: `paths.{key}` = {value!r}: expected a string")
+        chain.insert(0, (folder, meta))
+        name = meta.get("base")
+        if name is not None and not isinstance(name, str):
+            raise ConfigError(f"{where}: `base` = {name!r}: expected a profile name")
+    return chain
+
+
+def profile_paths(profile: str) -> dict[str, str]:
+    """The profile's shared folders (``[paths]`` of its profile.toml files, bases first, over :data:`PATHS`)."""
+    out = dict(PATHS)
+    for _, meta in profile_chain(profile):
+        out.update(meta.get("paths", {}))
+    return out
+
+
+def stage_files(stage: str, profile: str) -> list[Path]:
+    """``stages/<p>/<stage>.toml`` of the profile's chain that exist, the root base first."""
+    return [folder / f"{stage}.toml" for folder, _ in profile_chain(profile) if (folder / f"{stage}.toml").is_file()]
 
 
 def load_stage_config(
@@ -285,9 +386,36 @@ def load_stage_config(
     overrides: Sequence[str] = (),
     work_dir: str | os.PathLike | None = None,
 ) -> T:
-    """Load a stage's config from ``config`` or ``stages/<profile>/<stage>.toml``."""
-    path = Path(config) if config is not None else find_stage_file(stage, profile)
-    return load_config(cls, path, overrides, work_dir=work_dir, profile=profile)
+    """A stage's config: ``config`` if given, else the profile chain's ``<stage>.toml`` files
+    (bases first; a stage no profile mentions runs on its defaults), then ``overrides``."""
+    files = [Path(config)] if config is not None else stage_files(stage, profile)
+    return load_config(cls, files, overrides, work_dir=work_dir, profile=profile, paths=profile_paths(profile))
+
+
+def neutral_keys(cls: type) -> tuple[str, ...]:
+    """Dotted keys of ``cls`` declared ``affects_output=False`` (left out of :func:`config_hash`)."""
+    hints = typing.get_type_hints(cls)
+    out: list[str] = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += [f"{f.name}.{k}" for k in neutral_keys(hints[f.name])]
+        elif f.metadata.get("affects_output") is False:
+            out.append(f.name)
+    return tuple(out)
+
+
+def config_diff(old: dict, new: dict, *, ignore: Sequence[str] = (), prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every dotted key whose value differs (``ignore``: keys to skip)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if f"{prefix}{k}" in ignore:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_diff(a, b, ignore=ignore, prefix=f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
 
 
 def config_to_dict(cfg: Any) -> dict:
@@ -296,9 +424,9 @@ def config_to_dict(cfg: Any) -> dict:
 
 
 def config_hash(cfg: Any, *, exclude: Sequence[str] = ()) -> str:
-    """sha256 of the canonical JSON of ``cfg``; ``exclude`` drops ``section.key`` paths."""
+    """sha256 of the canonical JSON of ``cfg`` without its ``affects_output=False`` keys and ``exclude``."""
     d = config_to_dict(cfg)
-    for dotted in exclude:
+    for dotted in (*neutral_keys(type(cfg)), *exclude):
         node = d
         *parents, last = dotted.split(".")
         for p in parents:

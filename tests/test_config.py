@@ -7,7 +7,19 @@ from dataclasses import dataclass
 
 import pytest
 
-from d4ir_pipeline.config import ConfigError, config_hash, load_config, opt, parse_override, redefault
+from d4ir_pipeline.config import (
+    PATHS,
+    RENAMED,
+    ConfigError,
+    config_diff,
+    config_hash,
+    load_config,
+    load_stage_config,
+    neutral_keys,
+    opt,
+    parse_override,
+    redefault,
+)
 
 
 @dataclass(frozen=True)
@@ -104,3 +116,77 @@ def test_redefault_keeps_help_and_range_of_the_base_section(tmp_path):
         load_config(Small, write(tmp_path, "steps = 0\n"))
     with pytest.raises(ConfigError, match="allowed values"):
         load_config(Small, write(tmp_path, "loss = 'l2'\n"))
+
+
+@dataclass(frozen=True)
+class Run:
+    steps: int = opt(10, help="steps", min=1)
+    every: int = opt(5, help="log cadence", affects_output=False)
+    bank: str = opt("{bank}/tokens", help="bank folder")
+
+
+@dataclass(frozen=True)
+class StageCfg:
+    train: Run = opt(default_factory=Run, help="training")
+    seed: int = opt(0, help="seed")
+
+
+def test_affects_output_false_keys_are_left_out_of_the_hash(tmp_path):
+    p = write(tmp_path, "")
+    a = load_config(StageCfg, p)
+    assert neutral_keys(StageCfg) == ("train.every",)
+    assert config_hash(a) == config_hash(load_config(StageCfg, p, ["train.every=99"]))
+    assert config_hash(a) != config_hash(load_config(StageCfg, p, ["train.steps=99"]))
+    assert config_diff({"train": {"steps": 1, "every": 2}}, {"train": {"steps": 3, "every": 2}}) == [
+        "train.steps: 1 -> 3"
+    ]
+    assert config_diff({"a": 1}, {"a": 2}, ignore=["a"]) == []
+
+
+def _profile(root, name, files: dict[str, str]):
+    d = root / name
+    d.mkdir(parents=True)
+    for fname, text in files.items():
+        (d / fname).write_text(text)
+
+
+def test_profile_inherits_from_its_base_and_holds_only_what_differs(tmp_path, monkeypatch):
+    root = tmp_path / "stages"
+    _profile(root, "big", {"x.toml": "seed = 7\n[train]\nsteps = 100\n", "profile.toml": '[paths]\nbank = "/b"\n'})
+    _profile(root, "small", {"x.toml": "[train]\nsteps = 2\n", "profile.toml": 'base = "big"\n'})
+    _profile(root, "empty", {"profile.toml": 'base = "small"\n'})
+    monkeypatch.setenv("D4IR_STAGES", str(root))
+    cfg = load_stage_config(StageCfg, "x", profile="small", work_dir="W")
+    assert cfg.seed == 7 and cfg.train.steps == 2  # seed from the base, steps from the profile
+    assert cfg.train.bank == "/b/tokens"  # the base's [paths] reach the placeholder
+    assert load_stage_config(StageCfg, "x", profile="empty").train.steps == 2  # two levels up
+    assert load_stage_config(StageCfg, "y", profile="small") == StageCfg(
+        train=Run(bank="/b/tokens")
+    )  # no file: defaults
+    # an error in a base file names that file
+    (root / "big" / "x.toml").write_text("[train]\nsteps = 0\n")
+    with pytest.raises(ConfigError, match=r"^--set train\.steps=0: `train\.steps` = 0: must be >= 1"):
+        load_stage_config(StageCfg, "x", profile="empty", overrides=["train.steps=0"])  # the override set it
+    with pytest.raises(ConfigError, match=r"big.x\.toml.*`train\.steps` = 0"):
+        load_stage_config(StageCfg, "x", profile="big")
+    _profile(root, "loop", {"profile.toml": 'base = "loop"\n'})
+    with pytest.raises(ConfigError, match="cycle"):
+        load_stage_config(StageCfg, "x", profile="loop")
+    _profile(root, "typo", {"profile.toml": '[paths]\nbnak = "/x"\n'})
+    with pytest.raises(ConfigError, match=r"paths\.bnak.*Did you mean `paths\.bank`"):
+        load_stage_config(StageCfg, "x", profile="typo")
+    with pytest.raises(ConfigError, match=r"profile 'nope'.*profiles: \['big', 'empty', 'loop', 'small', 'typo'\]"):
+        load_stage_config(StageCfg, "x", profile="nope")
+
+
+def test_default_paths_are_work_subfolders(tmp_path):
+    cfg = load_config(StageCfg, write(tmp_path, ""), work_dir="W")
+    assert cfg.train.bank == "W/bank/tokens" and PATHS["bank"] == "{work}/bank"
+
+
+def test_a_renamed_key_names_its_new_name(tmp_path, monkeypatch):
+    monkeypatch.setitem(RENAMED, "train.log_every", "train.every")
+    with pytest.raises(ConfigError, match=r"`train\.log_every` was renamed; did you mean `train\.every`"):
+        load_config(StageCfg, write(tmp_path, "[train]\nlog_every = 3\n"))
+    with pytest.raises(ConfigError, match=r"`train\.log_every` was renamed"):
+        load_config(StageCfg, write(tmp_path, ""), ["train.log_every=3"])

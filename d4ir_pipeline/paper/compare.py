@@ -57,7 +57,7 @@ from d4ir_pipeline.common.io import (
     sha256_file,
 )
 from d4ir_pipeline.common.runtime import pick_device
-from d4ir_pipeline.config import config_to_dict, find_stage_file, load_config, opt, redefault
+from d4ir_pipeline.config import config_to_dict, load_stage_config, opt, redefault
 from d4ir_pipeline.data.manifests import load_manifest, open_pair, open_rgb
 from d4ir_pipeline.demo.data import build_demo_data
 from d4ir_pipeline.demo.tiny_sd import write_tiny_sd
@@ -346,14 +346,11 @@ class _Ctx:
 # 1. the other stages' configs
 
 
-def _stage_file(explicit: str, stage: str, profile: str) -> Path:
-
-    return Path(explicit) if explicit else find_stage_file(stage, profile)
-
-
 def _load_stage(cls: type, explicit: str, stage: str, cfg: CompareConfig) -> Any:
-    path = _stage_file(explicit, stage, cfg.stages.profile)
-    return load_config(cls, path, work_dir=cfg.stages.work, profile=cfg.stages.profile)
+    """Another stage's config, exactly as its own command would load it (``explicit``: a file instead)."""
+    return load_stage_config(
+        cls, stage, profile=cfg.stages.profile, config=explicit or None, work_dir=cfg.stages.work
+    )
 
 
 def _distill_config(cfg: CompareConfig, budget: BudgetSection) -> Any:
