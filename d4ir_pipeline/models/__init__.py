@@ -3,8 +3,9 @@
 Registries are plain dicts name -> constructor (no decorators, no import-time scanning).
 ``build_model(spec, **kwargs)`` accepts a registry name or any ``package.module:Class``
 and records ``{"name": spec, "kwargs": kwargs}`` on the module (``model_spec``), which
-``save_model`` writes to ``model.json`` so ``load_model`` can rebuild it. Sizes,
-checkpoints and key layouts: docs/MODELS.md.
+``save_model`` writes to ``model.json`` so ``load_model`` can rebuild it. ``model_io(name)``
+says how a teacher is called (value range, output index, size multiple, weather flag) and
+``adapted_forward`` applies it. Sizes, checkpoints and key layouts: docs/MODELS.md.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import click
 from torch import nn
 
 from ..errors import D4IRError
+from .adapter import ModelIO, ModelIOError, adapted_forward
 from .checkpoint import (
+    SAFE_GLOBALS,
     CheckpointError,
     CheckpointMismatchError,
     load_model,
@@ -30,15 +33,29 @@ from .checkpoint import (
     save_model,
 )
 from .cost import count_macs, count_params, format_count, measure_latency
+from .dehazeformer import VARIANTS as DEHAZEFORMER_VARIANTS
+from .dehazeformer import DehazeFormer
+from .drsformer import DRSformer
+from .histoformer import Histoformer
+from .mprnet import MPRNet
 from .nafnet import NAFNet
 from .promptir import PromptIR
 from .restormer import Restormer
 from .students import ResCNN, UNetS
 from .tiling import pad_to_multiple, tiled_forward
+from .transweather import TransWeather
+from .wgws import WGWSNet
 
 __all__ = [
     "TEACHERS",
     "STUDENTS",
+    "TEACHER_IO",
+    "TEACHER_CHECKPOINTS",
+    "ModelIO",
+    "ModelIOError",
+    "model_io",
+    "adapted_forward",
+    "SAFE_GLOBALS",
     "ModelSpecError",
     "build_model",
     "model_spec",
@@ -58,12 +75,23 @@ __all__ = [
     "pad_to_multiple",
 ]
 
-# Teachers: official-size defaults load the released checkpoints; *_s are tiny variants
+# Teachers: official-size defaults load the released checkpoints (the configuration of the
+# released file, read from the authors' option files, where it differs from the class
+# defaults); *_s (dehazeformer_xs: "_s" is the official DehazeFormer-S) are tiny variants
 # of the same structure for tests; demo_teacher is the embedded demo's reference teacher.
 TEACHERS: dict[str, Callable[..., nn.Module]] = {
     "restormer": Restormer,  # deraining.pth etc. (Real/Gaussian denoising: LayerNorm_type="BiasFree")
     "nafnet": NAFNet,  # NAFNet-SIDD-width32.pth; other configs: pass width / enc_blk_nums / ...
     "promptir": PromptIR,  # the all-in-one model.ckpt (decoder=True)
+    # Allweather/Options/Allweather_Histoformer.yml (the class defaults are 48 / [4, 6, 6, 8] / 2.66)
+    "histoformer": partial(Histoformer, dim=36, num_blocks=(4, 4, 6, 8), ffn_expansion_factor=2.667),
+    "transweather": TransWeather,  # the official Transweather() (Tenc / Tdec presets)
+    "mprnet": MPRNet,  # Deraining/MPRNet.py defaults (n_feat 40, scale_unetfeats 20, scale_orsnetfeats 16)
+    "drsformer": DRSformer,  # Options/Deraining.yml; Rain200L / SPA-Data checkpoints: mefc=False
+    **{f"dehazeformer_{v}": partial(DehazeFormer, **kw) for v, kw in DEHAZEFORMER_VARIANTS.items()},
+    "wgws": partial(WGWSNet, base_channel=20),  # Setting 2 (rain, haze, snow): Setting2_K1.pth
+    "wgws_setting1": partial(WGWSNet, base_channel=18),  # Setting 1 (AllWeather: rain, raindrop, snow)
+    "wgws_setting3": partial(WGWSNet, base_channel=18),  # Setting 3 (real rain, haze, snow); see docs/MODELS.md
     "demo_teacher": partial(NAFNet, width=32, middle_blk_num=2, enc_blk_nums=(1, 1, 2), dec_blk_nums=(1, 1, 1)),
     "restormer_s": partial(Restormer, dim=8, num_blocks=(1, 1, 1, 1), num_refinement_blocks=1, heads=(1, 1, 2, 2)),
     "promptir_s": partial(
@@ -75,6 +103,76 @@ TEACHERS: dict[str, Callable[..., nn.Module]] = {
         prompt_dims=(8, 16, 24),
         prompt_sizes=(16, 8, 4),
     ),
+    "histoformer_s": partial(
+        Histoformer,
+        dim=12,
+        num_blocks=(1, 1, 1, 1),
+        num_refinement_blocks=1,
+        heads=(1, 2, 2, 4),
+        ffn_expansion_factor=2.667,
+    ),
+    "transweather_s": partial(
+        TransWeather,
+        embed_dims=(16, 32, 40, 64),
+        enc_heads=(1, 2, 2, 2),
+        enc_depths=(1, 1, 1, 1),
+        dec_heads=2,
+        dec_mlp_ratio=2,
+        dec_depth=1,
+        task_queries=8,
+    ),
+    "mprnet_s": partial(MPRNet, n_feat=8, scale_unetfeats=4, scale_orsnetfeats=4, num_cab=1),
+    "drsformer_s": partial(DRSformer, dim=8, num_blocks=(1, 1, 1, 1), heads=(1, 1, 2, 2)),
+    "dehazeformer_xs": partial(
+        DehazeFormer, embed_dims=(8, 16, 24, 16, 8), depths=(1, 2, 2, 1, 1), num_heads=(2, 2, 2, 1, 1)
+    ),
+    "wgws_s": partial(WGWSNet, base_channel=4, num_res=1),
+}
+
+_DEHAZE_IO = ModelIO(input_range="-1,1", output_range="-1,1", pad_multiple=4)
+
+# Teacher I/O defaults (docs/MODELS.md says where each fact comes from). A registered
+# name without an entry is a plain [0, 1] -> [0, 1] network that returns one tensor.
+TEACHER_IO: dict[str, ModelIO] = {
+    "restormer": ModelIO(pad_multiple=8),
+    "nafnet": ModelIO(pad_multiple=16),
+    "promptir": ModelIO(pad_multiple=8),
+    "demo_teacher": ModelIO(pad_multiple=8),
+    "histoformer": ModelIO(pad_multiple=8),
+    # Normalize(0.5, 0.5) inputs; the tanh output is trained against [0, 1] targets
+    "transweather": ModelIO(input_range="-1,1", output_range="0,1", pad_multiple=16),
+    "mprnet": ModelIO(output_index=0, pad_multiple=8),  # [stage3, stage2, stage1]
+    "drsformer": ModelIO(pad_multiple=8),
+    **{f"dehazeformer_{v}": _DEHAZE_IO for v in DEHAZEFORMER_VARIANTS},
+    # flag orders of the official testing_model_Seting{1,2,3}.py
+    "wgws": ModelIO(pad_multiple=4, weather_flag=("snow", "rain", "haze")),
+    "wgws_setting1": ModelIO(pad_multiple=4, weather_flag=("snow", "rain", "raindrop")),
+    "wgws_setting3": ModelIO(pad_multiple=4, weather_flag=("haze", "rain", "snow")),
+    "restormer_s": ModelIO(pad_multiple=8),
+    "promptir_s": ModelIO(pad_multiple=8),
+    "histoformer_s": ModelIO(pad_multiple=8),
+    "transweather_s": ModelIO(input_range="-1,1", output_range="0,1", pad_multiple=16),
+    "mprnet_s": ModelIO(output_index=0, pad_multiple=8),
+    "drsformer_s": ModelIO(pad_multiple=8),
+    "dehazeformer_xs": _DEHAZE_IO,
+    "wgws_s": ModelIO(pad_multiple=4, weather_flag=("snow", "rain", "haze")),
+}
+
+# The checkpoint file each official-size teacher expects (file name; container). Where the
+# authors publish them: docs/MODELS.md.
+TEACHER_CHECKPOINTS: dict[str, str] = {
+    "restormer": "deraining.pth; {'params'}",
+    "nafnet": "NAFNet-SIDD-width32.pth; {'params'}",
+    "promptir": "model.ckpt; Lightning {'state_dict': {'net.*'}}",
+    "histoformer": "net_g_best.pth; {'params'}",
+    "transweather": "best; raw DataParallel state_dict ('module.*')",
+    "mprnet": "model_deraining.pth; {'state_dict'}",
+    "drsformer": "deraining.pth (per data set); {'params'}",
+    **{f"dehazeformer_{v}": f"dehazeformer-{v}.pth; {{'state_dict': {{'module.*'}}}}" for v in DEHAZEFORMER_VARIANTS},
+    "wgws": "Setting2_K1.pth; raw state_dict",
+    "wgws_setting1": "Setting1_K1.pth; raw state_dict",
+    "wgws_setting3": "Setting3_K1.pth; raw state_dict",
+    "demo_teacher": "assets/reference_teacher/ (make teacher)",
 }
 
 # Students: three families of different cost (MACs and parameters in `d4ir models`).
@@ -115,6 +213,15 @@ def _resolve(spec: str) -> Callable[..., nn.Module]:
     if not callable(obj):
         raise ModelSpecError(f"model spec {spec!r}: {attr!r} is not callable")
     return obj
+
+
+def model_io(name: str) -> ModelIO:
+    """The registry's I/O defaults for ``name`` (plain [0, 1] in / out for names without an entry)."""
+    if name in TEACHER_IO:
+        return TEACHER_IO[name]
+    if name in TEACHERS or name in STUDENTS or ":" in name:
+        return ModelIO()
+    raise ModelSpecError(f"unknown model {name!r}; known models: {known_models()}, or give any 'package.module:Class'")
 
 
 def _plain(value: Any) -> Any:
@@ -167,7 +274,7 @@ def reference_teacher_path() -> Path:
 
 
 def model_table(size: tuple[int, int] = (256, 256), names: list[str] | None = None) -> list[dict]:
-    """Rows {name, role, family, params, macs} for registered models, built on the meta device."""
+    """Rows {name, role, family, params, macs, checkpoint, io} for registered models, built on the meta device."""
     import torch
 
     rows = []
@@ -182,6 +289,8 @@ def model_table(size: tuple[int, int] = (256, 256), names: list[str] | None = No
                 "family": type(model).__name__,
                 "params": count_params(model),
                 "macs": count_macs(model, size),
+                "checkpoint": TEACHER_CHECKPOINTS.get(name, ""),
+                "io": model_io(name).to_dict() if role != "custom" else None,
             }
         )
     return rows
@@ -194,14 +303,14 @@ def model_table(size: tuple[int, int] = (256, 256), names: list[str] | None = No
 @click.option("--name", "names", multiple=True, help="Only these models (repeatable; default: all registered).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def models_command(size: int, names: tuple[str, ...], as_json: bool) -> None:
-    """List teachers and students with parameters and MACs at SIZE x SIZE."""
+    """List teachers and students with parameters, MACs at SIZE x SIZE and the checkpoint a teacher expects."""
     rows = model_table((size, size), list(names) or None)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    click.echo(f"{'name':<14} {'role':<8} {'family':<10} {'params':>9} {'MACs@' + str(size):>12}")
+    click.echo(f"{'name':<16} {'role':<8} {'family':<13} {'params':>9} {'MACs@' + str(size):>12}  checkpoint")
     for r in sorted(rows, key=lambda r: (r["role"] != "teacher", r["macs"])):
         click.echo(
-            f"{r['name']:<14} {r['role']:<8} {r['family']:<10} {format_count(r['params']):>9} "
-            f"{format_count(r['macs']):>12}"
+            f"{r['name']:<16} {r['role']:<8} {r['family']:<13} {format_count(r['params']):>9} "
+            f"{format_count(r['macs']):>12}  {r['checkpoint']}".rstrip()
         )

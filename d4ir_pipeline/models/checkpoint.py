@@ -1,7 +1,10 @@
 """Safe checkpoint loading and our own model folders (model.safetensors + model.json).
 
-Reading: safetensors, or ``.pth/.pt/.ckpt/.bin`` through ``torch.load(weights_only=True)``
-(a pickle that needs arbitrary code is refused, never executed). Containers are
+Reading: safetensors, or ``.pth/.pt/.ckpt/.bin`` (or no suffix, sniffed) through
+``torch.load(weights_only=True)`` with a small explicit allowlist of harmless classes
+(:data:`SAFE_GLOBALS`, e.g. the ``argparse.Namespace`` that training scripts store next to
+the weights) scoped to that one call; a pickle that needs anything else is refused with
+the names of the globals it wants, never executed. Containers are
 unwrapped in this order: ``params_ema``, ``params`` (BasicSR: NAFNet / Restormer save
 ``params``; when both exist the EMA weights are the ones their papers report, so they
 win; pass ``key=`` to choose), ``state_dict`` (Lightning, e.g. PromptIR), ``model``,
@@ -14,12 +17,14 @@ Writing: :func:`save_model` stores the weights and the model's build spec, so
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
 import pickle
+import re
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +38,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointMismatchError",
     "LoadReport",
+    "SAFE_GLOBALS",
     "load_state_dict_file",
     "unwrap_state_dict",
     "strip_prefixes",
@@ -50,6 +56,12 @@ CONFIG_NAME = "model.json"
 CONTAINER_KEYS = ("params_ema", "params", "state_dict", "model", "net", "network")
 STRIP_PREFIXES = ("module.", "model.", "net.")
 _SHOW = 10  # entries listed per category in mismatch messages
+
+# Classes a checkpoint may pickle besides tensors and plain containers. Each is a plain
+# data holder: unpickling it sets attributes and runs no code of the file's choosing.
+# argparse.Namespace: the training arguments WeatherDiffusion-style checkpoints store
+# (``{"state_dict": ..., "params": Namespace, "config": Namespace}``).
+SAFE_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
 _PICKLE_SUFFIXES = {".pth", ".pt", ".ckpt", ".bin", ".pkl"}
 
 
@@ -134,8 +146,49 @@ def strip_prefixes(sd: dict[str, Tensor], *, where: str = "checkpoint") -> dict[
     return sd
 
 
-def load_state_dict_file(path: str | os.PathLike, *, key: str | None = None, strip: bool = True) -> dict[str, Tensor]:
-    """Read a state_dict from safetensors or a torch file (weights_only); unwrap containers."""
+def _global_name(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', getattr(obj, '__name__', repr(obj)))}"
+
+
+def _torch_load(path: Path, allowed: tuple[Any, ...]) -> Any:
+    """``torch.load(weights_only=True)`` with ``allowed`` added for this call only; refusals name the globals."""
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        found = re.findall(r"GLOBAL ([\w.]+)", text)
+        try:  # every offending global, read statically from the pickle (zip checkpoints only); nothing runs
+            with torch.serialization.safe_globals(list(allowed)):
+                found = sorted(set(found) | set(torch.serialization.get_unsafe_globals_in_checkpoint(str(path))))
+        except (ValueError, RuntimeError, OSError, pickle.UnpicklingError):
+            pass
+        if found:
+            what = f"it pickles {', '.join(f'`{g}`' for g in found)}, outside the allowlist"
+        else:
+            lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+            what = f"the unpickler refused it ({next((ln for ln in lines if 'error' in ln.lower()), lines[-1] if lines else '')})"
+        raise CheckpointError(
+            f"checkpoint {path}: refused to unpickle it with torch.load(weights_only=True): {what} "
+            f"[{', '.join(_global_name(g) for g in allowed)} and tensors / plain containers are allowed]. "
+            "Loading it fully would run whatever code the file names. To proceed: if these are harmless data "
+            "classes from a source you trust, pass them as `extra_safe_globals=[...]` (or add them to "
+            "`d4ir_pipeline.models.checkpoint.SAFE_GLOBALS`); otherwise convert the file once, in a separate Python "
+            "session you trust it in (full unpickling, then safetensors.torch.save_file of its state_dict), and pass "
+            "the .safetensors file."
+        ) from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"checkpoint {path}: not a readable torch file ({type(e).__name__}: {e})") from e
+
+
+def load_state_dict_file(
+    path: str | os.PathLike,
+    *,
+    key: str | None = None,
+    strip: bool = True,
+    extra_safe_globals: Sequence[Any] = (),
+) -> dict[str, Tensor]:
+    """Read a state_dict from safetensors or a torch file (weights_only + :data:`SAFE_GLOBALS`); unwrap containers."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist (or is not a file)")
@@ -149,20 +202,7 @@ def load_state_dict_file(path: str | os.PathLike, *, key: str | None = None, str
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"checkpoint {path}: not a readable safetensors file ({e})") from e
     elif path.suffix in _PICKLE_SUFFIXES or kind in ("zip", "pickle"):
-        try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            reason = str(e).strip().splitlines()
-            detail = next((ln for ln in reason if "GLOBAL" in ln or "Unsupported" in ln), reason[0] if reason else "")
-            raise CheckpointError(
-                f"checkpoint {path}: refused to unpickle it with torch.load(weights_only=True): it contains "
-                f"objects other than tensors and plain containers ({detail.strip()}). Loading it fully would "
-                "run arbitrary code from the file. If you trust its origin, convert it once in a separate "
-                "Python session (full unpickling, then save the state_dict with safetensors.torch.save_file) "
-                "and pass the .safetensors file."
-            ) from e
-        except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-            raise CheckpointError(f"checkpoint {path}: not a readable torch file ({type(e).__name__}: {e})") from e
+        raw = _torch_load(path, tuple(SAFE_GLOBALS) + tuple(extra_safe_globals))
     else:
         raise CheckpointError(
             f"checkpoint {path}: unknown format (suffix {path.suffix!r}); expected .safetensors, .pth, .pt or .ckpt"
@@ -191,6 +231,7 @@ def load_weights(
     *,
     strict: bool = True,
     key: str | None = None,
+    extra_safe_globals: Sequence[Any] = (),
 ) -> LoadReport:
     """Load weights into ``model``; any mismatch raises :class:`CheckpointMismatchError` listing keys.
 
@@ -202,7 +243,7 @@ def load_weights(
         raw = unwrap_state_dict(path_or_state_dict, key=key, where=where, strip=False)
     else:
         where = f"checkpoint {path_or_state_dict}"
-        raw = load_state_dict_file(path_or_state_dict, key=key, strip=False)
+        raw = load_state_dict_file(path_or_state_dict, key=key, strip=False, extra_safe_globals=extra_safe_globals)
     own = model.state_dict()
     # strip wrapper prefixes unless the model's own keys carry them (keep whichever matches better)
     stripped = strip_prefixes(raw, where=where)
