@@ -128,3 +128,22 @@ def test_bank_errors(trained, tmp_path):
     (bad / "bank.json").write_text(json.dumps({"kind": "d4ir-prompt-bank", "weathers": [], "K": 4, "D": 32}))
     with pytest.raises(D4IRError, match="tokens.safetensors is missing"):
         PromptBank.load(bad)
+
+
+def test_prompt_bank_write_round_trips_and_computes_centroids(tmp_path):
+    tokens = torch.arange(4 * 2 * 3, dtype=torch.float32).reshape(4, 2, 3)  # (N, K, D)
+    rows = [
+        {"id": f"img{i}", "sha256": f"{i:064x}", "weather": w, "text": "extra keys are kept"}
+        for i, w in enumerate(["snow", "rain", "snow", None])
+    ]
+    bank = PromptBank.write(tmp_path / "bank", tokens, rows, meta={"adapter_sha256": None, "created": "test"})
+    again = PromptBank.load(tmp_path / "bank")
+    assert again.weathers == ["rain", "snow"] and again.K == 2 and again.D == 3 and len(again) == 4
+    assert torch.equal(again.tokens, tokens)
+    assert torch.equal(again.centroid("snow"), (tokens[0] + tokens[2]) / 2)
+    assert torch.equal(again.centroid("rain"), tokens[1])
+    assert again.rows_for(None) == [3] and again.records[0]["text"] == "extra keys are kept"
+    assert bank.meta["num_rows"] == 4 and bank.meta["created"] == "test"
+    with pytest.raises(D4IRError, match="3 rows for tokens"):
+        PromptBank.write(tmp_path / "bank", tokens, rows[:3], meta={})
+    assert len(PromptBank.load(tmp_path / "bank")) == 4  # a refused write leaves the bank as it was

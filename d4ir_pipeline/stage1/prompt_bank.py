@@ -20,7 +20,6 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
-import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,15 @@ import click
 import torch
 
 from d4ir_pipeline.cli import config_from_options, stage_options
-from d4ir_pipeline.common.io import atomic_write_json, atomic_write_jsonl, fsync_dir, read_json, read_jsonl, sha256_file
+from d4ir_pipeline.common.io import (
+    atomic_dir,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_jsonl,
+    read_json,
+    read_jsonl,
+    sha256_file,
+)
 from d4ir_pipeline.common.runtime import pick_device
 from d4ir_pipeline.config import opt
 from d4ir_pipeline.data.manifests import open_rgb
@@ -134,6 +141,52 @@ class PromptBank:
             raise D4IRError(f"{idx_p}: {len(records)} rows numbered 0..N-1 expected to match {tokens.shape[0]} tokens")
         return cls(tokens, centroids, records, meta, path)
 
+    @classmethod
+    def write(
+        cls,
+        path: str | os.PathLike,
+        tokens: torch.Tensor,
+        rows: list[dict],
+        *,
+        meta: dict,
+        weathers: list[str] | None = None,
+        centroids: torch.Tensor | None = None,
+    ) -> PromptBank:
+        """Write a bank folder atomically: ``tokens`` (N, K, D) float32, one index row per token
+        (``id``, ``sha256``, ``weather`` and any extra keys), ``meta`` merged into bank.json.
+
+        ``weathers`` (centroid order) defaults to the sorted labelled weathers of ``rows`` and
+        ``centroids`` (W, K, D) to each weather's mean tokens. The one writer of the format:
+        the DPA bank, compare's text-prompt bank and the test builders all come through here.
+        """
+        from safetensors.torch import save
+
+        tokens = tokens.float().contiguous()
+        if tokens.ndim != 3 or len(rows) != tokens.shape[0]:
+            raise D4IRError(f"prompt bank {str(path)!r}: {len(rows)} rows for tokens {tuple(tokens.shape)}")
+        if weathers is None:
+            weathers = sorted({r["weather"] for r in rows if r.get("weather") is not None})
+        if centroids is None:
+            centroids = torch.zeros(len(weathers), *tokens.shape[1:])
+            for j, w in enumerate(weathers):
+                centroids[j] = tokens[[i for i, r in enumerate(rows) if r.get("weather") == w]].mean(0)
+        doc = {
+            **meta,
+            "kind": BANK_KIND,
+            "version": BANK_VERSION,
+            "weathers": list(weathers),
+            "K": int(tokens.shape[1]),
+            "D": int(tokens.shape[2]),
+            "num_rows": len(rows),
+        }
+        with atomic_dir(path) as stage:
+            atomic_write_bytes(
+                stage / "tokens.safetensors", save({"tokens": tokens, "centroids": centroids.contiguous()})
+            )
+            atomic_write_jsonl(stage / "index.jsonl", ({"row": i, **r} for i, r in enumerate(rows)))
+            atomic_write_json(stage / "bank.json", doc)
+        return cls.load(path)
+
     def rows_for(self, weather: str | None) -> list[int]:
         """Row numbers of the images of ``weather`` (None: the unlabelled ones)."""
         if weather is not None and weather not in self._rows:
@@ -158,8 +211,6 @@ def _bank_is_current(out: Path, adapter_sha: str, manifest_sha: str) -> bool:
 
 def build_prompt_bank(cfg: BankConfig) -> BankResult:
     """Encode every web-degraded image with the trained DPA into the prompt bank folder."""
-    from safetensors.torch import save_file
-
     b = cfg.bank
     out = Path(b.out)
     # 1. check inputs (before loading anything heavy)
@@ -200,60 +251,26 @@ def build_prompt_bank(cfg: BankConfig) -> BankResult:
     if not kept:
         raise D4IRError(f"`bank.manifest` = {b.manifest!r}: every image was unreadable {dict(skipped)}")
     tokens = torch.cat(chunks).float().contiguous()  # (N, K, D)
-    k, d = model.tokens, model.dim
-    weathers = sorted({r.weather for r in kept if r.weather is not None})
-    centroids = torch.zeros(len(weathers), k, d)
-    for j, w in enumerate(weathers):
-        rows = torch.tensor([i for i, r in enumerate(kept) if r.weather == w])
-        centroids[j] = tokens[rows].mean(0)
-    if not weathers:
+    if not any(r.weather for r in kept):
         logger.warning("no weather labels in %s: the bank has no centroids", b.manifest)
     counts = dict(Counter(r.weather or "unlabelled" for r in kept))
 
-    # 4. write into a staging folder, then swap it into place
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir()
-    try:
-        save_file({"tokens": tokens, "centroids": centroids.contiguous()}, str(stage / "tokens.safetensors"))
-        with open(stage / "tokens.safetensors", "rb") as f:
-            os.fsync(f.fileno())
-        atomic_write_jsonl(
-            stage / "index.jsonl",
-            ({"row": i, "id": r.id, "sha256": r.sha256, "weather": r.weather} for i, r in enumerate(kept)),
-        )
-        atomic_write_json(
-            stage / "bank.json",
-            {
-                "kind": BANK_KIND,
-                "version": BANK_VERSION,
-                "weathers": weathers,
-                "K": k,
-                "D": d,
-                "adapter_sha256": adapter_sha,
-                "sd_model": dpa_meta["spec"].get("sd_model"),
-                "sd_model_id": dpa_meta["spec"].get("sd_model_id"),
-                "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-                "num_rows": len(kept),
-                "counts": counts,
-                "manifest": str(b.manifest),
-                "manifest_sha256": manifest_sha,
-                "skipped": dict(skipped),
-            },
-        )
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if out.exists():
-            os.replace(out, old)
-        os.replace(stage, out)
-        fsync_dir(out.parent)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    logger.info("prompt bank: %d rows (%s), K=%d, D=%d -> %s%s", len(kept), counts, k, d, out,
-                f"; skipped {dict(skipped)}" if skipped else "")  # fmt: skip
-    return BankResult(out, len(kept), weathers, counts, k, d, adapter_sha, dict(skipped))
+    # 4. write (a staging folder swapped into place)
+    meta = {
+        "adapter_sha256": adapter_sha,
+        "sd_model": dpa_meta["spec"].get("sd_model"),
+        "sd_model_id": dpa_meta["spec"].get("sd_model_id"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "counts": counts,
+        "manifest": str(b.manifest),
+        "manifest_sha256": manifest_sha,
+        "skipped": dict(skipped),
+    }
+    rows = [{"id": r.id, "sha256": r.sha256, "weather": r.weather} for r in kept]
+    bank = PromptBank.write(out, tokens, rows, meta=meta)
+    more = f"; skipped {dict(skipped)}" if skipped else ""
+    logger.info("prompt bank: %d rows (%s), K=%d, D=%d -> %s%s", len(kept), counts, bank.K, bank.D, out, more)
+    return BankResult(out, len(kept), bank.weathers, counts, bank.K, bank.D, adapter_sha, dict(skipped))
 
 
 @click.command("prompt-bank")
