@@ -203,7 +203,7 @@ def png_ms(resolution: int) -> float:
     """CPU milliseconds to PNG-encode one output (what the shard writer's threads do)."""
     import numpy as np
 
-    from d4ir_pipeline.stage1.ccd import encode_image
+    from d4ir_pipeline.common.images import encode_image
 
     arr = np.random.default_rng(0).integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)
     t0 = time.perf_counter()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -23,7 +22,6 @@ from d4ir_pipeline.demo.data import (
     add_snow,
     build_demo_data,
     demo_data_command,
-    png_bytes,
 )
 
 COMMITTED = Path(__file__).resolve().parents[1] / "data_manifests" / "demo"
@@ -180,21 +178,6 @@ def test_snow_has_flakes_of_several_sizes():
     assert n >= 10
     assert areas.max() >= 5 * np.median(areas)  # near flakes are much larger than far ones
     assert len(params["layers"]) == 3
-
-
-def test_png_bytes_roundtrip_and_stable():
-    rng = np.random.default_rng(0)
-    for arr in (
-        (rng.random((5, 7, 3)) * 255).astype(np.uint8),
-        (rng.random((5, 7)) * 255).astype(np.uint8),
-        (rng.random((5, 7, 4)) * 255).astype(np.uint8),
-        (rng.random((5, 7)) * 65535).astype(np.uint16),
-        (rng.random((300, 300, 3)) * 255).astype(np.uint8),  # > 64 KiB: several stored blocks
-    ):
-        data = png_bytes(arr)
-        assert data == png_bytes(arr.copy())
-        back = np.asarray(Image.open(io.BytesIO(data)))
-        assert np.array_equal(back, arr), arr.shape
 
 
 def test_rerun_reuses_verified_set_and_repairs_a_damaged_one(demo, tmp_path):

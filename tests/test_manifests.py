@@ -9,6 +9,7 @@ import os
 import struct
 import zlib
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image, ImageFile
 
-from d4ir_pipeline.common.images import decode_rgb
+from d4ir_pipeline.common.images import decode_rgb, encode_png
 from d4ir_pipeline.data.manifests import (
     ImageRecord,
     ManifestError,
@@ -32,9 +33,9 @@ from d4ir_pipeline.data.manifests import (
     weather_from_path,
     write_manifest,
 )
-from d4ir_pipeline.demo.data import png_bytes
 from d4ir_pipeline.errors import BadImageError
 
+stored_png = partial(encode_png, stored=True)  # any mode, reproducible bytes
 RNG = np.random.default_rng(0)
 
 
@@ -90,8 +91,8 @@ def mixed_tree(tmp_path: Path) -> tuple[Path, dict[str, str], dict[str, str], di
     _save(c / "pal.png", Image.fromarray(_rgb()).convert("P"), "PNG")
     _save(c / "rgba.png", Image.fromarray(np.dstack([_rgb(), np.full((40, 48), 128, np.uint8)])), "PNG")
     _save(c / "la.png", Image.fromarray(_rgb()).convert("LA"), "PNG")
-    (c / "g16.png").write_bytes(png_bytes((RNG.random((40, 48)) * 65535).astype(np.uint16)))
-    (c / "rgb16.png").write_bytes(png_bytes((RNG.random((40, 48, 3)) * 65535).astype(np.uint16)))
+    (c / "g16.png").write_bytes(stored_png((RNG.random((40, 48)) * 65535).astype(np.uint16)))
+    (c / "rgb16.png").write_bytes(stored_png((RNG.random((40, 48, 3)) * 65535).astype(np.uint16)))
     _save(c / "float.tif", Image.fromarray(RNG.random((40, 48)).astype(np.float32), mode="F"), "TIFF")
     conv.update(
         {
@@ -179,7 +180,7 @@ def test_build_strict_exits_nonzero_and_writes_no_manifest(mixed_tree, tmp_path)
 
 
 def test_decompression_bomb_uses_pils_limit(monkeypatch, tmp_path):
-    data = png_bytes(_rgb(60, 60))  # 3600 px
+    data = stored_png(_rgb(60, 60))  # 3600 px
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # > limit: Pillow warns, we refuse
     with pytest.raises(BadImageError) as ei:
         decode_rgb(data)
@@ -205,12 +206,12 @@ def test_truncation_detected_even_if_a_library_allows_truncated_images(monkeypat
 def test_conversions_are_correct():
     # 16-bit: v / 257 with rounding, not clipping to the low byte
     g16 = np.array([[0, 257, 32896, 65535]], np.uint16)
-    img, conv = decode_rgb(png_bytes(g16))
+    img, conv = decode_rgb(stored_png(g16))
     assert conv == "I;16" and img.mode == "RGB"
     assert np.asarray(img)[0, :, 0].tolist() == [0, 1, 128, 255]
     # RGBA: composite on white, fully transparent -> white, opaque -> unchanged
     rgba = np.array([[[10, 20, 30, 0], [10, 20, 30, 255], [0, 0, 0, 128]]], np.uint8)
-    img, conv = decode_rgb(png_bytes(rgba))
+    img, conv = decode_rgb(stored_png(rgba))
     assert conv == "RGBA"
     px = np.asarray(img)[0]
     assert px[0].tolist() == [255, 255, 255] and px[1].tolist() == [10, 20, 30]
@@ -223,7 +224,7 @@ def test_conversions_are_correct():
     img, conv = decode_rgb(buf.getvalue())
     assert conv == "P" and np.asarray(img)[0].tolist() == [[255, 255, 255], [200, 10, 10]]
     # plain RGB: no conversion reported
-    assert decode_rgb(png_bytes(_rgb()))[1] is None
+    assert decode_rgb(stored_png(_rgb()))[1] is None
 
 
 def test_exif_orientation_applied():
@@ -240,7 +241,7 @@ def test_path_escape_refused(tmp_path):
     root = tmp_path / "root"
     root.mkdir()
     outside = tmp_path / "outside.png"
-    outside.write_bytes(png_bytes(_rgb()))
+    outside.write_bytes(stored_png(_rgb()))
     for rel in ("../outside.png", str(outside)):
         with pytest.raises(BadImageError) as ei:
             open_rgb(root, rel)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from d4ir_pipeline.common.images import psnr_u8
+from d4ir_pipeline.common.images import psnr
 from d4ir_pipeline.config import load_config
 from d4ir_pipeline.demo.reference_teacher import (
     TeacherBarError,
@@ -125,8 +125,10 @@ def test_psnr_agrees_with_skimage():
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (17, 23, 3), dtype=np.uint8)
     b = np.clip(a.astype(int) + rng.integers(-9, 10, a.shape), 0, 255).astype(np.uint8)
-    assert psnr_u8(a, b) == pytest.approx(peak_signal_noise_ratio(b, a, data_range=255), abs=1e-9)
-    assert psnr_u8(a, a) == 100.0
+    assert psnr(a, b, data_range=255.0, max_db=100.0) == pytest.approx(
+        peak_signal_noise_ratio(b, a, data_range=255), abs=1e-9
+    )
+    assert psnr(a, a, data_range=255.0, max_db=100.0) == 100.0
 
 
 # ---------------------------------------------------------------------------------------

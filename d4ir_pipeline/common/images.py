@@ -7,8 +7,10 @@ import io
 import logging
 import math
 import os
+import struct
 import threading
 import warnings
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -227,12 +229,6 @@ def load_rgb_file(path: str | os.PathLike, *, min_side: int = 1) -> tuple[Image.
 # metrics
 
 
-def psnr_u8(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB of two uint8 images (RGB, data range 255); identical images give 100."""
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return 100.0 if mse == 0 else float(10.0 * math.log10(255.0**2 / mse))
-
-
 def ssim_u8(a: np.ndarray, b: np.ndarray) -> float:
     """SSIM of two (H, W, 3) uint8 images (skimage, 7x7 uniform window, channels averaged)."""
     from skimage.metrics import structural_similarity
@@ -240,10 +236,25 @@ def ssim_u8(a: np.ndarray, b: np.ndarray) -> float:
     return float(structural_similarity(a, b, channel_axis=2, data_range=255))
 
 
-def psnr(a: Any, b: Any) -> float:
-    """PSNR in dB of images in [0, 1] (RGB, whole tensor)."""
-    mse = float(((a.float() - b.float()) ** 2).mean())
-    return float("inf") if mse == 0 else -10.0 * math.log10(mse)
+def psnr(a: Any, b: Any, *, data_range: float = 1.0, max_db: float | None = None, per_sample: bool = False) -> Any:
+    """PSNR in dB of two images (numpy arrays or torch tensors of one shape), the project's one PSNR.
+
+    ``data_range``: 1.0 for [0, 1] images, 255 for uint8. Identical images give ``inf``, or
+    ``max_db`` when given (a finite cap keeps means finite). numpy inputs are compared in
+    float64, tensors in float32. ``per_sample``: one value per leading index (B, ...) as a
+    list, else one value over the whole arrays. Evaluation tables use pyiqa's PSNR-Y instead
+    (stage2/evaluate.py), the benchmarks' convention.
+    """
+    if isinstance(a, np.ndarray):
+        diff = a.astype(np.float64) - np.asarray(b).astype(np.float64)
+        sq = diff * diff
+        mses = sq.reshape(sq.shape[0], -1).mean(axis=1).tolist() if per_sample else [float(sq.mean())]
+    else:
+        sq = (a.float() - b.float()) ** 2
+        mses = sq.flatten(1).mean(dim=1).tolist() if per_sample else [float(sq.mean())]
+    cap = float("inf") if max_db is None else float(max_db)
+    vals = [cap if m == 0 else min(cap, 10.0 * math.log10(data_range**2 / m)) for m in mses]
+    return vals if per_sample else vals[0]
 
 
 # ---------------------------------------------------------------------------------------
@@ -255,13 +266,81 @@ def to_uint8(x: Tensor) -> np.ndarray:
     return (x.detach().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
 
 
-def png_bytes(arr: np.ndarray) -> bytes:
-    """PNG bytes of an (H, W, 3) uint8 array (no timestamps: identical arrays give identical bytes)."""
-    from PIL import Image
+IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}  # what shards and exports may hold
 
+
+def encode_image(arr: np.ndarray, fmt: str = "png", *, quality: int = 95, compress_level: int = 6) -> bytes:
+    """Encode an (H, W, 3) uint8 array as png / jpg / webp; the bytes are a pure function of the
+    pixels (no metadata, no timestamps). The project's one image encoder."""
+    if fmt not in IMAGE_FORMATS:
+        raise ValueError(f"`format` = {fmt!r}: expected one of {sorted(IMAGE_FORMATS)}")
     buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG", optimize=False)
+    img = Image.fromarray(arr, "RGB")
+    if fmt == "png":
+        img.save(buf, "PNG", compress_level=compress_level)
+    elif fmt == "jpg":
+        img.save(buf, "JPEG", quality=quality, subsampling=0 if quality >= 90 else 2)
+    else:
+        img.save(buf, "WEBP", quality=quality, method=4)
     return buf.getvalue()
+
+
+def encode_png(arr: np.ndarray, *, compress_level: int = 6, stored: bool = False) -> bytes:
+    """PNG bytes of an (H, W, 3) uint8 array (Pillow, ``compress_level`` 0-9).
+
+    ``stored``: no compression at all, and also (H, W) / 2- / 4-channel / uint16 arrays:
+    bytes independent of the zlib behind Pillow, for data whose sha256s are committed (the
+    demo data set); about 1.5x larger.
+    """
+    if stored:
+        return _stored_png(arr)
+    return encode_image(arr, "png", compress_level=compress_level)
+
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    """PNG bytes of an (H, W, 3) uint8 array at Pillow's default level (identical arrays, identical bytes)."""
+    return encode_png(arr)
+
+
+def _png_chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+
+def _deflate_stored(data: bytes) -> bytes:
+    """A zlib stream of stored (uncompressed) blocks: the same bytes with any zlib build."""
+    out = bytearray(b"\x78\x01")
+    pos, n = 0, len(data)
+    while True:
+        block = data[pos : pos + 65535]
+        pos += len(block)
+        final = pos >= n
+        out += bytes([1 if final else 0]) + struct.pack("<HH", len(block), len(block) ^ 0xFFFF) + block
+        if final:
+            break
+    out += struct.pack(">I", zlib.adler32(data) & 0xFFFFFFFF)
+    return bytes(out)
+
+
+def _stored_png(arr: np.ndarray) -> bytes:
+    """Uncompressed PNG of (H, W), (H, W, 2|3|4) uint8 / uint16 whose bytes depend only on the pixels."""
+    if arr.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"`arr` dtype {arr.dtype}: expected uint8 or uint16")
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4):
+        raise ValueError(f"`arr` shape {arr.shape}: expected (H, W) or (H, W, C) with C in 1..4")
+    h, w, c = arr.shape
+    color_type = {1: 0, 2: 4, 3: 2, 4: 6}[c]
+    depth = 8 if arr.dtype == np.uint8 else 16
+    rows = np.ascontiguousarray(arr.astype(">u2") if depth == 16 else arr).reshape(h, -1)
+    raw = np.concatenate([np.zeros((h, 1), np.uint8), rows.view(np.uint8).reshape(h, -1)], axis=1).tobytes()
+    ihdr = struct.pack(">IIBBBBB", w, h, depth, color_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", _deflate_stored(raw))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def image_grid(

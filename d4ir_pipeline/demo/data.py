@@ -24,9 +24,7 @@ import logging
 import math
 import os
 import shutil
-import struct
 import time
-import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +34,7 @@ import click
 import numpy as np
 from scipy import ndimage
 
+from d4ir_pipeline.common.images import encode_png
 from d4ir_pipeline.common.io import atomic_write_json, atomic_write_jsonl, read_json, sha256_bytes
 from d4ir_pipeline.data.manifests import ImageRecord, ManifestError, load_manifest, verify_manifest, write_manifest
 from d4ir_pipeline.errors import D4IRError
@@ -125,52 +124,6 @@ _LUMA = np.array([0.299, 0.587, 0.114])
 
 
 # --------------------------------------------------------------------------- PNG
-
-
-def _png_chunk(tag: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-
-def _deflate_stored(data: bytes) -> bytes:
-    """A zlib stream of stored (uncompressed) blocks: the same bytes with any zlib build."""
-    out = bytearray(b"\x78\x01")
-    pos, n = 0, len(data)
-    while True:
-        block = data[pos : pos + 65535]
-        pos += len(block)
-        final = pos >= n
-        out += bytes([1 if final else 0]) + struct.pack("<HH", len(block), len(block) ^ 0xFFFF) + block
-        if final:
-            break
-    out += struct.pack(">I", zlib.adler32(data) & 0xFFFFFFFF)
-    return bytes(out)
-
-
-def png_bytes(arr: np.ndarray) -> bytes:
-    """Encode (H, W), (H, W, 2|3|4) uint8 or uint16 as PNG with reproducible bytes.
-
-    No compression and no metadata chunks, so the bytes depend only on the pixels (the
-    demo's sha256s must not change with the zlib behind Pillow). Costs ~1.5x the size
-    of a compressed PNG, which is fine for the demo's small crops.
-    """
-    if arr.dtype not in (np.uint8, np.uint16):
-        raise ValueError(f"`arr` dtype {arr.dtype}: expected uint8 or uint16")
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4):
-        raise ValueError(f"`arr` shape {arr.shape}: expected (H, W) or (H, W, C) with C in 1..4")
-    h, w, c = arr.shape
-    color_type = {1: 0, 2: 4, 3: 2, 4: 6}[c]
-    depth = 8 if arr.dtype == np.uint8 else 16
-    rows = np.ascontiguousarray(arr.astype(">u2") if depth == 16 else arr).reshape(h, -1)
-    raw = np.concatenate([np.zeros((h, 1), np.uint8), rows.view(np.uint8).reshape(h, -1)], axis=1).tobytes()
-    ihdr = struct.pack(">IIBBBBB", w, h, depth, color_type, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + _png_chunk(b"IHDR", ihdr)
-        + _png_chunk(b"IDAT", _deflate_stored(raw))
-        + _png_chunk(b"IEND", b"")
-    )
 
 
 # --------------------------------------------------------------------------- photos
@@ -417,7 +370,7 @@ class _Writer:
         """Write one PNG (no per-file fsync: completeness is checked by hashes on reuse)."""
         if rel in self._sha:
             return self._sha[rel]
-        data = png_bytes(arr)
+        data = encode_png(arr, stored=True)
         p = self.stage / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(data)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from d4ir_pipeline.cli import config_from_options, stage_options
-from d4ir_pipeline.common.images import psnr_u8, ssim_u8
+from d4ir_pipeline.common.images import psnr, ssim_u8
 from d4ir_pipeline.common.io import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file, trim_jsonl
 from d4ir_pipeline.common.runtime import package_versions, seed_everything
 from d4ir_pipeline.config import ConfigError, config_hash, config_to_dict, opt
@@ -249,9 +249,9 @@ def evaluate_pairs(model: torch.nn.Module, pairs: list[dict]) -> dict[str, dict[
         out = _u8(model(x)[0])
         inp, tgt = _u8(pr["input"].float() / 255.0), pr["target"].permute(1, 2, 0).numpy()
         a = acc[pr["weather"]]
-        a["psnr"].append(psnr_u8(out, tgt))
+        a["psnr"].append(psnr(out, tgt, data_range=255.0, max_db=100.0))
         a["ssim"].append(ssim_u8(out, tgt))
-        a["identity_psnr"].append(psnr_u8(inp, tgt))
+        a["identity_psnr"].append(psnr(inp, tgt, data_range=255.0, max_db=100.0))
         a["identity_ssim"].append(ssim_u8(inp, tgt))
     res = {}
     for w, a in acc.items():

@@ -348,9 +348,7 @@ class _Ctx:
 
 def _load_stage(cls: type, explicit: str, stage: str, cfg: CompareConfig) -> Any:
     """Another stage's config, exactly as its own command would load it (``explicit``: a file instead)."""
-    return load_stage_config(
-        cls, stage, profile=cfg.stages.profile, config=explicit or None, work_dir=cfg.stages.work
-    )
+    return load_stage_config(cls, stage, profile=cfg.stages.profile, config=explicit or None, work_dir=cfg.stages.work)
 
 
 def _distill_config(cfg: CompareConfig, budget: BudgetSection) -> Any:

@@ -15,7 +15,6 @@ checks that retry a non-finite latent or an all-constant decode once with anothe
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import math
 import re
@@ -29,7 +28,6 @@ from d4ir_pipeline.errors import D4IRError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 CROPS = ("center", "random")
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -151,21 +149,6 @@ def prepare_image(img: Image.Image, resolution: int, crop: str, u: float = 0.5, 
         top = min(nh - resolution, math.floor(v * (nh - resolution + 1)))
     box = (left, top, left + resolution, top + resolution)
     return img.crop(box), box
-
-
-def encode_image(arr: np.ndarray, fmt: str = "png", quality: int = 95) -> bytes:
-    """Encode an (H, W, 3) uint8 array; bytes are a pure function of the pixels (no metadata)."""
-    if fmt not in IMAGE_FORMATS:
-        raise ValueError(f"`format` = {fmt!r}: expected one of {sorted(IMAGE_FORMATS)}")
-    buf = io.BytesIO()
-    img = Image.fromarray(arr, "RGB")
-    if fmt == "png":
-        img.save(buf, "PNG", compress_level=6)
-    elif fmt == "jpg":
-        img.save(buf, "JPEG", quality=quality, subsampling=0 if quality >= 90 else 2)
-    else:
-        img.save(buf, "WEBP", quality=quality, method=4)
-    return buf.getvalue()
 
 
 # ---------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ import numpy as np
 
 from d4ir_pipeline.cli import config_from_options, stage_options
 from d4ir_pipeline.common.dist import dist_env, init_barrier_group, pick_rank_device
+from d4ir_pipeline.common.images import IMAGE_FORMATS, encode_image
 from d4ir_pipeline.common.io import atomic_write_bytes, atomic_write_json, read_json, sha256_file
 from d4ir_pipeline.common.runtime import DTYPES, package_versions, pick_dtype
 from d4ir_pipeline.config import config_hash, config_to_dict, opt
@@ -52,12 +53,10 @@ from d4ir_pipeline.shardset.writer import all_ranks_done, merge_shardset, record
 from d4ir_pipeline.stage1.ccd import (
     CCD,
     CROPS,
-    IMAGE_FORMATS,
     CCDInput,
     SampleDecision,
     configure_pipeline,
     decide_sample,
-    encode_image,
     normalise_mix,
     prepare_image,
     sample_key,
@@ -604,7 +603,7 @@ class _Worker:
         }
         files = [
             ("json", json.dumps(meta, sort_keys=True).encode()),
-            (f"degraded.{fmt}", encode_image(out.image, fmt, cfg.output.quality)),
+            (f"degraded.{fmt}", encode_image(out.image, fmt, quality=cfg.output.quality)),
         ]
         if cfg.output.keep_clean:
             files.append(("clean.png", encode_image(clean, "png")))
