@@ -122,40 +122,34 @@ T = TypeVar("T")
 
 
 def stage_options(fn: Callable) -> Callable:
-    """Add the options every stage command takes."""
-
-    @click.option(
-        "--profile",
-        default="demo",
-        show_default=True,
-        envvar="D4IR_PROFILE",
-        help="Config profile: reads stages/<profile>/<stage>.toml.",
-    )
-    @click.option(
-        "--config",
-        "config_path",
-        type=click.Path(dir_okay=False),
+    """Add the options every stage command takes: --profile, --config, --set, --work-dir."""
+    fn = click.option(
+        "--work-dir",
         default=None,
-        help="Config file to use instead of stages/<profile>/<stage>.toml.",
-    )
-    @click.option(
+        type=click.Path(file_okay=False),
+        help="Replaces {work} in config paths (default runs/<profile>).",
+    )(fn)
+    fn = click.option(
         "--set",
         "overrides",
         multiple=True,
         metavar="SECTION.KEY=VALUE",
         help="Override one config value (repeatable); VALUE is read as TOML.",
-    )
-    @click.option(
-        "--work-dir",
+    )(fn)
+    fn = click.option(
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False),
         default=None,
-        type=click.Path(file_okay=False),
-        help="Replaces {work} in config paths (default runs/<profile>).",
-    )
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        return fn(*args, **kwargs)
-
-    return wrapper
+        help="Config file to use instead of stages/<profile>/<stage>.toml.",
+    )(fn)
+    return click.option(
+        "--profile",
+        default="demo",
+        show_default=True,
+        envvar="D4IR_PROFILE",
+        help="Config profile: reads stages/<profile>/<stage>.toml (and its base profiles').",
+    )(fn)
 
 
 def config_from_options(
@@ -163,6 +157,31 @@ def config_from_options(
 ) -> T:
     """Load a stage config from the values of :func:`stage_options`."""
     return load_stage_config(cls, stage, profile=profile, config=config_path, overrides=overrides, work_dir=work_dir)
+
+
+def stage_command(name: str, config_cls: type, stage: str | None = None) -> Callable[[Callable], click.Command]:
+    """A click command for a stage: the stage options, its config loaded, then ``fn(cfg, **extra_options)``.
+
+    ``stage`` names the TOML file (default: the command name). Extra ``@click.option``s go
+    below this decorator; the function's docstring is the command's help.
+    """
+
+    def wrap(fn: Callable) -> click.Command:
+        @functools.wraps(fn)
+        def run_stage(profile: str, config_path: str | None, overrides: tuple[str, ...], work_dir: str | None, **kw):
+            cfg = config_from_options(
+                config_cls,
+                stage or name,
+                profile=profile,
+                config_path=config_path,
+                overrides=overrides,
+                work_dir=work_dir,
+            )
+            return fn(cfg, **kw)
+
+        return click.command(name)(stage_options(run_stage))
+
+    return wrap
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from pathlib import Path
 import click
 import torch
 
-from d4ir_pipeline.cli import config_from_options, stage_options
+from d4ir_pipeline.cli import stage_command
 from d4ir_pipeline.common.io import (
     atomic_dir,
     atomic_write_bytes,
@@ -273,14 +273,9 @@ def build_prompt_bank(cfg: BankConfig) -> BankResult:
     return BankResult(out, len(kept), bank.weathers, counts, bank.K, bank.D, adapter_sha, dict(skipped))
 
 
-@click.command("prompt-bank")
-@stage_options
-def prompt_bank_command(
-    profile: str, config_path: str | None, overrides: tuple[str, ...], work_dir: str | None
-) -> None:
+@stage_command("prompt-bank", BankConfig)
+def prompt_bank_command(cfg: BankConfig) -> None:
     """Stage one: encode every web-degraded image into the prompt bank (stages/<profile>/prompt-bank.toml)."""
-    cfg = config_from_options(BankConfig, "prompt-bank", profile=profile, config_path=config_path,
-                              overrides=overrides, work_dir=work_dir)  # fmt: skip
     res = build_prompt_bank(cfg)
     state = "up to date" if res.up_to_date else "written"
     line = f"prompt bank {state}: {res.num_rows} rows {res.counts}, K={res.K}, D={res.D} -> {res.out_dir}"

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from d4ir_pipeline.cli import config_from_options, stage_options
+from d4ir_pipeline.cli import stage_command
 from d4ir_pipeline.common.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from d4ir_pipeline.common.runtime import package_versions, pick_device
 from d4ir_pipeline.config import config_to_dict, opt
@@ -492,13 +492,9 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     return EvalResult(out, csv_path, json_path, md_path, sheet_path, summary)
 
 
-@click.command("evaluate")
-@stage_options
-def evaluate_command(profile: str, config_path: str | None, overrides: tuple[str, ...], work_dir: str | None) -> None:
+@stage_command("evaluate", EvalConfig)
+def evaluate_command(cfg: EvalConfig) -> None:
     """Evaluate teacher and student (PSNR/SSIM, Y and RGB) on paired test sets, with cost."""
-    cfg = config_from_options(
-        EvalConfig, "evaluate", profile=profile, config_path=config_path, overrides=overrides, work_dir=work_dir
-    )
     r = evaluate(cfg)
     click.echo(r.summary_md.read_text(encoding="utf-8"))
     click.echo(f"report: {r.out_dir}")
