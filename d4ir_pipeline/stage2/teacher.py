@@ -15,7 +15,8 @@ from d4ir_pipeline.common.io import sha256_file
 from d4ir_pipeline.common.runtime import DTYPES, pick_dtype
 from d4ir_pipeline.config import opt
 from d4ir_pipeline.errors import D4IRError
-from d4ir_pipeline.models import build_model, reference_teacher_path
+from d4ir_pipeline.models import ModelIO, adapted_forward, build_model, model_io, reference_teacher_path
+from d4ir_pipeline.models.adapter import RANGES
 from d4ir_pipeline.models.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_weights, read_model_json
 from d4ir_pipeline.models.tiling import tiled_forward
 
@@ -44,6 +45,13 @@ class TeacherConfig:
     )
     tile: int = opt(0, help="tiled teacher inference above this side in pixels (0 = whole images)", min=0)
     tile_overlap: int = opt(32, help="overlap of neighbouring tiles in pixels", min=0)
+    # the I/O adapter: empty / 0 / -1 = the registry's value for the architecture (models.model_io)
+    input_range: str = opt("", choices=("", *RANGES), help="value range the teacher takes ('-1,1' for DehazeFormer)")
+    output_range: str = opt("", choices=("", *RANGES), help="value range the teacher returns")
+    output_index: int = opt(-1, min=-1, help="which output of a list / tuple is the restoration (MPRNet: 0)")
+    pad_multiple: int = opt(0, min=0, help="pad the input to this multiple outside the model, crop back")
+    weather_flag: tuple[str, ...] = opt((), help="non-blind teachers: weather order of the one-hot flag argument")
+    weather: str = opt("", help="non-blind teachers: a fixed weather for the flag; empty = each sample's weather")
 
 
 # ---------------------------------------------------------------------------------------
@@ -79,11 +87,31 @@ def _teacher_source(cfg: TeacherConfig) -> tuple[Path, Path, dict]:
     raise D4IRError(f"`teacher.checkpoint` = {cfg.checkpoint!r}: {str(path)!r} does not exist{hint}")
 
 
+def teacher_io(cfg: TeacherConfig, arch: str) -> ModelIO:
+    """The teacher's calling convention: the registry's defaults for ``arch``, overridden by the config."""
+    base = model_io(arch)
+    return ModelIO(
+        input_range=cfg.input_range or base.input_range,
+        output_range=cfg.output_range or base.output_range,
+        output_index=cfg.output_index if cfg.output_index >= 0 else base.output_index,
+        pad_multiple=cfg.pad_multiple or base.pad_multiple,
+        weather_flag=tuple(cfg.weather_flag) or base.weather_flag,
+    )
+
+
 def teacher_identity(cfg: TeacherConfig) -> dict:
-    """Hash of what determines the teacher's outputs: weights, architecture, tiling."""
+    """Hash of what determines the teacher's outputs: weights, architecture, tiling, I/O adapter."""
     path, weights, spec = _teacher_source(cfg)
     wsha = sha256_file(weights)
-    ident = {"weights_sha256": wsha, "spec": spec, "tile": cfg.tile, "tile_overlap": cfg.tile_overlap}
+    io = teacher_io(cfg, spec["name"])
+    ident = {
+        "weights_sha256": wsha,
+        "spec": spec,
+        "tile": cfg.tile,
+        "tile_overlap": cfg.tile_overlap,
+        "io": io.to_dict(),
+        "weather": cfg.weather or None,
+    }
     tid = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
     return {"id": tid, "path": str(path), **ident}
 
@@ -97,7 +125,12 @@ def load_teacher(cfg: TeacherConfig, device: Any) -> tuple[Any, Any]:
     load_weights(model, weights, strict=True, key=cfg.key or None)
     dtype = pick_dtype(cfg.dtype, device)
     model = model.requires_grad_(False).eval().to(device=device, dtype=dtype)
-    logger.info("teacher %s from %s (%s on %s)", spec["name"], path, dtype, device)
+    model.d4ir_io = teacher_io(cfg, spec["name"])  # how teacher_forward calls it
+    if model.d4ir_io.weather_flag and cfg.weather and cfg.weather not in model.d4ir_io.weather_flag:
+        raise D4IRError(
+            f"`teacher.weather` = {cfg.weather!r}: teacher {spec['name']!r} knows {list(model.d4ir_io.weather_flag)}"
+        )
+    logger.info("teacher %s from %s (%s on %s; %s)", spec["name"], path, dtype, device, model.d4ir_io)
     return model, dtype
 
 
@@ -110,14 +143,26 @@ def check_same_size(out: Any, x: Any, who: str) -> None:
         )
 
 
-def teacher_forward(model: Any, x: Any, dtype: Any, cfg: TeacherConfig) -> Any:
-    """Frozen teacher on ``x`` (B, 3, H, W) in [0, 1] -> float32 (B, 3, H, W) clamped to [0, 1]."""
+def teacher_forward(model: Any, x: Any, dtype: Any, cfg: TeacherConfig, weather: Any = None) -> Any:
+    """Frozen teacher on ``x`` (B, 3, H, W) in [0, 1] -> float32 (B, 3, H, W) clamped to [0, 1].
+
+    The model is called through its I/O adapter (``model.d4ir_io``, set by :func:`load_teacher`):
+    value range, output index, padding, and for non-blind teachers the weather flag:
+    ``teacher.weather`` when set, else ``weather`` (one name, or one per sample).
+    """
+    io = getattr(model, "d4ir_io", ModelIO())
+    weather = cfg.weather or weather
+
+    def run(t: Any) -> Any:
+        return adapted_forward(model, t, io, weather)
 
     with torch.no_grad():
         xin = x.to(dtype)
         if cfg.tile and max(x.shape[-2:]) > cfg.tile:
-            y = tiled_forward(model, xin, tile=cfg.tile, overlap=min(cfg.tile_overlap, cfg.tile - 1))
+            if io.weather_flag is not None and not isinstance(weather, str | None):
+                raise D4IRError("a tiled non-blind teacher needs one weather per batch (set `teacher.weather`)")
+            y = tiled_forward(run, xin, tile=cfg.tile, overlap=min(cfg.tile_overlap, cfg.tile - 1))
         else:
-            y = model(xin)
+            y = run(xin)
     check_same_size(y, x, f"teacher ({cfg.checkpoint})")
     return y.float().clamp_(0.0, 1.0)
