@@ -1,0 +1,188 @@
+"""The SD 1.5-shaped folder: real CLIP tokenizer (checked against openai-clip), published sizes,
+and the `sd15` stage configs resolving against the folder."""
+
+from __future__ import annotations
+
+import html
+import json
+import sys
+import types
+
+import pytest
+
+from d4ir_pipeline.sd15_shaped import (
+    PUBLISHED_PARAMETERS,
+    SD15ShapedError,
+    build_sd15_modules,
+    clip_vocab_and_merges,
+    write_clip_tokenizer,
+    write_sd15_shaped,
+)
+
+# weather captions, punctuation, casing, numbers, unicode that NFC leaves as ftfy does,
+# whitespace, specials, and texts longer than the 77-token context
+PHRASES = [
+    "a photo taken in heavy rain",
+    "a hazy photo, thick fog",
+    "a photo taken in falling snow",
+    "rain streaks over a city street at night",
+    "Dense HAZE over the mountains; low visibility.",
+    "snowflakes!!! falling... on a car?",
+    "light drizzle, wet asphalt, reflections",
+    "fog (very thick) and mist [morning]",
+    "it's raining, don't forget the umbrella; we'll wait",
+    "heavy-rain + strong-wind = storm",
+    "temperature -3.5°C, 80% humidity",
+    "1234567890 2024-01-31 12:30",
+    "e-mail: someone@example.com #weather @home",
+    "UPPER lower MiXeD CaSe",
+    "café naïve résumé à la carte",
+    "Straße in München bei Schnee",
+    "日本語のテキスト、雨が降っている",
+    "雪の日の東京",
+    "Дождь и туман над рекой",
+    "Ομίχλη και βροχή",
+    "مطر غزير",
+    "emoji 🌧️ ☔ ❄️ 🌫️",
+    "e\u0301 combining accent",
+    "tab\tseparated\nand new lines",
+    "   leading and trailing spaces   ",
+    "",
+    "<|endoftext|> inside the text",
+    "~`!@#$%^&*()_+-={}|[]\\:\";'<>?,./",
+    "rain " * 100,
+    "a" * 300,
+    "hello world " * 40,
+    "a snowy, snowy, snowy, snowy landscape " * 12,
+]
+# texts that openai-clip first cleans with ftfy.fix_text + html.unescape, which transformers'
+# CLIPTokenizer (NFC + whitespace + lowercase) does not: fullwidth forms, ligatures, mojibake,
+# HTML entities, curly quotes
+CLEANED_BY_FTFY = [
+    "Ｆｕｌｌｗｉｄｔｈ rain",
+    "ﬁne ﬂuffy snow",
+    "cafÃ© in the rain",
+    "rain &amp; fog &lt;3",
+    "“quoted” rain’s",
+]
+
+
+@pytest.fixture(scope="module")
+def clip_tokenize():
+    """openai-clip's own ``clip.tokenize`` (the oracle). Its package imports ``pkg_resources``
+    only for ``pkg_resources.packaging``, which setuptools >= 81 no longer ships: provide that
+    one attribute (the real ``packaging``) if it is missing."""
+    pytest.importorskip("ftfy")
+    with pytest.MonkeyPatch.context() as mp:
+        try:
+            import pkg_resources  # noqa: F401
+        except ImportError:
+            import packaging.version
+
+            mp.setitem(sys.modules, "pkg_resources", types.SimpleNamespace(packaging=packaging))
+        clip = pytest.importorskip("clip")
+        yield clip.tokenize
+
+
+@pytest.fixture(scope="module")
+def sd15_tokenizer(tmp_path_factory):
+    from transformers import CLIPTokenizer
+
+    path = write_clip_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer")
+    return CLIPTokenizer.from_pretrained(str(path))  # what diffusers' loader calls
+
+
+def _length(clip_ids: list[int]) -> int:
+    """Tokens before clip.tokenize's zero padding (id 0, '!', never ends a sequence: EOT does)."""
+    n = len(clip_ids)
+    while n and clip_ids[n - 1] == 0:
+        n -= 1
+    return n
+
+
+def test_vocabulary_is_clips():
+    vocab, merges = clip_vocab_and_merges()
+    assert len(vocab) == 49408
+    assert vocab["<|startoftext|>"] == 49406 and vocab["<|endoftext|>"] == 49407
+    assert len(merges) == 48894
+    assert vocab["rain</w>"] == vocab["".join(merges[vocab["rain</w>"] - 512])]
+
+
+def test_tokenizer_ids_equal_clip_tokenize(sd15_tokenizer, clip_tokenize):
+    tok = sd15_tokenizer
+    assert (len(tok), tok.model_max_length) == (49408, 77)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (49406, 49407, 49407)
+    assert len(PHRASES) >= 30
+    for text in PHRASES:
+        want = clip_tokenize(text, truncate=True)[0].tolist()  # (77,), zero-padded
+        got = tok(text, padding="max_length", max_length=77, truncation=True)["input_ids"]
+        assert len(got) == 77, text
+        n = _length(want)
+        assert want[n - 1] == 49407, text
+        assert got[:n] == want[:n], f"{text!r}: {got[:12]} vs {want[:12]}"
+        assert set(got[n:]) <= {49407}, text  # clip pads with 0, SD 1.5's tokenizer with EOS
+    long_ids = tok("rain " * 100, truncation=True, max_length=77)["input_ids"]
+    assert len(long_ids) == 77 and long_ids[-1] == 49407
+
+
+def test_ftfy_cleaned_text_is_the_only_difference(sd15_tokenizer, clip_tokenize):
+    """Where the ids differ, it is openai-clip's text cleaning (not the vocabulary): the HF
+    tokenizer on the cleaned text gives clip.tokenize's ids."""
+    import ftfy
+
+    for text in CLEANED_BY_FTFY:
+        want = clip_tokenize(text, truncate=True)[0].tolist()
+        want = want[: _length(want)]
+        raw = sd15_tokenizer(text)["input_ids"]
+        cleaned = sd15_tokenizer(html.unescape(html.unescape(ftfy.fix_text(text))).strip())["input_ids"]
+        assert raw != want, f"{text!r} is not an example of the difference"
+        assert cleaned == want, text
+
+
+def test_published_parameter_counts_on_meta():
+    modules = build_sd15_modules("meta")
+    counts = {k: sum(p.numel() for p in m.parameters()) / 1e6 for k, m in modules.items()}
+    for name, published in PUBLISHED_PARAMETERS.items():
+        assert round(counts[name], 1) == published, (name, counts[name])
+    assert all(p.is_meta for m in modules.values() for p in m.parameters())
+
+
+def test_unknown_module_name():
+    with pytest.raises(ValueError, match="expected some of"):
+        build_sd15_modules("meta", ("unet", "decoder"))
+
+
+@pytest.fixture(scope="module")
+def skeleton(tmp_path_factory):
+    """The real command's folder without weights (configs, tokenizer, index): seconds, not 2.7 GB."""
+    return write_sd15_shaped(tmp_path_factory.mktemp("sd15") / "sd15", weights=False)
+
+
+def test_skeleton_layout_and_configs_rebuild_published_sizes(skeleton):
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    index = json.loads((skeleton / "model_index.json").read_text())
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "feature_extractor"):
+        assert (skeleton / part).is_dir() and part in index, part
+    assert index["scheduler"] == ["diffusers", "PNDMScheduler"]
+    with torch.device("meta"):  # what from_pretrained will build from these files
+        built = {
+            "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(skeleton / "unet")),
+            "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(skeleton / "vae")),
+            "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(skeleton / "text_encoder")),
+            "image_encoder": CLIPVisionModelWithProjection(
+                CLIPVisionConfig.from_pretrained(skeleton / "image_encoder")
+            ),
+        }
+    for name, m in built.items():
+        assert round(sum(p.numel() for p in m.parameters()) / 1e6, 1) == PUBLISHED_PARAMETERS[name], name
+
+
+def test_existing_foreign_folder_is_not_replaced(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(SD15ShapedError, match="refusing"):
+        write_sd15_shaped(tmp_path / "mine", weights=False)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
