@@ -186,3 +186,24 @@ def test_existing_foreign_folder_is_not_replaced(tmp_path):
     with pytest.raises(SD15ShapedError, match="refusing"):
         write_sd15_shaped(tmp_path / "mine", weights=False)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+# ------------------------------------------------------------------ fixes found at real size
+def test_clip_encoder_trains_float32_from_a_float16_folder(tmp_path):
+    """The sd15-shaped tower is stored in float16; transformers 5 loaded it as float16, so unfrozen
+    blocks trained in half precision (and a float16 GradScaler refuses their gradients)."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from d4ir_pipeline.dpa import CLIPEncoder
+
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8, projection_dim=16)  # fmt: skip
+    CLIPVisionModelWithProjection(config).half().save_pretrained(tmp_path / "clip16")
+    enc = CLIPEncoder(str(tmp_path / "clip16"), unfreeze_last=1)
+    trainable = [p for p in enc.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert enc.clip.dtype == torch.float32
+    feat = enc(torch.rand(2, 3, 40, 40))
+    feat.sum().backward()
+    assert feat.shape == (2, 16) and all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable)
