@@ -207,3 +207,85 @@ def test_clip_encoder_trains_float32_from_a_float16_folder(tmp_path):
     feat = enc(torch.rand(2, 3, 40, 40))
     feat.sum().backward()
     assert feat.shape == (2, 16) and all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainable)
+
+
+# ------------------------------------------------------------------ the smoke driver's fast pieces
+def _settings(tmp_path, sd_folder):
+    from d4ir_pipeline.smoke_sd15 import SmokeSettings
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "sd15").symlink_to(sd_folder, target_is_directory=True)
+    return SmokeSettings(work=str(work))
+
+
+def test_sd15_stage_configs_resolve_against_the_folder(tmp_path, skeleton):
+    """Every `sd15` stage config, with the smoke's overrides, loads and matches the folder (no network)."""
+    from d4ir_pipeline.smoke_sd15 import resolve_configs, stage_commands, stage_overrides
+
+    s = _settings(tmp_path, skeleton)
+    got = resolve_configs(s)
+    assert (got["prompt_width"], got["resolution"], got["latent"]) == (768, 512, 64)
+    assert (got["context"], got["vocab"], got["clip_image_size"], got["clip_feature"]) == (77, 49408, 224, 768)
+    assert got["scheduler"] == "DDIMScheduler" and got["student"] == "nafnet_s"
+    over = stage_overrides(s)
+    for name, argv in stage_commands(s):
+        assert argv[1:4] == ["-m", "d4ir_pipeline.cli", argv[3]] and argv[4:8] == ["--profile", "sd15", "--work-dir",
+                                                                                    s.work]  # fmt: skip
+        assert argv[9::2] == over[argv[3]], name  # every override reaches the command line
+
+
+def test_resolve_refuses_a_unet_of_another_native_size(tmp_path, skeleton):
+    """SD 1.5's Flax unet/config.json says sample_size 32: a 256 px UNet for the 512 px profile."""
+    import shutil
+
+    from d4ir_pipeline.errors import D4IRError
+    from d4ir_pipeline.smoke_sd15 import resolve_configs
+
+    bad = tmp_path / "bad-sd"
+    shutil.copytree(skeleton, bad)
+    cfg = json.loads((bad / "unet" / "config.json").read_text())
+    (bad / "unet" / "config.json").write_text(json.dumps({**cfg, "sample_size": 32}))
+    with pytest.raises(D4IRError, match="native resolution is 256"):
+        resolve_configs(_settings(tmp_path, bad))
+
+
+def test_child_rusage_is_per_child(tmp_path):
+    """Peak RSS is each child's own (os.wait4), not the maximum over all children so far, and the
+    driver stays small: on Linux a child's ru_maxrss starts at its parent's resident size."""
+    import subprocess
+
+    driver = f"""
+import json, sys
+from d4ir_pipeline.smoke_sd15 import run_child
+assert "torch" not in sys.modules, "the driver must not import torch"
+big = run_child("big", [sys.executable, "-c", "b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096])"],
+                {str(tmp_path)!r})
+small = run_child("small", [sys.executable, "-c", "print('attention backend: PyTorch SDPA')"], {str(tmp_path)!r})
+fails = run_child("fails", [sys.executable, "-c", "raise SystemExit(3)"], {str(tmp_path)!r})
+print(json.dumps([big.__dict__, small.__dict__, fails.__dict__]))
+"""
+    r = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, check=False, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    big, small, fails = json.loads(r.stdout.splitlines()[-1])
+    assert big["returncode"] == 0 and small["returncode"] == 0 and fails["returncode"] == 3
+    assert big["peak_rss_mib"] >= 300 > 100 > small["peak_rss_mib"]
+    assert small["attention"] == ["PyTorch SDPA"]
+    assert (tmp_path / "small.log").read_text().strip() == "attention backend: PyTorch SDPA"
+
+
+def test_smoke_data_are_upscaled_and_laid_out_for_manifest_build(tmp_path, demo_data_root):
+    from d4ir_pipeline.manifests import build_manifest, load_manifest
+    from d4ir_pipeline.smoke_sd15 import SmokeSettings, prepare_data
+
+    s = SmokeSettings(work=str(tmp_path / "w"), size=128)
+    counts = prepare_data(s, demo_data_root)
+    assert counts == {"web-degraded": 6, "web-clean": 2, "test": 3}
+    data = tmp_path / "w" / "data"
+    build_manifest(data / "web-degraded", out=tmp_path / "deg.jsonl", split="web-degraded", strict=True, progress=False)
+    build_manifest(data / "test" / "rain", out=tmp_path / "rain.jsonl", split="test", strict=True, progress=False)
+    deg = load_manifest(tmp_path / "deg.jsonl")
+    assert sorted(r.weather for r in deg) == ["haze", "haze", "rain", "rain", "snow", "snow"]
+    assert all(min(r.width, r.height) == 128 for r in deg)
+    (rain,) = load_manifest(tmp_path / "rain.jsonl")
+    assert rain.target is not None and (rain.width, rain.height) == (128, 128)
