@@ -289,3 +289,43 @@ def test_smoke_data_are_upscaled_and_laid_out_for_manifest_build(tmp_path, demo_
     assert all(min(r.width, r.height) == 128 for r in deg)
     (rain,) = load_manifest(tmp_path / "rain.jsonl")
     assert rain.target is not None and (rain.width, rain.height) == (128, 128)
+
+
+# ------------------------------------------------------------------ benchmarks/gpu_check.py (no GPU here)
+def _gpu_check():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_check_refuses_without_cuda(tmp_path, capsys, monkeypatch):
+    import torch
+
+    gc = _gpu_check()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gc.main(["--json", str(tmp_path / "g.json"), "--work-dir", str(tmp_path / "w")]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "g.json").exists() and not (tmp_path / "w").exists()
+
+
+def test_gpu_check_plan_and_arguments(tmp_path):
+    gc = _gpu_check()
+    args = gc.parse_args(["--work-dir", str(tmp_path), "--distill-steps", "5"])
+    steps = dict(gc.plan(args))
+    assert list(steps) == ["smoke", "nccl-probe", "torchrun", "bench"]
+    assert steps["smoke"][-6:] == ["--device", "cuda", "--dtype", "float16", "--attention", "auto"]
+    run = steps["torchrun"]
+    assert "--nproc_per_node=1" in run and run[run.index("d4ir_pipeline.cli") + 1 : run.index("d4ir_pipeline.cli") + 4] == [
+        "distill", "--profile", "sd15"]  # fmt: skip
+    assert "train.steps=5" in run and 'train.device="cuda"' in run
+    assert sum(gc.LIMITS_S.values()) <= 8 * 60
+    assert list(dict(gc.plan(gc.parse_args(["--skip", "bench", "torchrun"])))) == ["smoke"]
+    for bad in (["--bench-repeats", "0"], ["--skip", "nothing"]):
+        with pytest.raises(SystemExit) as e:
+            gc.parse_args(bad)
+        assert e.value.code == 2
