@@ -50,7 +50,11 @@ PATHS: dict[str, str] = {
     "distill": "{work}/distill",
 }
 # keys that were renamed: old dotted key -> new one (an old key in a file gets an error naming the new one)
-RENAMED: dict[str, str] = {}
+RENAMED: dict[str, str] = {
+    "train.checkpoint_every": "train.ckpt_every",  # dpa, teacher
+    "train.keep_checkpoints": "train.ckpt_keep",  # dpa
+    "train.log_every": "log.every",  # dpa, teacher
+}
 
 
 class ConfigError(D4IRError, ValueError):

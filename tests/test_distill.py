@@ -354,6 +354,19 @@ def test_student_output_size_mismatch(setup: Path) -> None:
         distill(cfg_of(setup, student__name=f"'{__name__}:Shrink'", student__kwargs="{}"))
 
 
+def test_tensorboard_events_mirror_the_metrics(setup: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    r = distill(cfg_of(setup, train__steps=3, log__tensorboard="true"))
+    rows = [json.loads(x) for x in (r.out_dir / "metrics.jsonl").read_text().splitlines() if "loss" in x]
+    ev = EventAccumulator(str(r.out_dir / "tensorboard"))
+    ev.Reload()
+    assert [(e.step, e.value) for e in ev.Scalars("loss")] == [(x["step"], pytest.approx(x["loss"])) for x in rows]
+    assert not (setup / "distill" / "rescnn-off" / "tensorboard").exists()
+    off = distill(cfg_of(setup, train__steps=1, student__tag="'rescnn-off'"))
+    assert not (off.out_dir / "tensorboard").exists()  # off by default
+
+
 def test_resume_with_changed_config_or_shard_set_is_refused(setup: Path) -> None:
     first = distill(cfg_of(setup, train__steps=3))
     run = json.loads((first.out_dir / "run.json").read_text())

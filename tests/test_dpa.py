@@ -99,7 +99,7 @@ def test_demo_outputs_and_rerun(demo_run, demo_data_root):
     assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(res.report))
     assert (out / "embeddings.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(cfg.train.log_every, cfg.train.steps + 1, cfg.train.log_every))
+    assert [r["step"] for r in rows] == list(range(cfg.log.every, cfg.train.steps + 1, cfg.log.every))
     assert all(k in rows[-1] for k in ("contrastive", "prototype", "diffusion", "text_anchor", "images_per_s"))
     assert res.images_per_s and res.images_per_s > 0
     # the saved model gives (B, K, D) tokens; rerunning the command does not train again

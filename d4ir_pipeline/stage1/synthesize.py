@@ -36,6 +36,7 @@ from d4ir_pipeline.common.dist import dist_env, init_barrier_group, pick_rank_de
 from d4ir_pipeline.common.images import IMAGE_FORMATS, encode_image
 from d4ir_pipeline.common.io import atomic_write_bytes, atomic_write_json, read_json, sha256_file
 from d4ir_pipeline.common.runtime import DTYPES, package_versions, pick_dtype
+from d4ir_pipeline.common.train import MetricsLog
 from d4ir_pipeline.config import config_hash, config_to_dict, opt
 from d4ir_pipeline.data.manifests import load_manifest, open_rgb
 from d4ir_pipeline.errors import BadImageError, D4IRError
@@ -480,11 +481,8 @@ def _rank_doc(ctx: _Context, rank: int, world: int, owned: Sequence[ShardPlan], 
 
 def _append_metrics(out: Path, row: dict) -> None:
     """One JSON line in metrics.jsonl; a single O_APPEND write, safe with several ranks."""
-    fd = os.open(out / "metrics.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (json.dumps(row, sort_keys=True) + "\n").encode())
-    finally:
-        os.close(fd)
+    with MetricsLog(out / "metrics.jsonl") as log:
+        log.write(row)
 
 
 class _Worker:

@@ -98,6 +98,9 @@ class LogConfig:
     every: int = opt(10, help="steps between metrics.jsonl lines", min=1)
     progress: bool = opt(True, help="tqdm progress bar on rank 0")
     sample_keys: bool = opt(False, help="write the sample keys of every step to keys-r<rank>.jsonl (audits, tests)")
+    tensorboard: bool = opt(
+        False, help="also write TensorBoard event files to <out>/<student tag>/tensorboard (rank 0)"
+    )
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,7 @@ RESUME_FREE = (
     "log.every",
     "log.progress",
     "log.sample_keys",
+    "log.tensorboard",
     "train.ckpt_every",
     "train.ckpt_keep",
     "train.device",

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from d4ir_pipeline.common.images import decode_rgb
+from d4ir_pipeline.common.seeds import tuple_seed
 from d4ir_pipeline.errors import BadImageError, D4IRError
 from d4ir_pipeline.shardset.format import ShardInfo
 from d4ir_pipeline.shardset.reader import TarTruncated, iter_tar
@@ -27,11 +28,6 @@ IMAGE_EXTS = ("degraded.png", "degraded.jpg", "degraded.jpeg", "degraded.webp")
 
 # ---------------------------------------------------------------------------------------
 # reading shards (raw bytes; no decoding)
-
-
-def _mix(*parts: int) -> int:
-    """A 64-bit seed from integers (stable across processes and Python versions)."""
-    return int.from_bytes(hashlib.sha256(repr(tuple(int(p) for p in parts)).encode()).digest()[:8], "little")
 
 
 def is_holdout(key: str, fraction: float) -> bool:
@@ -126,7 +122,7 @@ def epoch_shards(spec: StreamSpec, epoch: int, worker: int) -> list[ShardInfo]:
     rotates physical workers over logical ones).
     """
     order = list(spec.shards)
-    random.Random(_mix(spec.seed, epoch)).shuffle(order)
+    random.Random(tuple_seed(spec.seed, epoch)).shuffle(order)
     node = islice(order, spec.rank, None, spec.world)  # split_by_node
     return list(islice(node, worker, None, spec.workers))  # split_by_worker
 
@@ -199,7 +195,7 @@ def worker_batches(spec: StreamSpec, worker: int, epoch: int, index: int, stats:
                     if not is_holdout(sample["__key__"], spec.holdout):
                         yield sample
 
-        rng_buf = random.Random(_mix(spec.seed, epoch, spec.rank, worker, 1))
+        rng_buf = random.Random(tuple_seed(spec.seed, epoch, spec.rank, worker, 1))
         stream = wds.shuffle(spec.buffer, initial=min(spec.initial, spec.buffer), rng=rng_buf)(raw())
         usable = 0
         stats.muted = index > 0

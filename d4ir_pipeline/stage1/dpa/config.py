@@ -121,10 +121,18 @@ class TrainSection:
     device: str = opt("auto", help="auto | cpu | cuda[:N].")
     amp: bool = opt(True, help="Automatic mixed precision on CUDA (ignored on the CPU).")
     amp_dtype: str = opt("bfloat16", choices=("bfloat16", "float16"), help="AMP dtype; float16 uses a GradScaler.")
-    checkpoint_every: int = opt(100, min=1, help="Save a resumable checkpoint every N steps (and at the end).")
-    keep_checkpoints: int = opt(2, min=1, help="Number of step checkpoints kept.")
-    log_every: int = opt(10, min=1, help="Write metrics.jsonl every N steps.")
+    ckpt_every: int = opt(100, min=1, help="Save a resumable checkpoint every N steps (and at the end).")
+    ckpt_keep: int = opt(2, min=1, help="Number of step checkpoints kept.")
     resume: bool = opt(True, help="Continue from the last checkpoint in the output dir (false: start over).")
+
+
+@dataclass(frozen=True)
+class LogSection:
+    """Progress and metrics."""
+
+    every: int = opt(10, min=1, help="Write a metrics.jsonl line every N steps (and at the end).")
+    progress: bool = opt(True, help="tqdm progress bar (shown on a terminal).")
+    tensorboard: bool = opt(False, help="Also write TensorBoard event files to <output.dir>/tensorboard.")
 
 
 @dataclass(frozen=True)
@@ -162,6 +170,7 @@ class DPAConfig:
     adapter: AdapterSection = field(default_factory=AdapterSection)
     loss: LossSection = field(default_factory=LossSection)
     train: TrainSection = field(default_factory=TrainSection)
+    log: LogSection = field(default_factory=LogSection)
     report: ReportSection = field(default_factory=ReportSection)
     output: OutputSection = field(default_factory=OutputSection)
 
@@ -173,10 +182,10 @@ RESUME_NEUTRAL = (
     "sd.attention",
     "encoder.clip_model",
     "train.device",
-    "train.checkpoint_every",
-    "train.keep_checkpoints",
-    "train.log_every",
+    "train.ckpt_every",
+    "train.ckpt_keep",
     "train.resume",
+    "log",
     "report",
     "output",
 )
