@@ -418,7 +418,9 @@ def load_stage_config(
     """A stage's config: ``config`` if given, else the profile chain's ``<stage>.toml`` files
     (bases first; a stage no profile mentions runs on its defaults), then ``overrides``."""
     files = [Path(config)] if config is not None else stage_files(stage, profile)
-    return load_config(cls, files, overrides, work_dir=work_dir, profile=profile, paths=profile_paths(profile))
+    # an explicit file may name a profile that has no folder: then only the default shared paths
+    paths = profile_paths(profile) if config is None or (stages_root() / profile).is_dir() else dict(PATHS)
+    return load_config(cls, files, overrides, work_dir=work_dir, profile=profile, paths=paths)
 
 
 def neutral_keys(cls: type) -> tuple[str, ...]:

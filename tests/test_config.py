@@ -216,3 +216,12 @@ def test_a_table_of_named_sections_is_typed_merged_and_overridable(tmp_path):
     with pytest.raises(ConfigError, match=r"by_weather\.rain\.tiel.*Did you mean `by_weather\.rain\.tile`"):
         load_config(WithTable, write(tmp_path, "[by_weather.rain]\ntiel = 1\n"))
     assert load_config(WithTable, None) == WithTable()
+
+
+def test_an_explicit_file_may_name_a_profile_without_a_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("D4IR_STAGES", str(tmp_path / "stages"))
+    p = write(tmp_path, "seed = 4\n")
+    cfg = load_stage_config(StageCfg, "x", profile="adhoc", config=p, work_dir="W")
+    assert cfg.seed == 4 and cfg.train.bank == "W/bank/tokens"
+    with pytest.raises(ConfigError, match="profile 'adhoc'"):
+        load_stage_config(StageCfg, "x", profile="adhoc")  # without a file the profile must exist
