@@ -261,6 +261,23 @@ def test_label_cache_targets_match_teacher_on_same_crop(setup: Path) -> None:
     assert off.targets == "teacher"
 
 
+def test_label_rerun_redoes_a_damaged_shard_of_a_complete_cache(setup: Path) -> None:
+    """The refusal says "rerun the command that wrote it": `d4ir label` on a complete cache used to return at once."""
+    cfg = cfg_of(setup, labels__format="'npy'", labels__use="'require'", train__steps=1)
+    res = label(cfg)
+    listed = json.loads((res.labels_dir / "labels.json").read_text())["shards"]
+    victim = res.labels_dir / listed[2]["name"]
+    data = bytearray(victim.read_bytes())
+    data[700] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(ShardSetError, match=f"{listed[2]['name']}: sha256"):
+        distill(cfg)
+    again = label(cfg)
+    assert again.seconds > 0 and (again.samples, again.shards) == (res.samples, res.shards)
+    assert json.loads((res.labels_dir / "labels.json").read_text())["shards"] == listed  # redone byte-identical
+    assert distill(cfg).targets.startswith("labels:")
+
+
 def test_label_require_without_cache_is_clear(setup: Path) -> None:
     with pytest.raises(D4IRError, match="d4ir label"):
         distill(cfg_of(setup, labels__use="'require'"))
