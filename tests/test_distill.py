@@ -1,6 +1,6 @@
 """Stage two: shard streaming, exact resume after SIGKILL, DDP, the label cache and bad input.
 
-Everything runs on tiny shard sets built here with webdataset.TarWriter and tiny models.
+Everything runs on tiny shard sets built by testing.make_shardset (the real shard-set writer) and tiny models.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from d4ir_pipeline.shardset.reader import open_shardset
 from d4ir_pipeline.stage2.distill import DistillConfig, distill
 from d4ir_pipeline.stage2.labels import label
 from d4ir_pipeline.stage2.stream import Stats, StreamSpec, epoch_shards, worker_batches
-from d4ir_pipeline.testing import make_shardset, write_shardset_manifest
+from d4ir_pipeline.testing import make_shardset, relist_shardset
 
 REPO = Path(__file__).resolve().parent.parent
 TEACHER = "d4ir_pipeline.models.students:LocalCNN"  # importable in subprocesses too
@@ -38,10 +38,6 @@ TEACHER = "d4ir_pipeline.models.students:LocalCNN"  # importable in subprocesses
 
 # ---------------------------------------------------------------------------------------
 # helpers
-
-
-def write_manifest(root: Path, names: list[str], counts: list[int], complete: bool = True) -> None:
-    write_shardset_manifest(root, names, counts, complete=complete)
 
 
 def make_teacher(path: Path, spec: str = TEACHER, **kw) -> Path:
@@ -312,7 +308,7 @@ def test_truncated_shard_is_skipped_with_shard_and_key(tmp_path: Path, caplog: p
     cut = members[10].offset_data + 100  # in the middle of the 4th sample's files
     victim.write_bytes(victim.read_bytes()[:cut])
     # a shard damaged before it was hashed: verification passes, reading does not
-    write_manifest(root, [f"synth-r000-{i:06d}.tar" for i in range(4)], [8] * 4)
+    relist_shardset(root)
     make_teacher(tmp_path / "teacher")
     with caplog.at_level(logging.WARNING, logger="d4ir_pipeline.stage2.distill"):
         r = distill(cfg_of(tmp_path, train__steps=12, data__max_error_fraction=0.5, data__error_min_samples=1))
@@ -328,8 +324,8 @@ def test_changed_shard_is_refused(setup: Path) -> None:
     shard.write_bytes(bytes(data))
     with pytest.raises(ShardSetError, match="synth-r000-000001.tar: sha256"):
         distill(cfg_of(setup))
+    relist_shardset(setup / "shards", complete=False)
     with pytest.raises(ShardSetError, match="incomplete"):
-        write_manifest(setup / "shards", [f"synth-r000-{i:06d}.tar" for i in range(4)], [8] * 4, complete=False)
         open_shardset(setup / "shards")
     with pytest.raises(ShardSetError, match="no shardset.json"):
         open_shardset(setup / "nowhere")
