@@ -43,8 +43,6 @@ from d4ir_pipeline.shardset.format import (
 logger = logging.getLogger(__name__)
 
 Sample = tuple[str, list[tuple[str, bytes]]]  # (key, [(ext, bytes), ...])
-# keys the listing itself writes: a header may not set them
-_LISTING_KEYS = ("kind", "version", "rank", "world_size", "done", "complete", "num_shards_planned", "owned", "shards")
 # header keys left out of the "differing:" list of a refusal: they never make two sets differ
 _NOT_COMPARED = ("versions", "runtime")
 
@@ -87,9 +85,6 @@ def _check_sample(key: str, files: list[tuple[str, bytes]]) -> None:
     exts = [ext for ext, _ in files]
     if not exts or len(set(exts)) != len(exts) or any(not e or "/" in e or e != e.lower() for e in exts):
         raise ValueError(f"sample {key!r}: extensions {exts} must be unique, non-empty, lower-case and without '/'")
-    bad = [ext for ext, data in files if not isinstance(data, (bytes, bytearray, memoryview))]
-    if bad:
-        raise ValueError(f"sample {key!r}: {bad} are not bytes")
 
 
 # ---------------------------------------------------------------------------------------
@@ -155,8 +150,6 @@ class ShardSetWriter:
             raise ValueError("a label cache is written by one rank and names its shards after its shard set's")
         if names is not None and len(names) != num_shards:
             raise ValueError(f"`names` has {len(names)} entries for `num_shards` = {num_shards}")
-        if clash := sorted(set(header) & set(_LISTING_KEYS)):
-            raise ValueError(f"`header` sets {clash}, which the listing writes itself")
         if missing := [k for k in identity if _get(header, k) is None]:
             raise ValueError(f"`header` lacks the identity key(s) {missing}")
         self.out = Path(out)
@@ -346,11 +339,13 @@ class ShardSetWriter:
         return self._doc()
 
     def _doc(self) -> dict:
+        """The listing: the header, then the listing's own keys (which a header key cannot override)."""
         done = all(i in self.entries for i in self.owned)
         shards = [self.entries[i] for i in sorted(self.entries)]
         if self.kind == LABELS_KIND:
-            return {"kind": LABELS_KIND, "version": 1, "complete": done, "shards": shards, **self.header}
+            return {**self.header, "kind": LABELS_KIND, "version": 1, "complete": done, "shards": shards}
         return {
+            **self.header,
             "kind": RANK_KIND,
             "version": 1,
             "rank": self.rank,
@@ -359,7 +354,6 @@ class ShardSetWriter:
             "num_shards_planned": self.num_shards,
             "owned": len(self.owned),
             "shards": shards,
-            **self.header,
         }
 
     def _write_listing(self) -> None:
