@@ -18,7 +18,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-import d4ir_pipeline.stage1.synthesize as shards_mod
+import d4ir_pipeline.shardset.writer as writer_mod
 from d4ir_pipeline.common.io import atomic_write_json, sha256_file
 from d4ir_pipeline.config import load_config
 from d4ir_pipeline.data.manifests import ImageRecord, write_manifest
@@ -211,9 +211,9 @@ def test_other_config_is_refused_unless_overwrite(first_run, data, tiny_sd_path,
         synthesize(make_cfg(data, tiny_sd_path, out, ccd__seed=1))
     # speed-only keys do not change the hash: a resume may use another batch size
     checked = []
-    real_check = shards_mod.check_shard_file
+    real_check = writer_mod.check_shard_file
     monkeypatch.setattr(
-        shards_mod, "check_shard_file", lambda info, **kw: checked.append(info.name) or real_check(info, **kw)
+        writer_mod, "check_shard_file", lambda info, **kw: checked.append(info.name) or real_check(info, **kw)
     )
     res = synthesize(make_cfg(data, tiny_sd_path, out, runtime__batch_size=2))
     assert res.shards_reused == 3 and res.shards_written == 0

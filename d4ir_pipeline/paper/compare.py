@@ -76,8 +76,8 @@ from d4ir_pipeline.paper.table import (
     sd_description,
     teacher_description,
 )
-from d4ir_pipeline.shardset.format import SHARDSET_NAME, read_listing
-from d4ir_pipeline.shardset.reader import read_shard
+from d4ir_pipeline.shardset.format import SHARDSET_KIND, SHARDSET_NAME, read_listing
+from d4ir_pipeline.shardset.reader import iter_tar
 from d4ir_pipeline.stage1.prompt_bank import BANK_KIND, BANK_VERSION, BankConfig
 from d4ir_pipeline.stage1.sd import SDLoadError, check_sd_source, model_id
 from d4ir_pipeline.stage1.synthesize import HASH_EXCLUDE, SynthesizeConfig, synthesize
@@ -319,7 +319,7 @@ def _complete_shardset(path: Path) -> dict | None:
     f = path / SHARDSET_NAME
     if not f.is_file():
         return None
-    doc, _ = read_listing(f, "d4ir-shardset")
+    doc, _ = read_listing(f, SHARDSET_KIND)
     return doc if doc.get("complete") is True else None
 
 
@@ -977,10 +977,10 @@ def compare_command(
 def _shard_samples(shards: Path, n: int, *, keys: list[str] | None = None) -> dict[str, dict[str, bytes]]:
     """Up to ``n`` samples (key -> {ext: bytes}) of a shard set, in manifest order, or the given keys."""
 
-    _, listed = read_listing(shards / SHARDSET_NAME, "d4ir-shardset")
+    _, listed = read_listing(shards / SHARDSET_NAME, SHARDSET_KIND)
     out: dict[str, dict[str, bytes]] = {}
     for s in listed:
-        for k, files in read_shard(s.path).items():
+        for k, files in iter_tar(s.path):
             if keys is None or k in keys:
                 out[k] = files
             if keys is None and len(out) >= n:

@@ -1,16 +1,16 @@
-"""Stage one, part 2: CCD synthesis into webdataset shards (`d4ir synthesize`), plus
-`d4ir shards verify` and `d4ir shards merge`.
+"""Stage one, part 2: CCD synthesis into webdataset shards (`d4ir synthesize`).
 
 Roles, in data-flow order: :func:`plan_shards` turns the web-clean manifest into a fixed
 list of shards (a pure function of the manifest and config, the same on every rank);
 ranks own the shards with ``index % world_size == rank``; a worker loads the SD pipeline
-once and turns one shard's items into one tar (``synth-r{rank:03d}-{index:06d}.tar``),
-written ``.tar.tmp`` -> fsync -> rename, then recorded in the rank's manifest
-``shardset.r{rank:03d}.json`` (the commit point, rewritten atomically after every
-shard). :func:`merge_shardset` unions the rank manifests into ``shardset.json``; a set is
-complete only when every planned shard is listed. Rerunning the same command resumes:
-recorded shards whose sha256 verifies are kept, everything else is redone; a different
-config hash in the same folder is refused unless ``--overwrite``.
+once and turns one shard's items into one tar's samples; the shard-set writer
+(:class:`~d4ir_pipeline.shardset.writer.ShardSetWriter`) writes them as
+``synth-r{rank:03d}-{index:06d}.tar`` (``.tar.tmp`` -> fsync -> rename), then records it in
+the rank's listing ``shardset.r{rank:03d}.json`` (the commit point, rewritten atomically
+after every shard). :func:`merge_shardset` unions the rank listings into ``shardset.json``;
+a set is complete only when every planned shard is listed. Rerunning the same command
+resumes: recorded shards whose sha256 verifies are kept, everything else is redone; a
+different config hash in the same folder is refused unless ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -34,23 +33,14 @@ import numpy as np
 from d4ir_pipeline.cli import config_from_options, stage_options
 from d4ir_pipeline.common.dist import dist_env, init_barrier_group, pick_rank_device
 from d4ir_pipeline.common.images import IMAGE_FORMATS, encode_image
-from d4ir_pipeline.common.io import atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from d4ir_pipeline.common.io import atomic_write_bytes, read_json, sha256_file
 from d4ir_pipeline.common.runtime import DTYPES, package_versions, pick_dtype
 from d4ir_pipeline.common.train import MetricsLog
 from d4ir_pipeline.config import config_hash, config_to_dict, opt
 from d4ir_pipeline.data.manifests import load_manifest, open_rgb
 from d4ir_pipeline.errors import BadImageError, D4IRError
-from d4ir_pipeline.shardset.format import (
-    RANK_MANIFEST,
-    RANK_MANIFEST_RE,
-    SHARDSET_NAME,
-    ShardInfo,
-    check_output_dir,
-    check_shard_file,
-    rank_files,
-    shard_name,
-)
-from d4ir_pipeline.shardset.writer import all_ranks_done, merge_shardset, recorded_entries, write_shard
+from d4ir_pipeline.shardset.format import SHARDSET_KIND, SHARDSET_NAME, check_output_dir, shard_name
+from d4ir_pipeline.shardset.writer import ShardSetWriter, all_ranks_done, merge_shardset
 from d4ir_pipeline.stage1.ccd import (
     CCD,
     CROPS,
@@ -419,66 +409,6 @@ def _prepare(cfg: SynthesizeConfig) -> _Context:
     return _Context(cfg, out, records, bank, weathers, probs, plans, chash, header)
 
 
-def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += _config_diff(a, b, f"{prefix}{k}.")
-        elif a != b:
-            keys.append(f"{prefix}{k}")
-    return keys
-
-
-def _open_output(ctx: _Context, rank: int, world: int, overwrite: bool) -> dict[int, list[tuple[dict, ShardInfo]]]:
-    """Refuse another config's shard set (unless ``overwrite``); return recorded (entry, checked entry) by index."""
-    out = ctx.out
-    out.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        mine = re.compile(rf"^synth-r{rank:03d}-\d{{6}}\.tar(\.tmp)?$")
-        for p in out.iterdir():
-            m_rank = RANK_MANIFEST_RE.match(p.name)
-            m_shard = re.match(r"^synth-r(\d{3})-\d{6}\.tar(\.tmp)?$", p.name)
-            if (
-                mine.match(p.name)
-                or (m_rank and (int(m_rank.group(1)) == rank or (rank == 0 and int(m_rank.group(1)) >= world)))
-                or (rank == 0 and m_shard and int(m_shard.group(1)) >= world)
-                or (rank == 0 and p.name == SHARDSET_NAME)
-            ):
-                p.unlink()
-        logger.info("--overwrite: removed rank %d's earlier shards and manifests in %s", rank, out)
-        return {}
-    by_index, hashes = recorded_entries(out)
-    other = hashes - {ctx.config_hash}
-    if other:
-        old_cfg = {}
-        for p in [out / SHARDSET_NAME, *rank_files(out).values()]:
-            if p.is_file():
-                old_cfg = read_json(p).get("config", {})
-                break
-        diff = _config_diff(old_cfg, ctx.header["config"]) or ["(inputs: manifest, bank or SD weights)"]
-        raise D4IRError(
-            f"`output.dir` = {str(out)!r} holds a shard set made with another config (hash {sorted(other)[0][:12]}..., "
-            f"this run {ctx.config_hash[:12]}...; differing: {', '.join(diff[:8])}). Mixing them is refused: use a "
-            "new output.dir, or --overwrite to replace it"
-        )
-    return by_index
-
-
-def _rank_doc(ctx: _Context, rank: int, world: int, owned: Sequence[ShardPlan], entries: dict[int, dict], done: bool):
-    return {
-        "kind": "d4ir-shardset-rank",
-        "version": 1,
-        "rank": rank,
-        "world_size": world,
-        "done": done,
-        "num_shards_planned": len(ctx.plans),
-        "owned": len(owned),
-        "shards": [entries[i] for i in sorted(entries)],
-        **ctx.header,
-    }
-
-
 def _append_metrics(out: Path, row: dict) -> None:
     """One JSON line in metrics.jsonl; a single O_APPEND write, safe with several ranks."""
     with MetricsLog(out / "metrics.jsonl") as log:
@@ -649,76 +579,58 @@ def synthesize(
     dist, own_group = init_barrier_group(world, cfg.runtime.barrier_timeout_min)
     owned = shards_for_rank(ctx.plans, rank, world)
     # 2. the output folder: refuse another config; what is recorded and still verifies is kept
-    recorded = _open_output(ctx, rank, world, overwrite)
-    if dist is not None:
-        dist.barrier()  # every rank has read the old manifests before any rank rewrites its own
-    for p in ctx.out.glob(f"synth-r{rank:03d}-*.tar.tmp"):
-        p.unlink()  # a write interrupted by a crash: never recorded
-    entries: dict[int, dict] = {}
+    writer = ShardSetWriter(
+        out=ctx.out,
+        kind=SHARDSET_KIND,
+        header=ctx.header,
+        num_shards=len(ctx.plans),
+        rank=rank,
+        world_size=world,
+        where=f"`output.dir` = {str(ctx.out)!r}",
+        hint="use a new output.dir, or --overwrite to replace it",
+    )
+    # the barrier: every rank has read the old listings before any rank rewrites its own
+    to_write = set(
+        writer.open(overwrite=overwrite, barrier=dist.barrier if dist else None, workers=cfg.runtime.workers)
+    )
+    todo = [p for p in owned if p.index in to_write]
+    reused = len(owned) - len(todo)
+    logger.info(
+        "rank %d/%d: %d shards owned, %d already done, %d to make in %s",
+        rank,
+        world,
+        len(owned),
+        reused,
+        len(todo),
+        ctx.out,
+    )
+    skipped: Counter = Counter()
+    dropped: Counter = Counter()
+    written = n_samples = 0
+    t_work = time.perf_counter()
     with ThreadPoolExecutor(cfg.runtime.workers) as pool:
-        checks = {
-            p.index: [(e, info, pool.submit(check_shard_file, info)) for e, info in recorded.get(p.index, [])]
-            for p in owned
-        }
-        for index, cands in checks.items():
-            for e, _, fut in cands:
-                if fut.result() is None:
-                    entries[index] = e
-                    break
-                logger.warning("recorded shard %s fails verification (%s): redoing it", e["name"], fut.result())
-        todo = [p for p in owned if p.index not in entries]
-        for p in todo:  # damaged recorded files of redone shards: remove, so no stale tar lingers
-            for _, info, _ in checks[p.index]:
-                info.path.unlink(missing_ok=True)
-        reused = len(entries)
-        logger.info(
-            "rank %d/%d: %d shards owned, %d already done, %d to make in %s",
-            rank,
-            world,
-            len(owned),
-            reused,
-            len(todo),
-            ctx.out,
-        )
-        rank_path = ctx.out / RANK_MANIFEST.format(rank=rank)
-        atomic_write_json(rank_path, _rank_doc(ctx, rank, world, owned, entries, done=not todo), indent=None)
-        skipped: Counter = Counter()
-        dropped: Counter = Counter()
-        written = n_samples = 0
-        t_work = time.perf_counter()
         # 3. synthesise: one shard at a time, the next shard's images load meanwhile
         if todo:
             with _MaxPixels(cfg.data.max_pixels):
                 device = pick_rank_device(cfg.runtime.device, world, local_rank)
                 worker = _Worker(ctx, device, pool)
-                ctx.header["runtime"] = worker.runtime
+                writer.header["runtime"] = worker.runtime
                 nxt = worker.load(todo[0])
                 for i, plan in enumerate(tqdm(todo, desc=f"synthesize r{rank}", unit="shard", position=rank)):
                     loads, nxt = nxt, (worker.load(todo[i + 1]) if i + 1 < len(todo) else None)
                     ts = time.perf_counter()
                     samples, sk, dr = worker.make(plan, loads)
-                    name = plan.name(rank)
-                    size, sha = write_shard(ctx.out / name, samples)
-                    entries[plan.index] = {
-                        "name": name,
-                        "index": plan.index,
-                        "rank": rank,
-                        "samples": len(samples),
-                        "bytes": size,
-                        "sha256": sha,
-                        "skipped": dict(sorted(sk.items())),
-                        "dropped": dict(sorted(dr.items())),
-                    }
-                    last = i + 1 == len(todo)
-                    atomic_write_json(rank_path, _rank_doc(ctx, rank, world, owned, entries, done=last), indent=None)
-                    if world == 1:
-                        merge_shardset(ctx.out)  # the set's manifest, one shard further
+                    for key, files in samples:
+                        writer.write(key, files)
+                    entry = writer.flush_shard(
+                        plan.index, skipped=dict(sorted(sk.items())), dropped=dict(sorted(dr.items()))
+                    )
                     dt = time.perf_counter() - ts
                     _append_metrics(
                         ctx.out,
                         {
                             "rank": rank,
-                            "shard": name,
+                            "shard": entry["name"],
                             "samples": len(samples),
                             "seconds": round(dt, 3),
                             "images_per_s": round(len(samples) / dt, 3) if dt > 0 else None,

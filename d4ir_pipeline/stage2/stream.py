@@ -19,7 +19,7 @@ from d4ir_pipeline.common.images import decode_rgb
 from d4ir_pipeline.common.seeds import tuple_seed
 from d4ir_pipeline.errors import BadImageError, D4IRError
 from d4ir_pipeline.shardset.format import ShardInfo
-from d4ir_pipeline.shardset.reader import TarTruncated, iter_tar
+from d4ir_pipeline.shardset.reader import ShardReadError, iter_tar
 
 logger = logging.getLogger(__name__)
 
@@ -77,9 +77,8 @@ def shard_samples(shard: ShardInfo, label_path: Path | None, label_ext: str, sta
                         sample["__label__"] = pending[1][label_ext]
                     pending = None
             yield sample
-    except TarTruncated as e:
-        where = f"while reading key {e.key}" if e.key else "before the first sample"
-        stats.bad_sample(shard.name, e.key, f"corrupt or truncated tar {where} ({e.cause})")
+    except ShardReadError as e:
+        stats.bad_sample(shard.name, e.key, f"corrupt or truncated tar {e.where} ({e.why})")
         got += 1  # the partial sample is lost
     missing = shard.samples - got
     if missing > 0:
