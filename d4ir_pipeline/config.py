@@ -424,14 +424,18 @@ def load_stage_config(
 
 
 def neutral_keys(cls: type) -> tuple[str, ...]:
-    """Dotted keys of ``cls`` declared ``affects_output=False`` (left out of :func:`config_hash`)."""
+    """Dotted keys of ``cls`` declared ``affects_output=False`` (left out of :func:`config_hash`).
+
+    A section field marked ``field(..., metadata={"affects_output": False})`` (or
+    ``opt(default_factory=Section, ..., affects_output=False)``) leaves out the whole section.
+    """
     hints = typing.get_type_hints(cls)
     out: list[str] = []
     for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            out += [f"{f.name}.{k}" for k in neutral_keys(hints[f.name])]
-        elif f.metadata.get("affects_output") is False:
+        if f.metadata.get("affects_output") is False:  # a field, or a whole section
             out.append(f.name)
+        elif dataclasses.is_dataclass(hints[f.name]):
+            out += [f"{f.name}.{k}" for k in neutral_keys(hints[f.name])]
     return tuple(out)
 
 

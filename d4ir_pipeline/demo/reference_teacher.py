@@ -41,19 +41,6 @@ from d4ir_pipeline.stage2.evaluate import DEMO_TEST_MANIFESTS
 
 logger = logging.getLogger(__name__)
 
-# keys that do not change the trained weights: excluded from the resume check
-_HASH_EXCLUDE = (
-    "train.stop_after",
-    "train.ckpt_every",
-    "train.ckpt_keep",
-    "log",
-    "eval.min_gain_db",
-    "eval.max_images",
-    "out.publish_dir",
-    "out.command",
-)
-
-
 # ---------------------------------------------------------------------------------------
 # config
 
@@ -106,9 +93,13 @@ class TrainSection:
         False, help="Randomly permute RGB of input and target alike (more scene colours; the degradations are grey)."
     )
     threads: int = opt(2, help="torch CPU threads; fixed so reruns give the same weights.", min=1)
-    ckpt_every: int = opt(250, help="Save a resumable checkpoint every N steps.", min=1)
-    ckpt_keep: int = opt(2, help="Checkpoints kept in <out.dir>/ckpt (older ones are deleted).", min=1)
-    stop_after: int = opt(0, help="Stop this run after N new steps (0 = run to the end); rerun resumes.", min=0)
+    ckpt_every: int = opt(250, help="Save a resumable checkpoint every N steps.", min=1, affects_output=False)
+    ckpt_keep: int = opt(
+        2, help="Checkpoints kept in <out.dir>/ckpt (older ones are deleted).", min=1, affects_output=False
+    )
+    stop_after: int = opt(
+        0, help="Stop this run after N new steps (0 = run to the end); rerun resumes.", min=0, affects_output=False
+    )
 
 
 @dataclass(frozen=True)
@@ -124,8 +115,8 @@ class LogSection:
 class EvalSection:
     """Scoring on the paired test sets."""
 
-    min_gain_db: float = opt(3.0, help="Required PSNR gain over the identity on every weather.")
-    max_images: int = opt(0, help="Images per test manifest (0 = all).", min=0)
+    min_gain_db: float = opt(3.0, help="Required PSNR gain over the identity on every weather.", affects_output=False)
+    max_images: int = opt(0, help="Images per test manifest (0 = all).", min=0, affects_output=False)
 
 
 @dataclass(frozen=True)
@@ -133,8 +124,12 @@ class OutSection:
     """Where the run and (optionally) the published teacher go."""
 
     dir: str = opt("{work}/teacher", help="Run folder: ckpt/, metrics.jsonl, model/, report.json.")
-    publish_dir: str = opt("", help="If set, copy the model + a README here when the bar is met.")
-    command: str = opt("d4ir train-teacher --profile {profile}", help="The command recorded in the published README.")
+    publish_dir: str = opt("", help="If set, copy the model + a README here when the bar is met.", affects_output=False)
+    command: str = opt(
+        "d4ir train-teacher --profile {profile}",
+        help="The command recorded in the published README.",
+        affects_output=False,
+    )
 
 
 @dataclass(frozen=True)
@@ -144,7 +139,7 @@ class TeacherConfig:
     data: DataSection = field(default_factory=DataSection)
     model: ModelSection = field(default_factory=ModelSection)
     train: TrainSection = field(default_factory=TrainSection)
-    log: LogSection = field(default_factory=LogSection)
+    log: LogSection = field(default_factory=LogSection, metadata={"affects_output": False})
     eval: EvalSection = field(default_factory=EvalSection)
     out: OutSection = field(default_factory=OutSection)
 
@@ -281,7 +276,7 @@ def train_teacher(cfg: TeacherConfig) -> TeacherResult:
     out.mkdir(parents=True, exist_ok=True)
     if tc.exposure[0] > tc.exposure[1]:
         raise ConfigError(f"`train.exposure` = {list(tc.exposure)}: expected [low, high] with low <= high")
-    chash = config_hash(cfg, exclude=_HASH_EXCLUDE)
+    chash = config_hash(cfg)
     with _deterministic(tc.threads):
         # 1. data (all in memory: the demo set is small)
         pairs = load_pairs(cfg.data.train_manifest, cfg.data.root, check_hash=cfg.data.check_hash)

@@ -9,7 +9,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from d4ir_pipeline.common.images import image_grid, save_png, to_uint8
 from d4ir_pipeline.common.io import atomic_write_bytes, atomic_write_json, sha256_bytes
 from d4ir_pipeline.common.train import CheckpointDir, MetricsLog, rng_state, set_rng_state, warmup_cosine
+from d4ir_pipeline.config import neutral_keys
 from d4ir_pipeline.errors import D4IRError
 from d4ir_pipeline.models import build_model
 from d4ir_pipeline.models.checkpoint import save_model
@@ -49,14 +50,12 @@ class DFMCConfig:
     contrast_sigma: float = 0.2  # z perturbation that makes the positive view
     student_steps: int = 1  # student updates per generator update
     grad_clip: float = 1.0
-    ckpt_every: int = 50  # resumable checkpoint every N steps (none at the end: the student folder is the mark)
-    ckpt_keep: int = 1
-    tensorboard: bool = False  # also TensorBoard event files in <out_dir>/tensorboard
+    # resumable checkpoint every N steps (none at the end: the student folder is the mark)
+    ckpt_every: int = field(default=50, metadata={"affects_output": False})
+    ckpt_keep: int = field(default=1, metadata={"affects_output": False})
+    # also TensorBoard event files in <out_dir>/tensorboard
+    tensorboard: bool = field(default=False, metadata={"affects_output": False})
     grid: int = 16  # samples in the saved grid
-
-
-# fields that change neither the generator nor the student: a resume may differ in these
-RESUME_NEUTRAL = ("ckpt_every", "ckpt_keep", "tensorboard")
 
 
 class Generator(nn.Module):
@@ -200,7 +199,8 @@ def train_dfmc(
 
 def _meta_hash(run_meta: dict) -> str:
     """What a resumed or reused run must match: the config (less resume-neutral fields), student and teacher."""
-    config = {k: v for k, v in run_meta["config"].items() if k not in RESUME_NEUTRAL}
+    neutral = neutral_keys(DFMCConfig)  # fields that change neither the generator nor the student
+    config = {k: v for k, v in run_meta["config"].items() if k not in neutral}
     return sha256_bytes(json.dumps({**run_meta, "config": config}, sort_keys=True).encode())
 
 

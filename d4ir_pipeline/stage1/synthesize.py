@@ -36,7 +36,7 @@ from d4ir_pipeline.common.images import IMAGE_FORMATS, encode_image
 from d4ir_pipeline.common.io import atomic_write_bytes, read_json, sha256_file
 from d4ir_pipeline.common.runtime import DTYPES, package_versions, pick_dtype
 from d4ir_pipeline.common.train import MetricsLog
-from d4ir_pipeline.config import config_hash, config_to_dict, opt
+from d4ir_pipeline.config import config_hash, config_to_dict, neutral_keys, opt
 from d4ir_pipeline.data.manifests import load_manifest, open_rgb
 from d4ir_pipeline.errors import BadImageError, D4IRError
 from d4ir_pipeline.shardset.format import SHARDSET_KIND, SHARDSET_NAME, check_output_dir, shard_name
@@ -76,25 +76,9 @@ SCHEDULERS = (
     "UniPCMultistepScheduler",
     "HeunDiscreteScheduler",
 )
-# Keys that change speed or memory but not which samples are drawn: left out of the config
-# hash so a resume may use another batch size, GPU or attention kernel. The input paths are
-# replaced by the hashes of what they hold (manifest bytes, bank tokens, UNet weights).
-HASH_EXCLUDE = (
-    "sd.model",
-    "data.manifest",
-    "data.root",
-    "bank.dir",
-    "output.dir",
-    "runtime.device",
-    "runtime.attention",
-    "runtime.batch_size",
-    "runtime.compile",
-    "runtime.channels_last",
-    "runtime.vae_slicing",
-    "runtime.vae_tiling",
-    "runtime.workers",
-    "runtime.barrier_timeout_min",
-)
+# Fields marked affects_output=False change speed or memory but not which samples are drawn:
+# a resume may use another batch size, GPU or attention kernel. The input paths among them are
+# replaced in the identity by the hashes of what they hold (manifest bytes, bank tokens, UNet weights).
 
 
 # ---------------------------------------------------------------------------------------
@@ -105,7 +89,9 @@ HASH_EXCLUDE = (
 class SDSection:
     """The Stable Diffusion model and sampler."""
 
-    model: str = opt("{work}/tiny-sd", help="diffusers SD folder or hub id (the Makefile passes SD_MODEL here)")
+    model: str = opt(
+        "{work}/tiny-sd", help="diffusers SD folder or hub id (the Makefile passes SD_MODEL here)", affects_output=False
+    )
     scheduler: str = opt(
         "DDIMScheduler", choices=SCHEDULERS, help="DDIM: deterministic for a seed, good at 20-50 steps"
     )
@@ -118,8 +104,12 @@ class SDSection:
 class DataSection:
     """The clean web images and how they are cut to the SD resolution."""
 
-    manifest: str = opt("{work}/data/manifests/web-clean.jsonl", help="image manifest (JSON Lines) of clean images")
-    root: str = opt("{work}/data", help="folder the manifest's paths are relative to")
+    manifest: str = opt(
+        "{work}/data/manifests/web-clean.jsonl",
+        help="image manifest (JSON Lines) of clean images",
+        affects_output=False,
+    )
+    root: str = opt("{work}/data", help="folder the manifest's paths are relative to", affects_output=False)
     resolution: int = opt(512, min=8, max=4096, help="SD 1.x works at 512; multiple of 8; square crops")
     crop: str = opt("center", choices=CROPS, help="'random': a seeded random square crop (from the sample seed)")
     min_side: int = opt(64, min=1, help="skip images whose short side is below this (too_small): upscaled mush")
@@ -134,7 +124,7 @@ class DataSection:
 class BankSection:
     """Where the prompts come from."""
 
-    dir: str = opt("{work}/bank", help="prompt-bank folder written by `d4ir prompt-bank`")
+    dir: str = opt("{work}/bank", help="prompt-bank folder written by `d4ir prompt-bank`", affects_output=False)
     use: str = opt("entry", choices=("entry", "centroid"), help="one bank entry of the weather, or its centroid")
     mix: dict[str, float] = opt(
         default_factory=dict, min=0.0, help="weather -> ratio, e.g. {rain = 1, haze = 1, snow = 2}; empty = uniform"
@@ -158,7 +148,9 @@ class CCDSection:
 class OutputSection:
     """The shard set."""
 
-    dir: str = opt("{work}/shards", help="shard-set folder (local path; URLs such as pipe: are refused)")
+    dir: str = opt(
+        "{work}/shards", help="shard-set folder (local path; URLs such as pipe: are refused)", affects_output=False
+    )
     shard_size: int = opt(256, min=1, help="samples per shard: ~100 MB tars at 512 px PNG")
     format: str = opt("png", choices=tuple(IMAGE_FORMATS), help="degraded image format (png: lossless)")
     quality: int = opt(95, min=1, max=100, help="jpg / webp quality")
@@ -169,17 +161,31 @@ class OutputSection:
 class RuntimeSection:
     """Speed and memory (left out of the config hash unless they change the samples)."""
 
-    device: str = opt("auto", help="'auto' = cuda when available (cuda:LOCAL_RANK under torchrun), else cpu")
+    device: str = opt(
+        "auto", help="'auto' = cuda when available (cuda:LOCAL_RANK under torchrun), else cpu", affects_output=False
+    )
     dtype: str = opt("float16", choices=DTYPES, help="half on CUDA; the CPU uses float32")
-    attention: str = opt("sdpa", choices=ATTENTION_BACKENDS, help="PyTorch SDPA; xformers when installed")
-    batch_size: int = opt(8, min=1, help="images per UNet call (the UNet sees 2x with CFG)")
-    compile: bool = opt(False, help="torch.compile the UNet (slow first batches; for long GPU runs)")
-    channels_last: bool = opt(False, help="channels_last memory format for UNet and VAE (often faster on GPUs)")
-    vae_slicing: bool = opt(False, help="VAE one image at a time: less memory at large batch sizes")
-    vae_tiling: bool = opt(False, help="VAE in tiles: less memory at large resolutions")
+    attention: str = opt(
+        "sdpa", choices=ATTENTION_BACKENDS, help="PyTorch SDPA; xformers when installed", affects_output=False
+    )
+    batch_size: int = opt(8, min=1, help="images per UNet call (the UNet sees 2x with CFG)", affects_output=False)
+    compile: bool = opt(
+        False, help="torch.compile the UNet (slow first batches; for long GPU runs)", affects_output=False
+    )
+    channels_last: bool = opt(
+        False, help="channels_last memory format for UNet and VAE (often faster on GPUs)", affects_output=False
+    )
+    vae_slicing: bool = opt(
+        False, help="VAE one image at a time: less memory at large batch sizes", affects_output=False
+    )
+    vae_tiling: bool = opt(False, help="VAE in tiles: less memory at large resolutions", affects_output=False)
     vae_fp32: bool = opt(False, help="keep the VAE in float32 (fp16 SD VAEs can overflow to NaN)")
-    workers: int = opt(4, min=1, max=64, help="threads decoding clean images and encoding outputs")
-    barrier_timeout_min: int = opt(240, min=1, help="how long ranks wait for each other at the end (torchrun)")
+    workers: int = opt(
+        4, min=1, max=64, help="threads decoding clean images and encoding outputs", affects_output=False
+    )
+    barrier_timeout_min: int = opt(
+        240, min=1, help="how long ranks wait for each other at the end (torchrun)", affects_output=False
+    )
 
 
 @dataclass(frozen=True)
@@ -192,6 +198,10 @@ class SynthesizeConfig:
     ccd: CCDSection = field(default_factory=CCDSection)
     output: OutputSection = field(default_factory=OutputSection)
     runtime: RuntimeSection = field(default_factory=RuntimeSection)
+
+
+# derived from the marks (compare's cache key uses it)
+HASH_EXCLUDE = neutral_keys(SynthesizeConfig)
 
 
 # ---------------------------------------------------------------------------------------
@@ -396,7 +406,7 @@ def _prepare(cfg: SynthesizeConfig) -> _Context:
         "num_images": len(records),
     }
     models = {"sd": model_id(cfg.sd.model), "sd_source": cfg.sd.model, "scheduler": cfg.sd.scheduler}
-    ident = {"config": config_hash(cfg, exclude=HASH_EXCLUDE), "inputs": inputs, "sd": models["sd"]}
+    ident = {"config": config_hash(cfg), "inputs": inputs, "sd": models["sd"]}
     ident["inputs"] = {k: v for k, v in inputs.items() if k.endswith("sha256") or k == "num_images"}
     chash = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
     header = {

@@ -41,13 +41,13 @@ from d4ir_pipeline.common.images import decode_rgb, psnr
 from d4ir_pipeline.common.io import atomic_write_json, read_json
 from d4ir_pipeline.common.runtime import cap_cpu_threads, package_versions, pick_device, seed_everything, usable_cpus
 from d4ir_pipeline.common.train import CheckpointDir, MetricsLog, due, rng_state, set_rng_state, warmup_cosine
-from d4ir_pipeline.config import config_hash, config_to_dict
+from d4ir_pipeline.config import config_diff, config_hash, config_to_dict, neutral_keys
 from d4ir_pipeline.errors import BadImageError, D4IRError
 from d4ir_pipeline.models import build_model
 from d4ir_pipeline.models.checkpoint import load_weights, save_model
 from d4ir_pipeline.shardset.format import SHARDSET_NAME, ShardSetError
 from d4ir_pipeline.shardset.reader import ShardSet, open_shardset, verify_files
-from d4ir_pipeline.stage2.config import RESUME_FREE, DistillConfig, student_tag
+from d4ir_pipeline.stage2.config import DistillConfig, student_tag
 from d4ir_pipeline.stage2.labels import LABEL_EXT, find_labels, labels_folder
 from d4ir_pipeline.stage2.stream import (
     IMAGE_EXTS,
@@ -283,7 +283,7 @@ def _open_run(cfg: DistillConfig, dist: Dist) -> _Run:
     ident = teacher_identity(cfg.teacher)
     out = Path(cfg.out) / student_tag(cfg.student)
     ckpts = CheckpointDir(out / "ckpt", keep=cfg.train.ckpt_keep)
-    chash = config_hash(cfg, exclude=RESUME_FREE)
+    chash = config_hash(cfg)
     run_path = out / "run.json"
     # a run.json without any checkpoint is a run that never got going: it is simply replaced
     started = ckpts.latest() is not None or (out / "result.json").is_file()
@@ -668,13 +668,7 @@ def _check_resumable(
     if prev.get("config_hash") != chash:
         old = prev.get("config", {})
         new = config_to_dict(cfg)
-        diffs = [
-            f"{sec}.{k}: {old.get(sec, {}).get(k)!r} -> {v!r}"
-            for sec, body in new.items()
-            if isinstance(body, dict)
-            for k, v in body.items()
-            if f"{sec}.{k}" not in RESUME_FREE and old.get(sec, {}).get(k) != v
-        ]
+        diffs = config_diff(old, new, ignore=neutral_keys(DistillConfig))
         raise D4IRError(
             f"{run_path}: the config differs from the run being resumed ({'; '.join(diffs) or 'see run.json'}); "
             "use another `student.tag` / `out`, or delete the run folder to start over"

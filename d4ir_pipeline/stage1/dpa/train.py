@@ -57,9 +57,9 @@ from d4ir_pipeline.common.train import (
     set_rng_state,
     warmup_cosine,
 )
-from d4ir_pipeline.config import config_to_dict
+from d4ir_pipeline.config import config_diff, config_to_dict, neutral_keys
 from d4ir_pipeline.errors import D4IRError
-from d4ir_pipeline.stage1.dpa.config import RESUME_NEUTRAL, DPAConfig, DPADataError, dpa_run_hash
+from d4ir_pipeline.stage1.dpa.config import DPAConfig, DPADataError, dpa_run_hash
 from d4ir_pipeline.stage1.dpa.data import ImageStore, check_labels, make_views, progress_bar, usable_records
 from d4ir_pipeline.stage1.dpa.losses import (
     FrozenSD,
@@ -497,15 +497,7 @@ def _check_same_run(meta: dict, run_hash: str, cfg: DPAConfig, where: Path) -> N
     """A checkpoint from a different training config cannot be resumed; say which keys differ."""
     if meta.get("training_hash") == run_hash:
         return
-    old, new = meta.get("config", {}), config_to_dict(cfg)
-    diffs = []
-    for sec in sorted(set(old) | set(new)):
-        o, n = old.get(sec, {}), new.get(sec, {})
-        if not isinstance(o, dict) or not isinstance(n, dict):
-            continue
-        for k in sorted(set(o) | set(n)):
-            if o.get(k) != n.get(k) and f"{sec}.{k}" not in RESUME_NEUTRAL and sec not in RESUME_NEUTRAL:
-                diffs.append(f"{sec}.{k}: {o.get(k)!r} -> {n.get(k)!r}")
+    diffs = config_diff(meta.get("config", {}), config_to_dict(cfg), ignore=neutral_keys(DPAConfig))
     raise D4IRError(
         f"{where} was written by a different training config ({'; '.join(diffs[:6]) or 'hash differs'}); "
         f"use another `output.dir` / --work-dir, or set train.resume = false to start over"
