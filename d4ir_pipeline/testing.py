@@ -74,18 +74,22 @@ def make_shardset(
     compress_level: int = 6,
     clean: bool = True,
     bad_keys: Sequence[str] = (),
+    weathers: Sequence[str] = ("rain",),
 ) -> Path:
     """A complete one-rank shard set written by the real shard-set writer (replacing what ``root`` held):
     ``{key}.json`` + ``{key}.degraded.png`` (+ ``{key}.clean.png``), keys ``k{shard:03d}-{j:04d}``.
 
     Images are (size // smooth)-pixel random images upsampled to ``size`` plus Gaussian
-    ``noise``; keys in ``bad_keys`` get bytes that are not an image. The config hash is
+    ``noise``; keys in ``bad_keys`` get bytes that are not an image; sample ``j`` of a shard
+    has weather ``weathers[j % len(weathers)]`` in its json. The config hash is
     that of the arguments, so two calls with other arguments make two different sets.
     """
     from PIL import Image
 
     args = dict(n_shards=n_shards, per=per, size=size, seed=seed, smooth=smooth, noise=noise)
     args |= {"compress_level": compress_level, "clean": clean, "bad_keys": sorted(bad_keys)}
+    if tuple(weathers) != ("rain",):
+        args["weathers"] = list(weathers)
     header = {"config": args, "config_hash": sha256_bytes(json.dumps(args, sort_keys=True).encode())}
     writer = ShardSetWriter(out=root, kind=SHARDSET_KIND, header=header, num_shards=n_shards)
     writer.open(overwrite=True)
@@ -97,7 +101,7 @@ def make_shardset(
             arr = np.asarray(Image.fromarray(small).resize((size, size), Image.BICUBIC))
             if noise:
                 arr = np.clip(arr + rng.normal(0, noise, arr.shape), 0, 255).astype(np.uint8)
-            meta = {"key": key, "weather": "rain", "width": size, "height": size}
+            meta = {"key": key, "weather": weathers[j % len(weathers)], "width": size, "height": size}
             files = [
                 ("json", json.dumps(meta).encode()),
                 (

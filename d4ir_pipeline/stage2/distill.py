@@ -57,14 +57,10 @@ from d4ir_pipeline.stage2.stream import (
     decode_label,
     default_batch_source,
     is_holdout,
+    sample_weather,
     shard_samples,
 )
-from d4ir_pipeline.stage2.teacher import (
-    check_same_size,
-    load_teacher,
-    teacher_forward,
-    teacher_identity,
-)
+from d4ir_pipeline.stage2.teacher import Teachers, check_same_size, teacher_identity
 
 logger = logging.getLogger(__name__)
 
@@ -98,9 +94,9 @@ def pixel_loss(s: Any, t: Any, kind: str, eps: float) -> Any:
 
 def _val_samples(
     shardset: ShardSet, spec: StreamSpec, n: int, size: int
-) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
-    """The first ``n`` held-out samples in manifest order, centre-cropped: (key, uint8 HWC, target or None)."""
-    out: list[tuple[str, np.ndarray, np.ndarray | None]] = []
+) -> list[tuple[str, np.ndarray, np.ndarray | None, str | None]]:
+    """The first ``n`` held-out samples in manifest order, centre-cropped: (key, uint8 HWC, target or None, weather)."""
+    out: list[tuple[str, np.ndarray, np.ndarray | None, str | None]] = []
     for key, sample in _held_out(shardset, spec):
         item = _val_sample(key, sample, spec, size)
         if item is not None:
@@ -122,7 +118,7 @@ def _held_out(shardset: ShardSet, spec: StreamSpec) -> Iterator[tuple[str, dict]
 
 
 def _val_sample(key: str, sample: dict, spec: StreamSpec, size: int) -> tuple | None:
-    """Decoded and centre-cropped (key, input, target or None); None for an unusable sample or missing label."""
+    """Decoded and centre-cropped (key, input, target or None, weather); None for an unusable sample or missing label."""
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     try:
         if ext is None:
@@ -139,7 +135,7 @@ def _val_sample(key: str, sample: dict, spec: StreamSpec, size: int) -> tuple | 
         top, left = (h - c) // 2, (w - c) // 2
         x = x[top : top + c, left : left + c]
         t = t[top : top + c, left : left + c] if t is not None else None
-    return key, x, t
+    return key, x, t, sample_weather(sample)
 
 
 def _validate(m: _Models, cfg: DistillConfig, samples: list) -> float | None:
@@ -151,13 +147,13 @@ def _validate(m: _Models, cfg: DistillConfig, samples: list) -> float | None:
     student.eval()
     vals = []
     with torch.no_grad():
-        for _key, x, t in samples:
+        for _key, x, t, weather in samples:
             xt = torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)[None].to(device).float() / 255.0
             if t is not None:
                 tt = torch.from_numpy(np.ascontiguousarray(t)).permute(2, 0, 1)[None].to(device).float()
                 tt = tt / 255.0 if t.dtype == np.uint8 else tt
             else:
-                tt = teacher_forward(m.teacher, xt, m.tdtype, cfg.teacher)
+                tt = m.teacher(xt, [weather])
             s = student(xt).float().clamp(0, 1)
             vals.append(psnr(s, tt))
     student.train(was)
@@ -350,8 +346,7 @@ def _write_run_json(cfg: DistillConfig, dist: Dist, run: _Run, run_path: Path) -
 class _Models:
     """Teacher (None with a label cache), student (and its DDP wrapper), optimizer, schedule, AMP."""
 
-    teacher: Any
-    tdtype: Any
+    teacher: Teachers | None
     student: torch.nn.Module
     model: torch.nn.Module  # the student, or its DDP wrapper
     opt: torch.optim.Optimizer
@@ -368,7 +363,7 @@ class _Models:
 def _models(cfg: DistillConfig, device: torch.device, labels_dir: Path | None) -> _Models:
     tc = cfg.train
     seed_everything(tc.seed)
-    teacher, tdtype = (None, None) if labels_dir is not None else load_teacher(cfg.teacher, device)
+    teacher = None if labels_dir is not None else Teachers(cfg.teacher, device)
     student = build_model(cfg.student.name, **cfg.student.kwargs).to(device)
     student.train()
     opt = torch.optim.AdamW(student.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
@@ -377,7 +372,7 @@ def _models(cfg: DistillConfig, device: torch.device, labels_dir: Path | None) -
     )
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.amp) if device.type == "cuda" else None
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    return _Models(teacher, tdtype, student, student, opt, sched, scaler, amp_dtype, device)
+    return _Models(teacher, student, student, opt, sched, scaler, amp_dtype, device)
 
 
 # ---------------------------------------------------------------------------------------
@@ -551,7 +546,7 @@ def _train_step(cfg: DistillConfig, m: _Models, batch: dict, *, check_size: bool
         tt = batch["t"].to(m.device, non_blocking=True).float()
         t = tt.div_(255.0) if batch["t"].dtype == torch.uint8 else tt
     else:
-        t = teacher_forward(m.teacher, x, m.tdtype, cfg.teacher)  # (B, 3, P, P)
+        t = m.teacher(x, batch.get("weathers"))  # (B, 3, P, P); each sample's weather picks its teacher
     with torch.autocast(device_type="cuda", dtype=m.amp_dtype) if m.amp_dtype else nullcontext():
         s = m.model(x)  # (B, 3, P, P)
     if check_size:

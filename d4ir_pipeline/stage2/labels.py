@@ -17,12 +17,12 @@ from d4ir_pipeline.cli import config_from_options, stage_options
 from d4ir_pipeline.common.images import decode_rgb, encode_png
 from d4ir_pipeline.common.runtime import package_versions, pick_device
 from d4ir_pipeline.errors import BadImageError
-from d4ir_pipeline.shardset.format import LABELS_KIND, LABELS_NAME, ShardSetError, read_listing
+from d4ir_pipeline.shardset.format import LABELS_KIND, LABELS_NAME, ShardInfo, ShardSetError, read_listing
 from d4ir_pipeline.shardset.reader import ShardSet, open_shardset, verify_files
 from d4ir_pipeline.shardset.writer import ShardSetWriter
 from d4ir_pipeline.stage2.config import DistillConfig
-from d4ir_pipeline.stage2.stream import IMAGE_EXTS, Stats, shard_samples
-from d4ir_pipeline.stage2.teacher import load_teacher, teacher_forward, teacher_identity
+from d4ir_pipeline.stage2.stream import IMAGE_EXTS, Stats, sample_weather, shard_samples
+from d4ir_pipeline.stage2.teacher import Teachers, teacher_identity
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +86,40 @@ def _encode_label(t: Any, fmt: str) -> bytes:
     return encode_png(arr, compress_level=1)  # labels are read once per epoch: fast over small
 
 
+def _label_shard(cfg: DistillConfig, shard: ShardInfo, teachers: Teachers, writer: ShardSetWriter, ext: str) -> int:
+    """The teacher's output of every decodable sample of ``shard`` into the writer; returns the skipped count.
+
+    Neighbouring samples of one size go through the teacher together (up to ``labels.batch_size``).
+    """
+    stats = Stats()
+    group: list[tuple[str, np.ndarray, str | None]] = []  # (key, (H, W, 3) uint8, weather)
+
+    def flush() -> None:
+        if not group:
+            return
+        x = torch.from_numpy(np.stack([a for _, a, _ in group])).to(teachers.device).permute(0, 3, 1, 2)
+        y = teachers(x.float() / 255.0, [w for _, _, w in group])  # (B, 3, H, W)
+        for (key, _, _), yi in zip(group, y, strict=True):
+            writer.write(key, [(ext, _encode_label(yi, cfg.labels.format))])
+        group.clear()
+
+    for sample in shard_samples(shard, None, ext, stats):
+        key = sample["__key__"]
+        img_ext = next((e for e in IMAGE_EXTS if e in sample), None)
+        try:
+            if img_ext is None:
+                raise BadImageError("missing", "no degraded image in the sample")
+            arr = np.asarray(decode_rgb(sample[img_ext], name=f"{key}.{img_ext}")[0])  # (H, W, 3)
+        except BadImageError as e:
+            stats.bad_sample(shard.name, key, f"{e.reason}: {e}")
+            continue
+        if group and (group[0][1].shape != arr.shape or len(group) >= cfg.labels.batch_size):
+            flush()
+        group.append((key, arr, sample_weather(sample)))
+    flush()
+    return stats.bad
+
+
 def label(cfg: DistillConfig) -> LabelResult:
     """Run the teacher once over every sample of the shard set and cache its outputs next to the shards."""
     from tqdm import tqdm
@@ -123,40 +157,12 @@ def label(cfg: DistillConfig) -> LabelResult:
         return LabelResult(
             out, ident["id"], len(doc["shards"]), sum(s["samples"] for s in doc["shards"]), doc["skipped"], 0.0
         )
-    # 3. teacher
-    device = pick_device(cfg.train.device)
-    teacher, dtype = load_teacher(cfg.teacher, device)
-    stats = Stats()
+    # 3. teacher(s): each sample's weather picks its teacher
+    teachers = Teachers(cfg.teacher, pick_device(cfg.train.device))
     total = 0
     for index in tqdm(todo, desc="label", unit="shard", disable=not cfg.log.progress):
-        shard = shardset.shards[index]
-        group: list[tuple[str, np.ndarray]] = []
-
-        def flush(group: list[tuple[str, np.ndarray]] = group) -> None:
-            if not group:
-                return
-            x = torch.from_numpy(np.stack([a for _, a in group])).to(device).permute(0, 3, 1, 2).float() / 255.0
-            y = teacher_forward(teacher, x, dtype, cfg.teacher)  # (B, 3, H, W)
-            for (key, _), yi in zip(group, y, strict=True):
-                writer.write(key, [(ext, _encode_label(yi, cfg.labels.format))])
-            group.clear()
-
-        for sample in shard_samples(shard, None, ext, stats):
-            key = sample["__key__"]
-            img_ext = next((e for e in IMAGE_EXTS if e in sample), None)
-            try:
-                if img_ext is None:
-                    raise BadImageError("missing", "no degraded image in the sample")
-                arr = np.asarray(decode_rgb(sample[img_ext], name=f"{key}.{img_ext}")[0])  # (H, W, 3)
-            except BadImageError as e:
-                stats.bad_sample(shard.name, key, f"{e.reason}: {e}")
-                continue
-            if group and (group[0][1].shape != arr.shape or len(group) >= cfg.labels.batch_size):
-                flush()
-            group.append((key, arr))
-        flush()
-        writer.header["skipped"] = int(writer.header["skipped"]) + stats.bad
-        stats.bad = 0
+        skipped = _label_shard(cfg, shardset.shards[index], teachers, writer, ext)
+        writer.header["skipped"] = int(writer.header["skipped"]) + skipped
         total += writer.flush_shard(index)["samples"]  # progress: finished shards survive an interrupt
     doc = writer.finish()
     secs = time.perf_counter() - t0

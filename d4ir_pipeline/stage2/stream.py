@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import random
 from collections.abc import Iterator
@@ -176,6 +177,16 @@ def decode_label(data: bytes, ext: str, key: str) -> np.ndarray:
     return np.asarray(img)
 
 
+def sample_weather(sample: dict) -> str | None:
+    """The ``weather`` recorded in a sample's ``json`` (stage one writes it), or None."""
+    try:
+        meta = json.loads(sample.get("json", b"{}"))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    w = meta.get("weather") if isinstance(meta, dict) else None
+    return w if isinstance(w, str) and w else None
+
+
 def worker_batches(spec: StreamSpec, worker: int, epoch: int, index: int, stats: Stats) -> Iterator[dict]:
     """Infinite batches of one logical worker, starting at its cursor (epoch, index into the shuffled stream)."""
     import webdataset as wds
@@ -184,6 +195,7 @@ def worker_batches(spec: StreamSpec, worker: int, epoch: int, index: int, stats:
     xs: list[np.ndarray] = []
     ts: list[np.ndarray] = []
     keys: list[str] = []
+    weathers: list[str | None] = []
     while True:
         shards = epoch_shards(spec, epoch, worker)
 
@@ -212,6 +224,7 @@ def worker_batches(spec: StreamSpec, worker: int, epoch: int, index: int, stats:
             usable += 1
             xs.append(x)
             keys.append(sample["__key__"])
+            weathers.append(sample_weather(sample))
             if t is not None:
                 ts.append(t)
             if len(xs) == spec.batch_size:
@@ -219,10 +232,11 @@ def worker_batches(spec: StreamSpec, worker: int, epoch: int, index: int, stats:
                     "x": torch.from_numpy(np.stack(xs)),  # (B, 3, P, P) uint8
                     "t": torch.from_numpy(np.stack(ts)) if ts else None,  # (B, 3, P, P) uint8 / float16
                     "keys": keys,
+                    "weathers": weathers,  # from each sample's json (None: unknown); picks its teacher
                     "cursor": (worker, epoch, i + 1),
                     "stats": (worker, stats.good, stats.bad),
                 }
-                xs, ts, keys = [], [], []
+                xs, ts, keys, weathers = [], [], [], []
         stats.muted = False
         if usable == 0 and index == 0:
             names = [s.name for s in shards]

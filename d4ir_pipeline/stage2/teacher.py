@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -52,6 +53,11 @@ class TeacherConfig:
     pad_multiple: int = opt(0, min=0, help="pad the input to this multiple outside the model, crop back")
     weather_flag: tuple[str, ...] = opt((), help="non-blind teachers: weather order of the one-hot flag argument")
     weather: str = opt("", help="non-blind teachers: a fixed weather for the flag; empty = each sample's weather")
+    by_weather: dict[str, TeacherConfig] = opt(
+        default_factory=dict,
+        help="one teacher per weather: rain = {checkpoint = ..., arch = ...} (each a full teacher spec); samples "
+        "of other weathers, or without one, go to the teacher above",
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -100,7 +106,21 @@ def teacher_io(cfg: TeacherConfig, arch: str) -> ModelIO:
 
 
 def teacher_identity(cfg: TeacherConfig) -> dict:
-    """Hash of what determines the teacher's outputs: weights, architecture, tiling, I/O adapter."""
+    """Hash of what determines the teachers' outputs: weights, architecture, tiling, I/O adapter (of each
+    weather's teacher too, with ``by_weather``)."""
+    if cfg.by_weather:
+        if nested := sorted(w for w, spec in cfg.by_weather.items() if spec.by_weather):
+            raise D4IRError(f"`teacher.by_weather.{nested[0]}` cannot hold its own `by_weather`")
+        parts = {w: _single_identity(spec) for w, spec in sorted(cfg.by_weather.items())}
+        default = _single_identity(dataclasses.replace(cfg, by_weather={}))
+        tid = hashlib.sha256(
+            json.dumps({"default": default["id"], **{w: p["id"] for w, p in parts.items()}}, sort_keys=True).encode()
+        ).hexdigest()[:16]
+        return {"id": tid, "path": default["path"], "default": default, "by_weather": parts}
+    return _single_identity(cfg)
+
+
+def _single_identity(cfg: TeacherConfig) -> dict:
     path, weights, spec = _teacher_source(cfg)
     wsha = sha256_file(weights)
     io = teacher_io(cfg, spec["name"])
@@ -166,3 +186,55 @@ def teacher_forward(model: Any, x: Any, dtype: Any, cfg: TeacherConfig, weather:
             y = run(xin)
     check_same_size(y, x, f"teacher ({cfg.checkpoint})")
     return y.float().clamp_(0.0, 1.0)
+
+
+class Teachers:
+    """The default teacher and the per-weather ones (``teacher.by_weather``), each loaded on first use.
+
+    Calling it with a batch and its samples' weathers sends every sample to its weather's
+    teacher (the default one for other weathers and for samples without a weather) and puts
+    the outputs back in batch order. Every teacher used stays on the device: memory is the sum
+    of the teachers that data reaches (a 26M-parameter Restormer is ~52 MB of fp16 weights, plus
+    its activations at the crop size, one teacher at a time).
+    """
+
+    def __init__(self, cfg: TeacherConfig, device: Any):
+        self.cfg, self.device = cfg, device
+        # the default teacher exactly as a single teacher is loaded (same RNG use: runs stay bit-identical)
+        self._loaded: dict[str | None, tuple[Any, Any, TeacherConfig]] = {None: (*load_teacher(cfg, device), cfg)}
+        self._waiting: dict[str, Any] = {}
+        for w, spec in sorted(cfg.by_weather.items()):
+            with torch.random.fork_rng(devices=[]):  # building a model draws random init weights
+                self._waiting[w], _ = load_teacher(spec, torch.device("cpu"))
+
+    def spec_for(self, weather: str | None) -> tuple[str | None, TeacherConfig]:
+        """(which teacher, its config) for a sample of ``weather``."""
+        if weather is not None and weather in self.cfg.by_weather:
+            return weather, self.cfg.by_weather[weather]
+        return None, self.cfg
+
+    def _get(self, which: str | None) -> tuple[Any, Any, TeacherConfig]:
+        if which not in self._loaded:  # a weather's teacher reaches the device when its first sample does
+            spec = self.cfg.by_weather[which]
+            dtype = pick_dtype(spec.dtype, self.device)
+            self._loaded[which] = (self._waiting.pop(which).to(device=self.device, dtype=dtype), dtype, spec)
+        return self._loaded[which]
+
+    def __call__(self, x: Any, weathers: Any = None) -> Any:
+        """Teacher outputs float32 (B, 3, H, W) in [0, 1] for ``x`` (B, 3, H, W); ``weathers``: one per sample or None."""
+        names = list(weathers) if weathers is not None else [None] * x.shape[0]
+        groups: dict[str | None, list[int]] = {}
+        for i, w in enumerate(names):
+            groups.setdefault(self.spec_for(w)[0], []).append(i)
+        if len(groups) == 1:
+            ((which, _),) = groups.items()
+            model, dtype, spec = self._get(which)
+            return teacher_forward(model, x, dtype, spec, weather=names)
+        out = None
+        for which, idx in groups.items():
+            model, dtype, spec = self._get(which)
+            y = teacher_forward(model, x[idx], dtype, spec, weather=[names[i] for i in idx])
+            if out is None:
+                out = torch.empty((x.shape[0], *y.shape[1:]), dtype=y.dtype, device=y.device)
+            out[idx] = y
+        return out
