@@ -19,15 +19,6 @@ from d4ir_pipeline.shardset.reader import open_shardset, read_shard, verify_shar
 STUDENT = {"name": "rescnn", "kwargs": {"width": 8, "blocks": 1}}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: these tiny models gain nothing from two, and a shared CPU loses a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _teacher() -> torch.nn.Module:
     """A small fixed 'restoration' network: seeded random weights, frozen."""
     torch.manual_seed(123)

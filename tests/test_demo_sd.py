@@ -59,7 +59,6 @@ def _parts(tiny_sd_path):
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    torch.set_num_threads(1)
     return (
         AutoencoderKL.from_pretrained(tiny_sd_path / "vae"),
         UNet2DConditionModel.from_pretrained(tiny_sd_path / "unet"),
@@ -169,7 +168,6 @@ def test_build_writes_a_loadable_folder_and_checks_phase_configs(demo_data_root,
         vae=vae,
         unet=unet,
     )
-    torch.set_num_threads(1)
     r = D.build_demo_sd(cfg, progress=False)
     info = json.loads((r.out / "d4ir_demo_sd.json").read_text())
     assert info["data"]["splits"] == ["web-clean", "web-degraded"] and info["captions"] == D.CAPTIONS
@@ -190,7 +188,6 @@ def _test_targets(root, n=4):
 
 
 def test_committed_demo_sd_beats_random_tiny_sd(demo_data_root, tiny_sd_path):
-    torch.set_num_threads(1)
     path = D.demo_sd_path()
     info = json.loads((path / "d4ir_demo_sd.json").read_text())
     assert info["kind"] == "d4ir-demo-sd" and info["data"]["splits"] == ["web-clean", "web-degraded"]

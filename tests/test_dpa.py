@@ -67,12 +67,7 @@ def demo_run(tmp_path_factory, demo_data_root, tiny_sd_path):
     """The demo config, CPU, seed 0, trained once for the module (about a minute on one core)."""
     work = _work(tmp_path_factory.mktemp("dpa-demo") / "w", demo_data_root, tiny_sd_path)
     cfg = _cfg("demo", work, "train.device=cpu")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the bar's setting ("one core"); also avoids oversubscribing a shared CPU
-    try:
-        return cfg, train_dpa(cfg)
-    finally:
-        torch.set_num_threads(threads)
+    return cfg, train_dpa(cfg)  # one torch thread (conftest): the bar's setting ("one core")
 
 
 @pytest.mark.slow

@@ -35,15 +35,6 @@ SAMPLE_FIELDS = {"key", "source_id", "source_sha256", "weather", "prompt_id", "s
                  "scheduler", "seed", "width", "height"}  # fmt: skip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core box OpenMP spin-waiting makes 2 threads 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _image(path: Path, w: int, h: int, seed: int) -> ImageRecord:
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w]
