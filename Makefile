@@ -26,7 +26,7 @@ student_set = $(if $(STUDENT),--set student.name=$(STUDENT))
 extra_set   = $(foreach s,$(SET),--set $(s))
 common      = --profile $(PROFILE) --work-dir $(WORK)
 
-.PHONY: install test demo synthesize distill evaluate table bench bench-gpu lint clean teacher data tiny-sd dpa prompt-bank label demo-sd smoke-sd15 gpu-check
+.PHONY: install test test-fast demo synthesize distill evaluate table bench bench-gpu lint clean teacher data tiny-sd dpa prompt-bank label demo-sd smoke-sd15 gpu-check
 
 install: $(STAMP)
 
@@ -40,6 +40,10 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra tests
+
+# the edit loop: everything but the subprocess runs (SIGKILL resumes, torchrun, compare end to end, benchmark smoke)
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra -m "not slow" tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check d4ir_pipeline tests benchmarks

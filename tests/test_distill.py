@@ -141,6 +141,7 @@ def test_worker_stream_resumes_at_cursor(setup: Path) -> None:
 # resume, DDP
 
 
+@pytest.mark.slow  # a subprocess run (fresh interpreters import torch)
 def test_sigkill_resume_matches_uninterrupted(setup: Path) -> None:
     # 2 workers and a checkpoint every 3 steps: resume also rotates which worker delivers next
     extra = {"train__steps": 16, "train__ckpt_every": 3, "data__num_workers": 2, "data__patch": 32}
@@ -181,6 +182,7 @@ def test_sigkill_resume_matches_uninterrupted(setup: Path) -> None:
     assert again.steps == 16 and torch.equal(weights(again.out_dir)["head.weight"], a["head.weight"])
 
 
+@pytest.mark.slow  # a subprocess run (fresh interpreters import torch)
 def test_ddp_two_ranks_disjoint_samples(setup: Path) -> None:
     cfg_file = setup / "empty.toml"
     cfg_file.write_text("")

@@ -114,6 +114,7 @@ def _cli(work: Path, *extra: str) -> list[str]:
             "--set", "report.enabled=false", *extra]  # fmt: skip
 
 
+@pytest.mark.slow  # a subprocess run (fresh interpreters import torch)
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, demo_data_root, tiny_sd_path):
     from safetensors.torch import load_file
 

@@ -325,6 +325,7 @@ def _env():
     return env
 
 
+@pytest.mark.slow  # a subprocess run (fresh interpreters import torch)
 def test_sigkill_mid_run_then_resume(data, tiny_sd_path, tmp_path):
     out = tmp_path / "shards"
     (tmp_path / "empty.toml").write_text("")
