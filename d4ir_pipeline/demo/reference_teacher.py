@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 class DataSection:
     """Paired manifests (input `path` + clean `target`) and the image root."""
 
-    root: str = opt("{work}/data", help="Image root of the manifests (`d4ir demo-data --out {work}/data`).")
+    root: str = opt("{data}", help="Image root of the manifests (`d4ir demo-data --out {data}`).")
     train_manifest: str = opt(
         "data_manifests/demo/teacher-train.jsonl", help="Paired training manifest (all weathers)."
     )

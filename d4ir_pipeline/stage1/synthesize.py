@@ -105,11 +105,11 @@ class DataSection:
     """The clean web images and how they are cut to the SD resolution."""
 
     manifest: str = opt(
-        "{work}/data/manifests/web-clean.jsonl",
+        "{data}/manifests/web-clean.jsonl",
         help="image manifest (JSON Lines) of clean images",
         affects_output=False,
     )
-    root: str = opt("{work}/data", help="folder the manifest's paths are relative to", affects_output=False)
+    root: str = opt("{data}", help="folder the manifest's paths are relative to", affects_output=False)
     resolution: int = opt(512, min=8, max=4096, help="SD 1.x works at 512; multiple of 8; square crops")
     crop: str = opt("center", choices=CROPS, help="'random': a seeded random square crop (from the sample seed)")
     min_side: int = opt(64, min=1, help="skip images whose short side is below this (too_small): upscaled mush")
@@ -124,7 +124,7 @@ class DataSection:
 class BankSection:
     """Where the prompts come from."""
 
-    dir: str = opt("{work}/bank", help="prompt-bank folder written by `d4ir prompt-bank`", affects_output=False)
+    dir: str = opt("{bank}", help="prompt-bank folder written by `d4ir prompt-bank`", affects_output=False)
     use: str = opt("entry", choices=("entry", "centroid"), help="one bank entry of the weather, or its centroid")
     mix: dict[str, float] = opt(
         default_factory=dict, min=0.0, help="weather -> ratio, e.g. {rain = 1, haze = 1, snow = 2}; empty = uniform"
@@ -149,7 +149,7 @@ class OutputSection:
     """The shard set."""
 
     dir: str = opt(
-        "{work}/shards", help="shard-set folder (local path; URLs such as pipe: are refused)", affects_output=False
+        "{shards}", help="shard-set folder (local path; URLs such as pipe: are refused)", affects_output=False
     )
     shard_size: int = opt(256, min=1, help="samples per shard: ~100 MB tars at 512 px PNG")
     format: str = opt("png", choices=tuple(IMAGE_FORMATS), help="degraded image format (png: lossless)")

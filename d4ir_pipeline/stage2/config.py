@@ -25,7 +25,7 @@ class StudentConfig:
 class DataConfig:
     """Where the shards are and how they are streamed."""
 
-    shards: str = opt("{work}/shards", help="shard-set folder holding shardset.json (written by `d4ir synthesize`)")
+    shards: str = opt("{shards}", help="shard-set folder holding shardset.json (written by `d4ir synthesize`)")
     verify: str = opt(
         "full",
         help="'full' re-hashes every shard against shardset.json (refuses a mismatch); 'size' checks byte "
@@ -126,7 +126,7 @@ class ValConfig:
 class DistillConfig:
     """`d4ir distill` / `d4ir label` (stages/<profile>/distill.toml)."""
 
-    out: str = opt("{work}/distill", help="runs go to <out>/<student tag>/")
+    out: str = opt("{distill}", help="runs go to <out>/<student tag>/")
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -20,8 +20,8 @@ class DPADataError(D4IRError):
 class DataSection:
     """The web-degraded images to train on."""
 
-    manifest: str = opt("{work}/data/manifests/web-degraded.jsonl", help="Manifest of the web-degraded images.")
-    root: str = opt("{work}/data", help="Image root the manifest's paths are relative to.", affects_output=False)
+    manifest: str = opt("{data}/manifests/web-degraded.jsonl", help="Manifest of the web-degraded images.")
+    root: str = opt("{data}", help="Image root the manifest's paths are relative to.", affects_output=False)
     require_labels: bool = opt(
         True, help="Every image must carry a weather label and >= 2 weathers must be present (supervised contrast)."
     )
@@ -150,13 +150,13 @@ class ReportSection:
     enabled: bool = opt(True, help="Write report.json after training.")
     test_manifests: tuple[str, ...] = opt(
         (
-            "{work}/data/manifests/test-rain.jsonl",
-            "{work}/data/manifests/test-haze.jsonl",
-            "{work}/data/manifests/test-snow.jsonl",
+            "{data}/manifests/test-rain.jsonl",
+            "{data}/manifests/test-haze.jsonl",
+            "{data}/manifests/test-snow.jsonl",
         ),
         help="Paired test sets; their inputs whose source photo is not in training are the held-out set.",
     )
-    test_root: str = opt("{work}/data", help="Image root of the test manifests.")
+    test_root: str = opt("{data}", help="Image root of the test manifests.")
     knn_k: int = opt(5, min=1, help="k of the cosine k-NN weather classifier (the headline accuracy).")
     plot: bool = opt(True, help="Write embeddings.png (2-D PCA of the embeddings, coloured by weather).")
 
@@ -165,7 +165,7 @@ class ReportSection:
 class OutputSection:
     """Where the stage writes."""
 
-    dir: str = opt("{work}/dpa", help="Output folder (weights, checkpoints, metrics, report).")
+    dir: str = opt("{dpa}", help="Output folder (weights, checkpoints, metrics, report).")
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ the tokens on the scale of the text encoder's final-layer-normed states.
 Exact resume: every random draw of step s (batch indices, crops, flips, VAE sample,
 noise, timesteps) comes from generators seeded by (seed, s), so a checkpoint needs only
 the weights, the optimizer / scaler state and the step; the global RNG states are
-saved and restored as well. Outputs in ``{work}/dpa/``: ``dpa.safetensors`` +
+saved and restored as well. Outputs in ``{dpa}/``: ``dpa.safetensors`` +
 ``dpa.json`` (model spec, run config; the completion marker), ``checkpoints/``,
 ``metrics.jsonl``, ``report.json`` and ``embeddings.png``.
 """
