@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from d4ir_pipeline.cli import config_from_options, stage_options
+from d4ir_pipeline.cli import stage_command
 from d4ir_pipeline.common.images import psnr, ssim_u8
 from d4ir_pipeline.common.io import atomic_write_json, atomic_write_text, sha256_file
 from d4ir_pipeline.common.runtime import package_versions, seed_everything
@@ -544,12 +544,8 @@ def type_name(cfg: TeacherConfig) -> str:
         return type(build_model(cfg.model.name)).__name__
 
 
-@click.command("train-teacher")
-@stage_options
-def train_teacher_command(profile: str, config_path: str | None, overrides: tuple[str, ...], work_dir: str | None):
+@stage_command("train-teacher", TeacherConfig, "teacher")
+def train_teacher_command(cfg: TeacherConfig) -> None:
     """Train the demo's reference teacher (stages/<profile>/teacher.toml)."""
-    cfg = config_from_options(
-        TeacherConfig, "teacher", profile=profile, config_path=config_path, overrides=overrides, work_dir=work_dir
-    )
     res = train_teacher(cfg)
     click.echo(res.summary())

@@ -30,7 +30,7 @@ from typing import Any
 import click
 import numpy as np
 
-from d4ir_pipeline.cli import config_from_options, stage_options
+from d4ir_pipeline.cli import stage_command
 from d4ir_pipeline.common.dist import dist_env, init_barrier_group, pick_rank_device
 from d4ir_pipeline.common.images import IMAGE_FORMATS, encode_image
 from d4ir_pipeline.common.io import atomic_write_bytes, read_json, sha256_file
@@ -731,18 +731,14 @@ def _only(ctx: _Context, keys: list[str], only_out, t0: float, rank: int, world:
 # CLI
 
 
-@click.command("synthesize")
-@stage_options
+@stage_command("synthesize", SynthesizeConfig)
 @click.option("--overwrite", is_flag=True, help="Replace a shard set made with another config in output.dir.")
 @click.option("--only", "only", multiple=True, metavar="KEY", help="Regenerate just this sample (repeatable).")
 @click.option(
     "--only-out", type=click.Path(file_okay=False), default=None, help="Folder for --only (default {output.dir}/only)."
 )
-def synthesize_command(profile, config_path, overrides, work_dir, overwrite, only, only_out) -> None:
+def synthesize_command(cfg: SynthesizeConfig, overwrite: bool, only: tuple[str, ...], only_out: str | None) -> None:
     """Stage one: CCD synthesis of degraded images into webdataset shards (resumable; torchrun-aware)."""
-    cfg = config_from_options(
-        SynthesizeConfig, "synthesize", profile=profile, config_path=config_path, overrides=overrides, work_dir=work_dir
-    )
     res = synthesize(cfg, overwrite=overwrite, only=only, only_out=only_out)
     if only:
         click.echo(f"regenerated {res.samples_written} sample(s): " + ", ".join(str(p) for p in res.only))

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from d4ir_pipeline.cli import config_from_options, stage_options
+from d4ir_pipeline.cli import stage_command
 from d4ir_pipeline.common.dist import Dist, init_process_group
 from d4ir_pipeline.common.images import decode_rgb, psnr
 from d4ir_pipeline.common.io import atomic_write_json, read_json
@@ -686,13 +686,9 @@ def _result_from_json(d: dict, out: Path) -> DistillResult:
 # CLI
 
 
-@click.command("distill")
-@stage_options
-def distill_command(profile: str, config_path: str | None, overrides: tuple[str, ...], work_dir: str | None) -> None:
+@stage_command("distill", DistillConfig)
+def distill_command(cfg: DistillConfig) -> None:
     """Stage two: distil a student from the frozen teacher on a shard set (rerun to resume)."""
-    cfg = config_from_options(
-        DistillConfig, "distill", profile=profile, config_path=config_path, overrides=overrides, work_dir=work_dir
-    )
     r = distill(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         vp = f"{r.val_psnr:.2f} dB" if r.val_psnr is not None else "n/a"

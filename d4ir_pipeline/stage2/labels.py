@@ -13,7 +13,7 @@ import click
 import numpy as np
 import torch
 
-from d4ir_pipeline.cli import config_from_options, stage_options
+from d4ir_pipeline.cli import stage_command
 from d4ir_pipeline.common.images import decode_rgb, encode_png
 from d4ir_pipeline.common.runtime import package_versions, pick_device
 from d4ir_pipeline.errors import BadImageError
@@ -172,13 +172,9 @@ def label(cfg: DistillConfig) -> LabelResult:
     )
 
 
-@click.command("label")
-@stage_options
-def label_command(profile: str, config_path: str | None, overrides: tuple[str, ...], work_dir: str | None) -> None:
+@stage_command("label", DistillConfig, "distill")
+def label_command(cfg: DistillConfig) -> None:
     """Cache the teacher's outputs next to a shard set (reads the distill config)."""
-    cfg = config_from_options(
-        DistillConfig, "distill", profile=profile, config_path=config_path, overrides=overrides, work_dir=work_dir
-    )
     r = label(cfg)
     click.echo(
         f"labels: {r.labels_dir}  teacher {r.teacher_id}  {r.samples} samples in {r.shards} shards  skipped {r.skipped}"

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from d4ir_pipeline.cli import config_from_options, stage_options
+from d4ir_pipeline.cli import stage_command
 from d4ir_pipeline.common.io import atomic_write_bytes, atomic_write_json, read_json, sha256_bytes
 from d4ir_pipeline.common.runtime import package_versions, pick_device, seed_everything
 from d4ir_pipeline.common.seeds import splitmix_seed
@@ -507,13 +507,9 @@ def _check_same_run(meta: dict, run_hash: str, cfg: DPAConfig, where: Path) -> N
 # --------------------------------------------------------------------------- CLI
 
 
-@click.command("train-dpa")
-@stage_options
-def train_dpa_command(profile: str, config_path: str | None, overrides: tuple[str, ...], work_dir: str | None) -> None:
+@stage_command("train-dpa", DPAConfig, "dpa")
+def train_dpa_command(cfg: DPAConfig) -> None:
     """Stage one: train the degradation-aware prompt adapter (stages/<profile>/dpa.toml)."""
-    cfg = config_from_options(
-        DPAConfig, "dpa", profile=profile, config_path=config_path, overrides=overrides, work_dir=work_dir
-    )
     res = train_dpa(cfg)
     line = f"DPA: {res.steps} steps on {res.num_images} images ({', '.join(res.weathers)}) -> {res.weights}"
     if res.resumed_from is not None:
