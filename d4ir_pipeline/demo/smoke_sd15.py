@@ -358,6 +358,7 @@ def write_random_teacher(out: Path, seed: int) -> dict:
     """A full-size Restormer (26M parameters) with random weights, as a save_model folder."""
     import torch
 
+    # lazy on purpose: the driver must not import torch (a child's peak RSS starts at its parent's)
     from d4ir_pipeline.models import build_model, save_model
 
     torch.manual_seed(seed)
