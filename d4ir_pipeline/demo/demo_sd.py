@@ -28,7 +28,6 @@ import dataclasses
 import io
 import json
 import logging
-import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from d4ir_pipeline.common.images import psnr
 from d4ir_pipeline.common.io import (
     atomic_write_bytes,
     atomic_write_json,
@@ -428,9 +428,9 @@ def _vae_step(vae, images, cfg: DemoSDConfig, optimizer, gen, step: int, *, full
     loss.backward()
     torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
     optimizer.step()
-    with torch.no_grad():
-        mse = F.mse_loss(rec.clamp(-1, 1), x).item() / 4.0  # images in [-1, 1] -> [0, 1]
-    return {"loss": loss.item(), "l1": l1.item(), "kl": kl.item()}, 10 * math.log10(1.0 / max(mse, 1e-10))
+    with torch.no_grad():  # images in [-1, 1]: a data range of 2
+        p = psnr(rec.clamp(-1, 1), x, data_range=2.0, max_db=100.0)
+    return {"loss": loss.item(), "l1": l1.item(), "kl": kl.item()}, p
 
 
 def _last_row(work: Path, phase: _Phase) -> dict | None:
@@ -473,8 +473,7 @@ def vae_psnr(vae, images, resolution: int) -> float:
         for i in range(0, len(images), 32):
             x = _fit(images[i : i + 32], resolution)
             rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
-            mse = ((rec - x) ** 2).mean(dim=(1, 2, 3)) / 4.0
-            vals += (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).tolist()
+            vals += psnr(rec, x, data_range=2.0, max_db=100.0, per_sample=True)
     return float(np.mean(vals))
 
 
@@ -697,8 +696,7 @@ def img2img_psnr(
         output_type="np",
     ).images  # (B, r, r, 3) float in [0, 1]
     ref = images.permute(0, 2, 3, 1).cpu().numpy()
-    mse = ((out - ref) ** 2).mean(axis=(1, 2, 3))
-    return float(np.mean(10 * np.log10(1.0 / np.maximum(mse, 1e-10)))), out
+    return float(np.mean(psnr(out, ref, max_db=100.0, per_sample=True))), out
 
 
 def save_grid(path: str | Path, rows: list[np.ndarray], *, scale: int = 2) -> Path:
@@ -763,8 +761,8 @@ def measure(
     res["weather_s0.6"] = {"clean": {"psnr_to_clean_caption": float("inf"), **_luma_stats(base)}}
     for w in ("rain", "haze", "snow"):
         _, out = img2img_psnr(pipe, x, strength=0.6, steps=steps, guidance=guidance, prompt=CAPTIONS[w])
-        mse = ((out - base) ** 2).mean(axis=(1, 2, 3))
-        res["weather_s0.6"][w] = {"psnr_to_clean_caption": float(np.mean(10 * np.log10(1 / np.maximum(mse, 1e-10))))}
+        p = float(np.mean(psnr(out, base, max_db=100.0, per_sample=True)))
+        res["weather_s0.6"][w] = {"psnr_to_clean_caption": p}
         res["weather_s0.6"][w].update(_luma_stats(out))
         rows.append(out)
     deg, dw = load_web_images(data, ("web-degraded.jsonl",), 64)
