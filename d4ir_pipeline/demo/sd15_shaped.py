@@ -202,7 +202,7 @@ def clip_bpe_path() -> Path:
     return path
 
 
-def _bytes_to_unicode() -> list[str]:
+def bytes_to_unicode() -> list[str]:
     """GPT-2 / CLIP's byte -> printable symbol table, in byte order of the vocabulary."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -226,7 +226,7 @@ def clip_vocab_and_merges(bpe_path: str | Path | None = None) -> tuple[dict[str,
     merges = [tuple(line.split()) for line in lines[1 : N_MERGES + 1]]  # line 0 is a version header
     if len(merges) != N_MERGES or any(len(m) != 2 for m in merges):
         raise SD15ShapedError(f"{path}: expected {N_MERGES} merges of two symbols, got {len(merges)}")
-    symbols = _bytes_to_unicode()
+    symbols = bytes_to_unicode()
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + list(SPECIALS)
     vocab = {t: i for i, t in enumerate(tokens)}
     if len(vocab) != len(tokens):
