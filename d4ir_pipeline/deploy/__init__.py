@@ -9,10 +9,12 @@ ONNX needs the ``[export]`` extra: ``pip install 'd4ir-pipeline[export]'``. docs
 
 from __future__ import annotations
 
+# the stage functions stay in their modules (deploy.export.export, deploy.restore.restore): re-exported
+# here they would shadow the modules of the same name
 from .demo import demo_step
-from .export import ExportConfig, ExportError, ExportResult, export
+from .export import ExportConfig, ExportError, ExportResult
 from .onnx_model import INSTALL_HINT, OnnxModel, require
-from .restore import EXIT_CODES, RestoreConfig, RestoreResult, restore
+from .restore import EXIT_CODES, RestoreConfig, RestoreResult
 from .runner import ModelConfig, Runner, load_runner
 
 __all__ = [
@@ -27,8 +29,6 @@ __all__ = [
     "RestoreResult",
     "Runner",
     "demo_step",
-    "export",
     "load_runner",
     "require",
-    "restore",
 ]
