@@ -8,12 +8,14 @@ At 256, 512 and 1024 px (--quick: 256 and 512), each arm in a fresh subprocess:
 - ``student``: nafnet_s, eager PyTorch; ``student_ort_fp32`` / ``student_ort_int8``: the same
   student exported by ``d4ir export`` (int8: static QDQ calibrated on a shard set).
 
-Latency: median of repeats after a warm-up (one run for the slow Restormer sizes, no
-warm-up). Peak memory: the process's peak RSS (VmHWM, reset through /proc/self/clear_refs
-once the model is loaded) minus its RSS after the imports, i.e. weights + activations +
-runtime buffers of that arm alone. Goals (at 512 px): student ONNX Runtime fp32 >= 2x
-faster than eager; the student >= 50x faster and >= 10x less peak memory than the full
-Restormer; int8 vs fp32 output PSNR >= 35 dB.
+Latency: median of repeats after a warm-up; teacher and student arms run interleaved in one
+process (one forward of each per round, order alternating), so on a shared machine they
+all see the same load and their ratios hold; the slow Restormer runs in its own process
+(no warm-up from 512 px on). Peak memory: each arm alone in a fresh process, its peak RSS
+(VmHWM, reset through /proc/self/clear_refs once the model is loaded and warmed up) minus
+its RSS after the imports, i.e. weights + activations + runtime buffers of that arm.
+Goals (at 512 px): student ONNX Runtime fp32 >= 2x faster than eager; the student >= 50x
+faster and >= 10x less peak memory than the full Restormer; int8 vs fp32 output PSNR >= 35 dB.
 
 Usage: python benchmarks/bench_deploy.py [--quick | --smoke]
 """
@@ -36,14 +38,14 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 BUDGET_MB = 2048  # d4ir restore's default activation budget: what decides the Restormer's tiles
-# per size: image sides, repeats (students, teacher), Restormer repeats per side (~40 s per 512 px image
+# per size: image sides, interleaved latency rounds (teacher and students), Restormer repeats per side (~40 s per 512 px image
 # on 2 cores, 4 tiles at 1024), calibration sample px, whether the teacher is exported for its int8 figure
 SIZES = {
-    "full": {"px": (256, 512, 1024), "reps": (7, 5), "restormer_reps": {256: 3, 512: 2, 1024: 1}, "shard_px": 128,
+    "full": {"px": (256, 512, 1024), "reps": 7, "restormer_reps": {256: 3, 512: 2, 1024: 1}, "shard_px": 128,
              "teacher_int8": True},
-    "quick": {"px": (256, 512), "reps": (5, 3), "restormer_reps": {256: 1, 512: 1}, "shard_px": 96,
+    "quick": {"px": (256, 512), "reps": 5, "restormer_reps": {256: 1, 512: 1}, "shard_px": 96,
               "teacher_int8": True},
-    "smoke": {"px": (32,), "reps": (2, 1), "restormer_reps": {32: 1}, "shard_px": 32, "teacher_int8": False},
+    "smoke": {"px": (32,), "reps": 2, "restormer_reps": {32: 1}, "shard_px": 32, "teacher_int8": False},
 }  # fmt: skip
 SMOKE_VERIFY = ("16x16", "19x23", "32x24")
 GOAL_PX = 512
@@ -99,34 +101,46 @@ def _warm_machinery() -> None:
         tiny(torch.rand(1, 3, 16, 16))
 
 
-def arm_child(arm: str, px: int, repeats: int, model_path: str, threads: int, warmup: int) -> dict:
-    """Load one arm, run it ``warmup + repeats`` times on a px x px image; latency and peak memory."""
-    import numpy as np
-    import onnxruntime  # noqa: F401  imported before the baseline RSS, like torch
+def _load(arm: str, model_path: str, px: int, threads: int):
+    """(runner, plan) of one arm; the Restormer is built here with random weights."""
     import torch
 
     from d4ir_pipeline.deploy import ModelConfig, load_runner
-    from d4ir_pipeline.deploy.budget import plan
-    from d4ir_pipeline.deploy.restore import run_model
+    from d4ir_pipeline.deploy.budget import activation_bytes_per_pixel, plan
+    from d4ir_pipeline.deploy.runner import Runner
+    from d4ir_pipeline.models import build_model
 
-    torch.set_num_threads(threads)
-    _warm_machinery()
-    rss0 = _status_kib("VmRSS")
-    cfg = ModelConfig(checkpoint=model_path) if arm != "restormer" else None
     if arm == "restormer":
-        from d4ir_pipeline.deploy.budget import activation_bytes_per_pixel
-        from d4ir_pipeline.deploy.runner import Runner
-        from d4ir_pipeline.models import build_model
-
         torch.manual_seed(0)
         model = build_model("restormer").eval().requires_grad_(False)
         runner = Runner("torch", model, {"id": "restormer-random"}, 8, activation_bytes_per_pixel(model),
                         torch.device("cpu"), torch.float32, model)  # fmt: skip
     else:
-        runner = load_runner(cfg, device="cpu", threads=threads)
+        runner = load_runner(ModelConfig(checkpoint=model_path), device="cpu", threads=threads)
     p = plan(px, px, bytes_per_pixel=runner.bytes_per_pixel, budget_bytes=BUDGET_MB * 2**20, max_batch=1,
              multiple=runner.multiple)  # fmt: skip
-    x = torch.rand(1, 3, px, px, generator=torch.Generator().manual_seed(0))
+    return runner, p
+
+
+def _image(px: int):
+    import torch
+
+    return torch.rand(1, 3, px, px, generator=torch.Generator().manual_seed(0))
+
+
+def arm_child(arm: str, px: int, repeats: int, model_path: str, threads: int, warmup: int) -> dict:
+    """Peak memory of one arm alone in this process (and the time of its runs): ``warmup + repeats`` forwards."""
+    import numpy as np
+    import onnxruntime  # noqa: F401  imported before the baseline RSS, like torch
+    import torch
+
+    from d4ir_pipeline.deploy.restore import run_model
+
+    torch.set_num_threads(threads)
+    _warm_machinery()
+    rss0 = _status_kib("VmRSS")
+    runner, p = _load(arm, model_path, px, threads)
+    x = _image(px)
     for _ in range(warmup):
         run_model(runner, x, p, 32)
     reset = _reset_peak()
@@ -155,13 +169,46 @@ def arm_child(arm: str, px: int, repeats: int, model_path: str, threads: int, wa
     }
 
 
-def _run_arm(arm: str, px: int, repeats: int, model_path: str, threads: int, warmup: int) -> dict:
+def latency_child(px: int, repeats: int, paths: dict[str, str], threads: int) -> dict:
+    """Interleaved latency of several arms in one process: one forward of each per round, order alternating.
+
+    On a shared machine the load changes from minute to minute; interleaving makes every
+    arm see the same load, so their ratios hold even when the absolute times drift.
+    """
+    import torch
+
+    from d4ir_pipeline.deploy.restore import run_model
+
+    torch.set_num_threads(threads)
+    loaded = {arm: _load(arm, path, px, threads) for arm, path in paths.items()}
+    x = _image(px)
+    for runner, p in loaded.values():
+        run_model(runner, x, p, 32)  # warm-up
+    times: dict[str, list[float]] = {arm: [] for arm in loaded}
+    arms = list(loaded)
+    for r in range(repeats):
+        for arm in arms if r % 2 == 0 else arms[::-1]:
+            runner, p = loaded[arm]
+            t0 = time.perf_counter()
+            run_model(runner, x, p, 32)
+            times[arm].append((time.perf_counter() - t0) * 1000.0)
+    return {arm: {"median_ms": statistics.median(t), "times_ms": [round(v, 1) for v in t]} for arm, t in times.items()}
+
+
+def _child(args: list[str], threads: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, __file__, "--arm", arm, str(px), str(repeats), model_path, str(threads), str(warmup)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
-        raise RuntimeError(f"arm {arm} at {px} px failed:\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"{' '.join(args[:3])} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _run_arm(arm: str, px: int, repeats: int, model_path: str, threads: int, warmup: int) -> dict:
+    return _child(["--arm", arm, str(px), str(repeats), model_path, str(threads), str(warmup)], threads)
+
+
+def _run_latency(px: int, repeats: int, paths: dict[str, str], threads: int) -> dict:
+    return _child(["--latency", str(px), str(repeats), json.dumps(paths), str(threads)], threads)
 
 
 # ---------------------------------------------------------------------------------------
@@ -211,7 +258,10 @@ def run(size: str = "full") -> dict:
     from d4ir_pipeline.runtime import usable_cpus
     from d4ir_pipeline.testing import make_shardset
 
-    threads = int(os.environ.get("D4IR_BENCH_THREADS") or usable_cpus())
+    # one core fewer than the machine has (D4IR_BENCH_THREADS overrides), as in bench_distill: on a shared
+    # 2-core box two OpenMP threads stall each other whenever another process runs (a 256 px teacher
+    # forward measured 7.2 s with 2 threads under load, against ~0.3 s with 1)
+    threads = int(os.environ.get("D4IR_BENCH_THREADS") or max(1, usable_cpus() - 1))
     torch.set_num_threads(threads)
     s = SIZES[size]
     res: dict = {"threads": threads, "cpus": os.cpu_count(), "budget_mb": BUDGET_MB, "load_avg_start": os.getloadavg()}
@@ -234,13 +284,17 @@ def run(size: str = "full") -> dict:
         }
         # 2. every arm at every size, each in a fresh process
         rows = []
-        rep_student, rep_teacher = s["reps"]
         for px in s["px"]:
+            # memory: each arm alone in a fresh process (one timed forward after a warm-up; the Restormer's
+            # runs there are its latency too); latency of the others: interleaved in one process
             for arm in ARMS:
-                reps = {"restormer": s["restormer_reps"][px], "teacher": rep_teacher}.get(arm, rep_student)
-                warm = 0 if arm == "restormer" and px >= 512 else 1
-                row = _run_arm(arm, px, reps, paths[arm], threads, warm)
-                rows.append(row)
+                reps, warm = (s["restormer_reps"][px], 0 if px >= 512 else 1) if arm == "restormer" else (1, 1)
+                rows.append(_run_arm(arm, px, reps, paths[arm], threads, warm))
+            lat = _run_latency(px, s["reps"], {a: paths[a] for a in ARMS if a != "restormer"}, threads)
+            for row in rows[-len(ARMS) :]:
+                row["memory_run_ms"] = row["median_ms"]
+                if row["arm"] in lat:
+                    row.update(lat[row["arm"]], latency="interleaved", repeats=len(lat[row["arm"]]["times_ms"]))
                 print(json.dumps({k: v for k, v in row.items() if k != "times_ms"}), flush=True)
         res["int8_psnr_db_photo"] = _photo_psnr(Path(paths["student_ort_fp32"]), Path(paths["student_ort_int8"]),
                                                 max(s["px"]), threads)  # fmt: skip
@@ -296,11 +350,15 @@ if __name__ == "__main__":
     add_size_flags(ap, quick_help="256 and 512 px only (a few minutes)")
     ap.add_argument("--arm", nargs=6, metavar=("ARM", "PX", "REPEATS", "MODEL", "THREADS", "WARMUP"),
                     help=argparse.SUPPRESS)  # fmt: skip
+    ap.add_argument("--latency", nargs=4, metavar=("PX", "REPEATS", "PATHS", "THREADS"), help=argparse.SUPPRESS)
     ap.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     args = ap.parse_args()
     if args.arm:
         a = args.arm
         print(json.dumps(arm_child(a[0], int(a[1]), int(a[2]), a[3], int(a[4]), int(a[5]))))
+    elif args.latency:
+        a = args.latency
+        print(json.dumps(latency_child(int(a[0]), int(a[1]), json.loads(a[2]), int(a[3]))))
     else:
         result = run(args.size)
         print(table(result))

@@ -285,10 +285,16 @@ def find_shardset(cfg: CalibConfig, meta: dict, model_dir: Path | None) -> tuple
 
 
 class _QuietRoot(logging.Filter):
-    """Drops the INFO lines onnxruntime.quantization writes to the root logger (one per tensor)."""
+    """Holds back what onnxruntime.quantization writes to the root logger (a line per tensor); counts warnings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.warnings: list[str] = []
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING
+        if record.levelno == logging.WARNING:
+            self.warnings.append(record.getMessage())
+        return record.levelno >= logging.ERROR
 
 
 class _Reader:
@@ -355,6 +361,8 @@ def quantize_int8(
         return "dynamic (int8 weights, activations quantised at run time)", reason
     finally:
         logging.getLogger().removeFilter(quiet)
+        if quiet.warnings:  # e.g. "Axis 1 is out-of-range for weight ...norm1.weight" (1-D LayerNorm weights)
+            logger.info("onnxruntime.quantization: %d warning(s), first: %s", len(quiet.warnings), quiet.warnings[0])
         pre.unlink(missing_ok=True)
         for extra in dst.parent.glob(dst.stem + ".pre*"):
             extra.unlink(missing_ok=True)

@@ -114,7 +114,7 @@ class Item:
 
     rel: str
     out_rel: str
-    path: Path | None = None  # a file
+    path: Path | None = None  # the file (for a manifest record: under the root; read through the record)
     record: ImageRecord | None = None  # a manifest record (opened under the root)
 
 
@@ -140,8 +140,12 @@ def list_inputs(cfg: RestoreConfig) -> tuple[list[Item], list[str], Path | None]
         guard = Path(cfg.root)
         if not guard.is_dir():
             raise D4IRError(f"`root` = {cfg.root!r} is not a folder")
+        seen: set[str] = set()
         for rec in load_manifest(src):
-            rels.append((rec.path if rec.path is not None else rec.id, None, rec))
+            rel = rec.path if rec.path is not None else rec.id
+            if rel not in seen:  # two records of one file: one output
+                seen.add(rel)
+                rels.append((rel, guard / rec.path if rec.path is not None else None, rec))
     elif src.is_file():
         guard = None  # one file: any folder may hold its output
         rels.append((src.name, src, None))
@@ -230,21 +234,19 @@ def _stat(path: Path | None) -> tuple[int, int] | None:
     return (st.st_size, st.st_mtime_ns) if st is not None else None
 
 
-def _is_done(item: Item, entry: dict | None, out: Path, model_id: str) -> tuple[bool, bytes | None, str | None]:
-    """(output complete for this input and model, the input's bytes if read, their sha256)."""
+def _is_done(item: Item, entry: dict | None, out: Path, model_id: str) -> bool:
+    """True when the output is there, written by this model from these very input bytes."""
     if entry is None or entry.get("model") != model_id or not (out / item.out_rel).is_file():
-        return False, None, None
-    if item.record is not None:
-        return entry.get("sha256") == item.record.sha256, None, item.record.sha256
+        return False
     st = _stat(item.path)
-    if st is not None and [st[0], st[1]] == entry.get("stat"):
-        return True, None, entry.get("sha256")
-    try:  # size or mtime changed: the content decides
-        data = _read_file(item.path, item.rel)
+    if item.record is not None:  # the record's bytes, unchanged since (they were checked against it then)
+        return entry.get("sha256") == item.record.sha256 and st is not None and list(st) == entry.get("stat")
+    if st is not None and list(st) == entry.get("stat"):
+        return True
+    try:  # size or mtime changed (a copy, a touch): the content decides
+        return sha256_bytes(_read_file(item.path, item.rel)) == entry.get("sha256")
     except BadImageError:
-        return False, None, None
-    sha = sha256_bytes(data)
-    return sha == entry.get("sha256"), data, sha
+        return False
 
 
 # ---------------------------------------------------------------------------------------
@@ -265,6 +267,8 @@ def _png(y: torch.Tensor) -> bytes:
 def run_model(runner: Runner, x: torch.Tensor, p: Plan, overlap: int) -> torch.Tensor:
     """(B, 3, H, W) -> (B, 3, H, W) float32 in [0, 1]; tiles per plan; CUDA out-of-memory -> smaller tiles."""
     tile = p.tile
+    if runner.kind == "torch":
+        x = x.to(runner.device)  # tiles are blended on the model's device
     while True:
         try:
             with torch.no_grad():
@@ -304,25 +308,25 @@ class _Run:
     def skip(self, item: Item, reason: str, message: str) -> None:
         self.skipped[item.rel] = {"input": item.rel, "reason": reason, "message": message}
 
-    def decode(self, item: Item, data: bytes | None) -> tuple[Image.Image, str | None, str] | None:
-        """(RGB image, converted_from, sha256) or None after recording why it is skipped."""
+    def decode(self, item: Item) -> tuple[Image.Image, str | None, str, tuple[int, int] | None] | None:
+        """(RGB image, converted_from, sha256, (size, mtime) before reading) or None after recording why not."""
+        st = _stat(item.path)  # before reading: a file changed meanwhile is then redone by the next run
         try:
             if item.record is not None:
                 if item.record.path is None:
                     raise BadImageError("no_path", f"record {item.record.id!r} has only a url; nothing local to open")
                 img, conv = load_rgb_checked(self.cfg.root, item.record, check_hash=True)
-                return img, conv, item.record.sha256
-            if data is None:
-                data = _read_file(item.path, item.rel)
+                return img, conv, item.record.sha256, st
+            data = _read_file(item.path, item.rel)
             img, conv = decode_rgb(data, name=item.rel)
-            return img, conv, sha256_bytes(data)
+            return img, conv, sha256_bytes(data), st
         except BadImageError as e:
             self.skip(item, e.reason, str(e))
             return None
 
-    def run_batch(self, batch: list[tuple[Item, Image.Image, str | None, str]], bar: Any) -> None:
+    def run_batch(self, batch: list[tuple], bar: Any) -> None:
         """One forward over same-size images (or one tiled image); write PNGs and log lines."""
-        x = torch.stack([_to_tensor(img) for _, img, _, _ in batch])  # (B, 3, H, W)
+        x = torch.stack([_to_tensor(img) for _, img, *_ in batch])  # (B, 3, H, W)
         p = self.plan(x.shape[2], x.shape[3])
         t0 = time.perf_counter()
         try:
@@ -338,9 +342,8 @@ class _Run:
                 f"the model returned {tuple(y.shape)} for an input of {tuple(x.shape)}: `d4ir restore` needs an "
                 "image-to-image model whose output has the input's size (check the model name / kwargs)"
             )
-        for (item, img, conv, sha), yi in zip(batch, y, strict=True):
+        for (item, img, conv, sha, st), yi in zip(batch, y, strict=True):
             atomic_write_bytes(self.out / item.out_rel, _png(yi))
-            st = _stat(item.path) if item.path is not None else None
             entry = {
                 "input": item.rel,
                 "output": item.out_rel,
@@ -359,13 +362,13 @@ class _Run:
         bar.update(len(batch))
 
 
-def _process(run: _Run, todo: list[tuple[Item, bytes | None]]) -> None:
+def _process(run: _Run, todo: list[Item]) -> None:
     """Group by header size, decode a chunk at a time, batch same-size images, tile large ones."""
     from tqdm import tqdm
 
-    groups: dict[tuple[int, int] | None, list[tuple[Item, bytes | None]]] = defaultdict(list)
-    for item, data in todo:
-        groups[_header_size(item)].append((item, data))
+    groups: dict[tuple[int, int] | None, list[Item]] = defaultdict(list)
+    for item in todo:
+        groups[_header_size(item)].append(item)
     bar = tqdm(total=len(todo), unit="img", desc="restore", disable=not run.cfg.progress, dynamic_ncols=True)
     try:
         for size in sorted(groups, key=lambda s: (s is None, s or (0, 0))):
@@ -373,13 +376,12 @@ def _process(run: _Run, todo: list[tuple[Item, bytes | None]]) -> None:
             n = run.plan(*size).batch if size is not None else 1
             for start in range(0, len(members), n):
                 by_size: dict[tuple[int, int], list] = defaultdict(list)
-                for item, data in members[start : start + n]:
-                    got = run.decode(item, data)
+                for item in members[start : start + n]:
+                    got = run.decode(item)
                     if got is None:
                         bar.update(1)
                         continue
-                    img, conv, sha = got
-                    by_size[(img.height, img.width)].append((item, img, conv, sha))
+                    by_size[(got[0].height, got[0].width)].append((item, *got))
                 for (h, w), batch in by_size.items():
                     per = run.plan(h, w).batch
                     for b0 in range(0, len(batch), per):
@@ -466,16 +468,15 @@ def restore(cfg: RestoreConfig) -> RestoreResult:
                 "folder, or pass --overwrite to redo them with this model"
             )
         out.mkdir(parents=True, exist_ok=True)
-        todo: list[tuple[Item, bytes | None]] = []
+        todo: list[Item] = []
         run = _Run(cfg, runner, out, log)
         try:
             for item in items:
                 if item.out_rel == SHEET_NAME:
                     run.skip(item, "reserved_name", f"{item.rel}: its output name {SHEET_NAME} is the sheet's")
                     continue
-                done, data, _sha = _is_done(item, log.get(item.out_rel), out, model_id)
-                if not done:
-                    todo.append((item, data))
+                if not _is_done(item, log.get(item.out_rel), out, model_id):
+                    todo.append(item)
             logger.info(
                 "restore: %d input(s), %d already done, %d to run (%s, %s)",
                 len(items), len(items) - len(todo) - len(run.skipped), len(todo), runner.kind, runner.dtype,
