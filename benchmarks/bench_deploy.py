@@ -260,7 +260,7 @@ def run(size: str = "full") -> dict:
 
     # one core fewer than the machine has (D4IR_BENCH_THREADS overrides), as in bench_distill: on a shared
     # 2-core box two OpenMP threads stall each other whenever another process runs (a 256 px teacher
-    # forward measured 7.2 s with 2 threads under load, against ~0.3 s with 1)
+    # forward measured 5.4 s with 2 threads and 1.1 s with 1, back to back, under load)
     threads = int(os.environ.get("D4IR_BENCH_THREADS") or max(1, usable_cpus() - 1))
     torch.set_num_threads(threads)
     s = SIZES[size]

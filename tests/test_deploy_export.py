@@ -218,7 +218,18 @@ def test_calibration_set_is_the_students_own_or_the_reason_is_given(tmp_path):
     assert path is None and "changed since distillation" in how
 
 
-@pytest.mark.slow
+def test_int8_without_a_shard_set_falls_back_to_dynamic_and_says_why(tmp_path):
+    save_model(randomised("rescnn", width=8, blocks=1), tmp_path / "m")
+    cfg = ExportConfig(out=str(tmp_path / "out"), model=ModelConfig(checkpoint=str(tmp_path / "m")), pt2=False,
+                       fp16=False, calib=CalibConfig(eval_samples=2, size=32))  # fmt: skip
+    r = export(cfg)
+    int8 = r.info["verification"]["int8"]
+    assert r.int8_method.startswith("dynamic") and "no run.shardset_sha256" in int8["static_not_used_because"]
+    assert math.isfinite(r.int8_psnr_db) and "scikit-image" in int8["psnr_images"]
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "Static quantisation was not used" in card and f"{r.int8_psnr_db:.2f} dB" in card
+
+
 def test_a_failed_export_leaves_no_folder(tmp_path, monkeypatch):
     from d4ir_pipeline.deploy import export as ex
 

@@ -253,3 +253,15 @@ def test_cli_exit_codes_are_the_documented_ones(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "d4ir_pipeline.cli", "restore", str(ok), "--model", model, "--out",
                            str(ok / "sub")], capture_output=True, text=True, env=env, check=False)  # fmt: skip
     assert proc.returncode == 2 and "inside the input folder" in proc.stderr
+
+
+def test_an_image_above_pillows_pixel_limit_is_skipped_with_its_reason(tmp_path, monkeypatch):
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(_rgb(60, 70, 0)).save(src / "huge.png")
+    Image.fromarray(_rgb(20, 20, 1)).save(src / "small.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 60 x 70 = 4200 pixels: a "decompression bomb" now
+    r = restore_mod.restore(RestoreConfig(input=str(src), out=str(tmp_path / "out"),
+                                          model=ModelConfig(checkpoint=str(local_cnn(tmp_path))), progress=False))  # fmt: skip
+    assert [(s["input"], s["reason"]) for s in r.skipped] == [("huge.png", "decompression_bomb")]
+    assert r.restored == 1 and r.exit_code == 1
