@@ -400,6 +400,16 @@ def _find_eval(cfg: ExportConfig, model_dir: Path | None) -> dict | None:
 
 def export(cfg: ExportConfig) -> ExportResult:
     """Export ``cfg.model`` to ``cfg.out`` (ONNX fp32 / fp16 / int8, pt2, card), verified before the rename."""
+    before = torch.get_num_threads()
+    try:
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        return _export(cfg)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _export(cfg: ExportConfig) -> ExportResult:
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -421,8 +431,6 @@ def export(cfg: ExportConfig) -> ExportResult:
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
         raise ExportError(f"`out` = {str(out)!r} exists; choose another folder or pass --overwrite")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
 
     # 2. the model, in float32 on the CPU (exports are device-independent)
     model, meta, ident = load_torch_model(cfg.model)
@@ -713,8 +721,8 @@ def export_command(checkpoint, out, arch, kwargs_, key, calib_shards, no_int8, n
         click.echo(f"  fp16: {fp16['note']}")
     if r.int8_method:
         int8 = r.info["verification"]["int8"]
-        click.echo(f"  int8 vs fp32:                 PSNR {r.int8_psnr_db:.1f} dB ({r.int8_method})")
+        click.echo(f"  int8 vs fp32:                 PSNR {r.int8_psnr_db:.1f} dB; {r.int8_method}")
         if int8.get("static_not_used_because"):
-            click.echo(f"    {int8['static_not_used_because']}")
+            click.echo(f"    static quantisation not used: {int8['static_not_used_because']}")
     for name, f in r.files.items():
         click.echo(f"  {name:<18} {f['bytes'] / 2**20:8.2f} MiB  sha256 {f['sha256'][:16]}...")
