@@ -223,12 +223,26 @@ def _check_keys(cls: type, data: dict, file: str, prefix: str = "") -> None:
                 _check_keys(table, sub, file, f"{prefix}{key}.{name}.")
 
 
-def _merge(base: dict, top: dict, origins: dict[str, str], file: str, prefix: str = "") -> dict:
-    """``top`` over ``base`` (tables merged key by key); ``origins`` records which file set each key."""
+def _merge(cls: type, base: dict, top: dict, origins: dict[str, str], file: str, prefix: str = "") -> dict:
+    """``top`` over ``base``: sections (and each entry of a table of sections) merge key by key; any other
+    value, a plain table such as ``bank.mix`` included, is replaced whole. ``origins`` records which file
+    set each key."""
+    hints = typing.get_type_hints(cls)
     out = dict(base)
     for k, v in top.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v, origins, file, f"{prefix}{k}.")
+        tp = hints.get(k)
+        table = _section_table(tp) if tp is not None else None
+        if dataclasses.is_dataclass(tp) and isinstance(out.get(k), dict):
+            out[k] = _merge(tp, out[k], v, origins, file, f"{prefix}{k}.")
+        elif table is not None and isinstance(out.get(k), dict):
+            merged = dict(out[k])
+            for name, sub in v.items():
+                old = merged.get(name)
+                merged[name] = (
+                    _merge(table, old, sub, origins, file, f"{prefix}{k}.{name}.") if isinstance(old, dict) else sub
+                )
+                origins.setdefault(f"{prefix}{k}.{name}", file)
+            out[k] = merged
         else:
             out[k] = v
             origins[f"{prefix}{k}"] = file
@@ -341,7 +355,7 @@ def load_config(
     for f in files:
         layer = _read_toml(f)
         _check_keys(cls, layer, str(f))
-        data = _merge(data, layer, origins, str(f))
+        data = _merge(cls, data, layer, origins, str(f))
     if profile is None:
         profile = files[-1].parent.name if files else "default"
     for text in overrides:

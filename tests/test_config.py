@@ -225,3 +225,14 @@ def test_an_explicit_file_may_name_a_profile_without_a_folder(tmp_path, monkeypa
     assert cfg.seed == 4 and cfg.train.bank == "W/bank/tokens"
     with pytest.raises(ConfigError, match="profile 'adhoc'"):
         load_stage_config(StageCfg, "x", profile="adhoc")  # without a file the profile must exist
+
+
+def test_a_plain_table_value_is_replaced_by_the_profile_not_merged(tmp_path, monkeypatch):
+    root = tmp_path / "stages"
+    _profile(root, "big", {"m.toml": "[train]\nmix = {rain = 1, haze = 2}\nsteps = 7\n"})
+    _profile(root, "small", {"m.toml": "[train]\nmix = {snow = 3}\n", "profile.toml": 'base = "big"\n'})
+    monkeypatch.setenv("D4IR_STAGES", str(root))
+    assert load_stage_config(Cfg, "m", profile="big").train.mix == {"rain": 1.0, "haze": 2.0}
+    small = load_stage_config(Cfg, "m", profile="small").train
+    assert small.mix == {"snow": 3.0}  # replaced whole, not merged with the base's weights
+    assert small.steps == 7  # while the section itself still merges key by key
