@@ -44,20 +44,19 @@ from typing import Any
 import click
 import numpy as np
 
-from d4ir_pipeline.cli import config_from_options, stage_options
-from d4ir_pipeline.cli import main as cli_main
+from d4ir_pipeline.cli import stage_command
 from d4ir_pipeline.common.images import decode_rgb, image_grid, save_png
-from d4ir_pipeline.common.io import (
-    atomic_write_bytes,
-    atomic_write_json,
-    atomic_write_jsonl,
-    atomic_write_text,
-    read_json,
-    sha256_bytes,
-    sha256_file,
-)
+from d4ir_pipeline.common.io import atomic_write_json, atomic_write_text, read_json, sha256_bytes, sha256_file
 from d4ir_pipeline.common.runtime import pick_device
-from d4ir_pipeline.config import config_to_dict, load_stage_config, opt, redefault
+from d4ir_pipeline.config import (
+    config_hash,
+    config_to_dict,
+    load_config,
+    load_stage_config,
+    opt,
+    redefault,
+    stages_root,
+)
 from d4ir_pipeline.data.manifests import load_manifest, open_pair, open_rgb
 from d4ir_pipeline.demo.data import build_demo_data
 from d4ir_pipeline.demo.tiny_sd import write_tiny_sd
@@ -78,11 +77,15 @@ from d4ir_pipeline.paper.table import (
 )
 from d4ir_pipeline.shardset.format import SHARDSET_NAME, read_listing
 from d4ir_pipeline.shardset.reader import read_shard
-from d4ir_pipeline.stage1.prompt_bank import BANK_KIND, BANK_VERSION, BankConfig
+from d4ir_pipeline.stage1.ccd import prepare_image
+from d4ir_pipeline.stage1.dpa.config import DPAConfig
+from d4ir_pipeline.stage1.dpa.train import train_dpa
+from d4ir_pipeline.stage1.prompt_bank import BankConfig, PromptBank, build_prompt_bank
 from d4ir_pipeline.stage1.sd import SDLoadError, check_sd_source, model_id
 from d4ir_pipeline.stage1.synthesize import HASH_EXCLUDE, SynthesizeConfig, synthesize
+from d4ir_pipeline.stage2.config import RESUME_FREE
 from d4ir_pipeline.stage2.distill import DistillConfig, distill
-from d4ir_pipeline.stage2.evaluate import FR_METRICS, EvalConfig, build_fr_metrics
+from d4ir_pipeline.stage2.evaluate import FR_METRICS, EvalConfig, build_fr_metrics, score_pairs
 from d4ir_pipeline.stage2.teacher import load_teacher, teacher_forward, teacher_identity
 
 logger = logging.getLogger(__name__)
@@ -339,6 +342,7 @@ class _Ctx:
     device: Any
     sources: dict[str, Path] = field(default_factory=dict)  # row -> shard set (or DFMC run) folder
     metrics: Any = None  # evaluate.build_fr_metrics(device), built on first use
+    teacher: Any = None  # the frozen teacher, loaded once per run
     clean_records: dict | None = None  # web-clean manifest by id (input figure)
 
 
@@ -348,7 +352,11 @@ class _Ctx:
 
 def _load_stage(cls: type, explicit: str, stage: str, cfg: CompareConfig) -> Any:
     """Another stage's config, exactly as its own command would load it (``explicit``: a file instead)."""
-    return load_stage_config(cls, stage, profile=cfg.stages.profile, config=explicit or None, work_dir=cfg.stages.work)
+    profile, work = cfg.stages.profile, cfg.stages.work
+    if explicit and not (stages_root() / profile).is_dir():
+        # an explicit file of a profile without a stages/ folder (tests, one-off configs): default [paths]
+        return load_config(cls, explicit, work_dir=work, profile=profile)
+    return load_stage_config(cls, stage, profile=profile, config=explicit or None, work_dir=work)
 
 
 def _distill_config(cfg: CompareConfig, budget: BudgetSection) -> Any:
@@ -396,36 +404,24 @@ def _prepare(ctx: _Ctx) -> None:
     sd_path = Path(sc.sd.model).resolve()
     if cfg.prepare.tiny_sd and not sd_path.exists() and (sd_path == work or work in sd_path.parents):
         # only inside the work dir: a missing hub id or user path is reported, never replaced by a random model
-
         logger.info("compare: writing the tiny random SD to %s", sc.sd.model)
         write_tiny_sd(sc.sd.model)
     if cfg.prepare.prompt_bank and not (Path(sc.bank.dir) / "tokens.safetensors").is_file():
-        # the same commands a user types (each resumes), with this table's profile and work dir
-        logger.info("compare: the prompt bank %s is missing: running train-dpa and prompt-bank", sc.bank.dir)
-        for command, explicit in (("train-dpa", cfg.stages.dpa), ("prompt-bank", cfg.stages.prompt_bank)):
-            _run_command(command, explicit, cfg)
-        if not (Path(sc.bank.dir) / "tokens.safetensors").is_file():
-            written = Path(_load_stage(BankConfig, cfg.stages.prompt_bank, "prompt-bank", cfg).bank.out)
-            if not (written / "tokens.safetensors").is_file():
-                raise D4IRError(f"train-dpa + prompt-bank ran, but neither {sc.bank.dir} nor {written} holds a bank")
-            logger.warning(
-                "compare: the prompt-bank config writes %s but the synthesize config reads `bank.dir` = %s; using %s "
-                "(make the two agree so `make synthesize` finds it too)",
-                written,
-                sc.bank.dir,
-                written,
-            )
-            ctx.synth_cfg = dataclasses.replace(sc, bank=dataclasses.replace(sc.bank, dir=str(written)))
+        _build_prompt_bank(ctx)
 
 
-def _run_command(command: str, explicit: str, cfg: CompareConfig) -> None:
-    """Run one ``d4ir`` stage command in-process (as ``make demo`` does)."""
-
-    args = [command, "--profile", cfg.stages.profile, "--work-dir", cfg.stages.work]
-    if explicit:
-        args += ["--config", explicit]
-    logger.info("compare: $ d4ir %s", " ".join(args))
-    cli_main.main(args, prog_name="d4ir", standalone_mode=False)
+def _build_prompt_bank(ctx: _Ctx) -> None:
+    """Train the DPA and write the prompt bank with the profile's own configs (each stage resumes)."""
+    cfg, sc = ctx.cfg, ctx.synth_cfg
+    bank_cfg = _load_stage(BankConfig, cfg.stages.prompt_bank, "prompt-bank", cfg)
+    if Path(bank_cfg.bank.out).resolve() != Path(sc.bank.dir).resolve():
+        raise D4IRError(
+            f"the prompt-bank config writes `bank.out` = {bank_cfg.bank.out!r} but the synthesize config reads "
+            f"`bank.dir` = {sc.bank.dir!r}: make them the same folder (the `{{bank}}` path of the profile)"
+        )
+    logger.info("compare: the prompt bank %s is missing: training the DPA and writing the bank", sc.bank.dir)
+    train_dpa(_load_stage(DPAConfig, cfg.stages.dpa, "dpa", cfg))
+    build_prompt_bank(bank_cfg)
 
 
 # ---------------------------------------------------------------------------------------
@@ -478,14 +474,9 @@ def _synth_samples(sc: Any, limit: int) -> int:
 
 
 def _synth_key(sc: Any) -> dict:
-    """What determines a synthesis output: its config (less paths / speed knobs) and input hashes."""
-
-    d = config_to_dict(sc)
-    for dotted in HASH_EXCLUDE:
-        sec, k = dotted.split(".")
-        d.get(sec, {}).pop(k, None)
+    """What determines a synthesis output: its config hash (less paths / speed knobs) and input hashes."""
     return {
-        "config": d,
+        "config": config_hash(sc, exclude=HASH_EXCLUDE),
         "manifest_sha256": sha256_file(sc.data.manifest),
         "bank_sha256": sha256_file(Path(sc.bank.dir) / "tokens.safetensors"),
         "sd": model_id(sc.sd.model),
@@ -565,14 +556,13 @@ def _noise_source(ctx: _Ctx) -> Path:
 
 
 def write_text_prompt_bank(sd_model: str, prompts: dict[str, str], out: str | os.PathLike) -> Path:
-    """A prompt bank (prompts.py format) whose entries are the SD text encoder's embeddings of ``prompts``.
+    """A prompt bank (stage1/prompt_bank format) whose entries are the SD text encoder's embeddings of ``prompts``.
 
     One entry per weather, K = 77 tokens (the whole CLIP context, as plain text-to-image
     SD uses it), so CCD's unconditional branch (the empty prompt's first K states) is
     standard classifier-free guidance: this is img2img with a text prompt, no DPA.
     """
     import torch
-    from safetensors.torch import save
     from transformers import CLIPTextModel, CLIPTokenizer
 
     # 1. only the tokenizer and text encoder are needed (no UNet / VAE in memory)
@@ -593,33 +583,20 @@ def write_text_prompt_bank(sd_model: str, prompts: dict[str, str], out: str | os
     )
     with torch.no_grad():
         emb = encoder(tok.input_ids)[0].float().contiguous()  # (W, 77, D)
-    out = Path(out)
-    data = save({"tokens": emb.clone(), "centroids": emb.clone()})
-    atomic_write_jsonl(
-        out / "index.jsonl",
-        [
-            {"row": i, "id": f"text/{w}", "sha256": sha256_bytes(prompts[w].encode()), "weather": w, "text": prompts[w]}
-            for i, w in enumerate(weathers)
-        ],
-    )
-    atomic_write_json(
-        out / "bank.json",
-        {
-            "weathers": weathers,
-            "K": int(emb.shape[1]),
-            "D": int(emb.shape[2]),
-            "adapter_sha256": None,
-            "sd_model": model_id(sd_model),
-            "created": "text-prompts",
-            "kind": BANK_KIND,
-            "version": BANK_VERSION,
-            "source": "text-prompts",
-            "prompts": prompts,
-            "num_rows": len(weathers),
-        },
-    )
-    atomic_write_bytes(out / "tokens.safetensors", data)  # last: its presence marks a complete bank
-    return out
+    # 3. the bank's one writer; each entry is its weather's centroid
+    rows = [
+        {"id": f"text/{w}", "sha256": sha256_bytes(prompts[w].encode()), "weather": w, "text": prompts[w]}
+        for w in weathers
+    ]
+    meta = {
+        "adapter_sha256": None,
+        "sd_model": model_id(sd_model),
+        "created": "text-prompts",
+        "source": "text-prompts",
+        "prompts": prompts,
+    }
+    PromptBank.write(out, emb, rows, meta=meta)  # one entry per weather: each is its weather's centroid
+    return Path(out)
 
 
 # ---------------------------------------------------------------------------------------
@@ -630,20 +607,9 @@ def _distill_row(ctx: _Ctx, row: str, shards: Path) -> tuple[Path, bool]:
     """Distil the row's student from ``shards``; returns (student dir, cached)."""
 
     dc = ctx.distill_cfg
-    cfg_d = config_to_dict(dc)
-    # what does not change the trained student: paths, device, logging, checkpoints, label cache, checks
-    for sec in ("out", "log", "labels", "val"):
-        cfg_d.pop(sec, None)
-    for sec, k in (
-        ("data", "shards"),
-        ("data", "verify"),
-        ("train", "device"),
-        ("train", "ckpt_every"),
-        ("train", "ckpt_keep"),
-    ):
-        cfg_d[sec].pop(k, None)
     key = {
-        "config": cfg_d,
+        # what does not change the trained student is left out: the resume-free keys, the paths
+        "config": config_hash(dc, exclude=(*RESUME_FREE, "out", "data.shards")),
         "shardset_sha256": sha256_file(shards / "shardset.json"),
         "teacher": ctx.teacher_ident["id"],
     }
@@ -688,10 +654,8 @@ def _dfmc_row(ctx: _Ctx) -> tuple[Path, bool]:
     ctx.sources["dfmc"] = out
     if (out / "student" / "model.json").is_file() and (out / "dfmc.json").is_file():
         return out / "student", True
-    teacher, _ = load_teacher(ctx.distill_cfg.teacher, ctx.device)
-    teacher = teacher.float()
     student_dir = train_dfmc(
-        teacher, ctx.student_spec, b.steps, b.batch, b.patch, b.seed, out, config=dcfg, device=ctx.device
+        ctx.teacher.float(), ctx.student_spec, b.steps, b.batch, b.patch, b.seed, out, config=dcfg, device=ctx.device
     )
     return student_dir, False
 
@@ -776,9 +740,9 @@ def _run_model(model: Any, img: np.ndarray, device: Any) -> np.ndarray:
 
 
 def _evaluate(ctx: _Ctx, name: str, model_key: str, model: Any | None, tests: _TestSet) -> tuple[dict, bool]:
-    """Per-weather mean PSNR / SSIM (Y and RGB, evaluate.py's pyiqa metrics) of ``model``; None = the input.
+    """Per-weather mean PSNR / SSIM (Y and RGB, evaluate's pyiqa metrics) of ``model``; None = the input.
 
-    Cached under ``cache/eval`` by (model weights, test manifests, image count).
+    Scored by ``evaluate.score_pairs``; cached under ``cache/eval`` by (model weights, test manifests, image count).
     """
 
     key = {"model": model_key, "tests": tests.manifest_sha256, "n": ctx.budget.eval_images, "metrics": FR_METRICS}
@@ -787,19 +751,11 @@ def _evaluate(ctx: _Ctx, name: str, model_key: str, model: Any | None, tests: _T
         return read_json(path)["metrics"], True
     if ctx.metrics is None:
         ctx.metrics = build_fr_metrics(ctx.device)
-    import torch
-
     metrics: dict[str, dict[str, float]] = {}
     for w in tests.weathers:
-        vals: dict[str, list[float]] = {c: [] for c in ctx.metrics}
-        for _id, inp, tgt in tests.images[w]:
-            out = inp if model is None else _run_model(model, inp, ctx.device)
-            x, y = _tensor(out, ctx.device), _tensor(tgt, ctx.device)
-            with torch.no_grad():
-                for col, metric in ctx.metrics.items():
-                    vals[col].append(float(metric(x, y).reshape(-1)[0]))
-        metrics[w] = {c: float(np.mean(v)) for c, v in vals.items()}
-        metrics[w]["images"] = len(tests.images[w])
+        scored = [sp.scores[name] for sp in score_pairs({name: model}, tests.images[w], ctx.metrics, device=ctx.device)]
+        metrics[w] = {c: float(np.mean([s[c] for s in scored])) for c in ctx.metrics}
+        metrics[w]["images"] = len(scored)
     atomic_write_json(path, {"key": key, "metrics": metrics})
     return metrics, False
 
@@ -861,6 +817,7 @@ def compare(cfg: CompareConfig, quick: bool = False) -> CompareResult:
     _prepare(ctx)
     ctx.teacher_ident = teacher_identity(distill_cfg.teacher)
     teacher, tdtype = load_teacher(distill_cfg.teacher, ctx.device)
+    ctx.teacher = teacher
     tests = _load_testset(cfg, budget)
     tcfg = dataclasses.replace(distill_cfg.teacher, tile=tests.tile, tile_overlap=tests.tile_overlap)
 
@@ -958,16 +915,10 @@ def compare(cfg: CompareConfig, quick: bool = False) -> CompareResult:
     return CompareResult(out, table_md, table_json, figures, results, header, markdown, seconds)
 
 
-@click.command("compare")
-@stage_options
+@stage_command("compare", CompareConfig)
 @click.option("--quick", is_flag=True, help="Use the [quick] budget (the whole demo table on 2 CPU cores in minutes).")
-def compare_command(
-    profile: str, config_path: str | None, overrides: tuple[str, ...], work_dir: str | None, quick: bool
-) -> None:
+def compare_command(cfg: CompareConfig, quick: bool) -> None:
     """The paper's comparison: data KD, web data, D4IR, SD + text, noise and GAN rows, one student each."""
-    cfg = config_from_options(
-        CompareConfig, "compare", profile=profile, config_path=config_path, overrides=overrides, work_dir=work_dir
-    )
     res = compare(cfg, quick=quick)
     click.echo(res.markdown)
     click.echo(f"table: {res.table_md}  json: {res.table_json}  figures: {', '.join(map(str, res.figures.values()))}")
@@ -1000,27 +951,28 @@ def _image_of(files: dict[str, bytes], prefix: str = "degraded.") -> np.ndarray 
     return _decode(files[ext]) if ext else None
 
 
-def _clean_crop(ctx: _Ctx, meta: dict) -> np.ndarray | None:
-    """The clean crop a synthetic sample was made from (resize short side, then its recorded crop box)."""
-    from PIL import Image
+_LAST_UV = 1.0 - 1e-9  # a crop position in [0, 1) that ccd.prepare_image maps to the last pixel offset
 
+
+def _clean_crop(ctx: _Ctx, meta: dict) -> np.ndarray | None:
+    """The clean crop a synthetic sample was made from: ccd.prepare_image at its recorded crop box."""
     sc = ctx.synth_cfg
     if ctx.clean_records is None:
         ctx.clean_records = {r.id: r for r in load_manifest(sc.data.manifest)}
     rec = ctx.clean_records.get(meta.get("source_id"))
-    box = meta.get("crop_box")
-    if rec is None or not box:
+    box = tuple(meta.get("crop_box") or ())
+    if rec is None or len(box) != 4:
         return None
     try:
         img = open_rgb(sc.data.root, rec)
     except BadImageError:
         return None
     res = sc.data.resolution
-    scale = res / min(img.size)
-    size = (max(res, round(img.width * scale)), max(res, round(img.height * scale)))  # as ccd.prepare_image
-    if size != img.size:
-        img = img.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-    return np.asarray(img.crop(tuple(box)), dtype=np.uint8)
+    # the last crop position (u, v -> 1) is (resized width - res, resized height - res): it turns the box into u, v
+    _, last = prepare_image(img, res, "random", _LAST_UV, _LAST_UV)
+    u, v = (box[0] + 0.5) / (last[0] + 1), (box[1] + 0.5) / (last[1] + 1)
+    crop, got = prepare_image(img, res, "random", u, v)
+    return np.asarray(crop, dtype=np.uint8) if got == box else None
 
 
 def _inputs_figure(ctx: _Ctx, path: Path) -> Path | None:
