@@ -444,3 +444,32 @@ def test_marker_where_d4ir_is_within_the_combined_std():
     single = _row("d4ir", {0: (20.0, 15.0)})
     assert unresolved([single, near], ("psnr_y",)) == {}
     assert MARK not in format_table({**header, "budget": {**header["budget"], "seeds": [0]}}, [single, near], ["rain"])
+
+
+@pytest.mark.slow
+def test_smoke_cli_two_seeds_prints_mean_std_and_a_third_seed_trains_only_it(tmp_path):
+    """`d4ir compare --profile smoke --quick --seeds 0,1`, then `--seeds 0,1,2`, in subprocesses."""
+    import subprocess
+    import sys
+
+    work = tmp_path / "work"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    rows = '["data_kd", "d4ir", "noise", "dfmc", "unpaired", "prior"]'
+    base = [sys.executable, "-m", "d4ir_pipeline.cli", "compare", "--profile", "smoke", "--quick"]
+    cmd = [*base, "--work-dir", str(work), "--set", f"rows={rows}"]
+    out = subprocess.run([*cmd, "--seeds", "0,1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    assert out.returncode == 0, out.stderr[-3000:]
+    doc = json.loads((work / "compare" / "table.json").read_text())
+    learned = [r for r in doc["rows"] if r["row"] in ("data_kd", "d4ir", "noise", "dfmc", "unpaired")]
+    assert len(learned) == 5 and all(r["status"] == "ok" and r["seeds"] == [0, 1] for r in learned), learned
+    for r in learned:  # every learned row prints mean ± std for PSNR and SSIM in each weather and the average
+        line = next(x for x in out.stdout.splitlines() if x.startswith(f"| {r['title']} |"))
+        assert line.count(" ± ") == 8, line
+    assert "*unsupervised" in out.stdout and "seeds 0, 1" in out.stdout
+    again = subprocess.run([*cmd, "--seeds", "0,1,2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    assert again.returncode == 0, again.stderr[-3000:]
+    doc = json.loads((work / "compare" / "table.json").read_text())
+    for r in doc["rows"]:
+        if r["row"] in ("data_kd", "d4ir", "noise", "dfmc", "unpaired"):
+            cached = {s: run["cached"]["distill"] for s, run in r["per_seed"].items()}
+            assert cached == {"0": True, "1": True, "2": False}, (r["row"], cached)

@@ -112,6 +112,7 @@ from d4ir_pipeline.stage1.synthesize import HASH_EXCLUDE, SynthesizeConfig, synt
 from d4ir_pipeline.stage2.config import RESUME_FREE
 from d4ir_pipeline.stage2.distill import DistillConfig, distill
 from d4ir_pipeline.stage2.evaluate import FR_METRICS, EvalConfig, build_fr_metrics, score_pairs
+from d4ir_pipeline.stage2.labels import label
 from d4ir_pipeline.stage2.teacher import load_teacher, teacher_forward, teacher_identity
 
 logger = logging.getLogger(__name__)
@@ -189,9 +190,9 @@ class QuickSection(BudgetSection):
     (batch and seeds are [budget]'s).
     """
 
-    steps: int = redefault(BudgetSection, "steps", 300)
-    patch: int = redefault(BudgetSection, "patch", 48)
-    warmup: int = redefault(BudgetSection, "warmup", 20)
+    steps: int = redefault(BudgetSection, "steps", 150)
+    patch: int = redefault(BudgetSection, "patch", 32)
+    warmup: int = redefault(BudgetSection, "warmup", 15)
     synth_images: int = redefault(BudgetSection, "synth_images", 48)
     pack_images: int = redefault(BudgetSection, "pack_images", 96)
     noise_samples: int = redefault(BudgetSection, "noise_samples", 96)
@@ -316,6 +317,12 @@ class RuntimeSection:
     device: str = opt("auto", help="'auto' (cuda when available), 'cpu' or 'cuda[:N]' for evaluation, DFMC, figures")
     threads: int = opt(
         0, help="torch CPU threads (0 = torch's default); 1 avoids oversubscription on a busy CPU", min=0
+    )
+    teacher_labels: bool = opt(
+        True,
+        help="cache the teacher's outputs on each shard set once (`d4ir label`, the distill config's `labels.format`) "
+        "so every seed's student reads them instead of running the teacher each step; png labels are the teacher's "
+        "outputs rounded to 8 bits (distill `labels.use = 'off'` also turns this off)",
     )
 
 
@@ -777,11 +784,13 @@ def _distill_row(ctx: _Ctx, row: str, shards: Path, seed: int) -> tuple[Path, bo
     """Distil the row's student from ``shards`` at ``seed``; returns (student dir, cached)."""
     base = ctx.distill_cfg
     dc = dataclasses.replace(base, train=dataclasses.replace(base.train, seed=seed))
+    use_labels = ctx.cfg.runtime.teacher_labels and dc.labels.use != "off"
     key = {
         # what does not change the trained student is left out: the resume-free keys, the paths
         "config": config_hash(dc, exclude=(*RESUME_FREE, "out", "data.shards")),
         "shardset_sha256": sha256_file(shards / "shardset.json"),
         "teacher": ctx.teacher_ident["id"],
+        "targets": f"labels-{dc.labels.format}" if use_labels else "teacher",
     }
     out = ctx.cache / "runs" / f"{row}-{_hash(key)}"
     run_cfg = dataclasses.replace(
@@ -794,6 +803,8 @@ def _distill_row(ctx: _Ctx, row: str, shards: Path, seed: int) -> tuple[Path, bo
     student_dir = out / "student" / "student"
     if done.is_file() and (student_dir / "model.json").is_file() and read_json(done).get("steps") == dc.train.steps:
         return student_dir, True
+    if use_labels:  # the teacher once over the shard set (shared by every seed); distill reads its outputs
+        label(run_cfg)
     res = distill(run_cfg)
     return Path(res.student_dir), False
 
