@@ -26,7 +26,7 @@ student_set = $(if $(STUDENT),--set student.name=$(STUDENT))
 extra_set   = $(foreach s,$(SET),--set $(s))
 common      = --profile $(PROFILE) --work-dir $(WORK)
 
-.PHONY: install test demo synthesize distill evaluate table bench bench-gpu lint clean teacher data tiny-sd dpa prompt-bank label demo-sd
+.PHONY: install test test-fast demo synthesize distill evaluate table bench bench-gpu lint clean teacher data tiny-sd dpa prompt-bank label demo-sd smoke-sd15 gpu-check
 
 install: $(STAMP)
 
@@ -40,6 +40,10 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra tests
+
+# the edit loop: everything but the subprocess runs (SIGKILL resumes, torchrun, compare end to end, benchmark smoke)
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra -m "not slow" tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check d4ir_pipeline tests benchmarks
@@ -93,6 +97,17 @@ bench: $(STAMP)
 bench-gpu: $(STAMP)
 	mkdir -p runs
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/gpu_synthesis.py --json runs/bench-gpu.json $(BENCH)
+
+# The sd15 profile's real commands at real size (SD 1.5-shaped random weights, 512 px, CLIP
+# ViT-L/14 DPA, full-size tiled teacher); report in runs/smoke-sd15/report.json (docs/SD15_SMOKE.md)
+smoke-sd15: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m d4ir_pipeline.demo.smoke_sd15 --work-dir runs/smoke-sd15
+
+# One prepared check for a CUDA machine (~8 min): the smoke in fp16, torchrun NCCL distillation,
+# bench-gpu; results in runs/gpu-check.json. Stops at once without CUDA.
+gpu-check: $(STAMP)
+	mkdir -p runs
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/gpu_check.py --json runs/gpu-check.json
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

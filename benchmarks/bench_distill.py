@@ -46,8 +46,7 @@ def make_shardset(root: Path, n_shards: int, per: int, size: int, seed: int = 0,
     """A shard set in stage one's format: smooth random images with incompressible detail (PNG)."""
     from d4ir_pipeline.testing import make_shardset as build
 
-    return build(root, n_shards, per, size, seed=seed, smooth=8, noise=8.0, compress_level=compress, clean=False,
-                 config_hash="bench")  # fmt: skip
+    return build(root, n_shards, per, size, seed=seed, smooth=8, noise=8.0, compress_level=compress, clean=False)
 
 
 def save_random(spec: str, path: Path, seed: int = 0, **kw) -> Path:

@@ -37,7 +37,7 @@ def run(size: str = "full") -> dict:
             "dpa",
             profile="demo",
             work_dir=str(work),
-            overrides=[f"train.steps={steps}", "report.enabled=false", f"train.checkpoint_every={steps}"],
+            overrides=[f"train.steps={steps}", "report.enabled=false", f"train.ckpt_every={steps}"],
         )
         t0 = time.perf_counter()
         res = train_dpa(cfg)

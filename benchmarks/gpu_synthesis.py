@@ -29,40 +29,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-# Stable Diffusion 1.5's unet/config.json and vae/config.json (the fields that set the
-# architecture; everything else is the diffusers default).
-SD15_UNET = {
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "block_out_channels": [320, 640, 1280, 1280],
-    "layers_per_block": 2,
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-    "norm_num_groups": 32,
-}
-SD15_VAE = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512],
-    "layers_per_block": 2,
-    "latent_channels": 4,
-    "norm_num_groups": 32,
-    "sample_size": 512,
-    "scaling_factor": 0.18215,
-}
-SD15_SCHEDULER = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-}
+# Stable Diffusion 1.5's published configs, declared once (d4ir sd15-shaped writes the same folder)
+from d4ir_pipeline.demo.sd15_shaped import SD15_SCHEDULER, SD15_UNET, SD15_VAE  # noqa: E402
 
 
 def build_pipeline(device, dtype):
@@ -81,7 +49,7 @@ def build_pipeline(device, dtype):
         text_encoder=None,
         tokenizer=None,
         unet=unet,
-        scheduler=DDIMScheduler(**SD15_SCHEDULER),
+        scheduler=DDIMScheduler.from_config(SD15_SCHEDULER),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -28,6 +28,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "tiny_sd_command",
         "Write a tiny random Stable Diffusion folder (tests/demo).",
     ),
+    "sd15-shaped": (
+        "d4ir_pipeline.demo.sd15_shaped",
+        "sd15_shaped_command",
+        "Write an SD 1.5-shaped random folder with the real CLIP tokenizer.",
+    ),
     "demo-sd": ("d4ir_pipeline.demo.demo_sd", "demo_sd_command", "Train the small demo SD on the demo's web images."),
     "train-dpa": (
         "d4ir_pipeline.stage1.dpa.train",

@@ -50,7 +50,11 @@ PATHS: dict[str, str] = {
     "distill": "{work}/distill",
 }
 # keys that were renamed: old dotted key -> new one (an old key in a file gets an error naming the new one)
-RENAMED: dict[str, str] = {}
+RENAMED: dict[str, str] = {
+    "train.checkpoint_every": "train.ckpt_every",  # dpa, teacher
+    "train.keep_checkpoints": "train.ckpt_keep",  # dpa
+    "train.log_every": "log.every",  # dpa, teacher
+}
 
 
 class ConfigError(D4IRError, ValueError):
@@ -190,6 +194,15 @@ def _unknown(key: str, allowed: Sequence[str], where: str) -> ConfigError:
     return ConfigError(f"{where}: unknown key `{key}`.{dym} Allowed here: {sorted(allowed)}")
 
 
+def _section_table(tp: Any) -> type | None:
+    """The section class of a ``dict[str, Section]`` field (a table of named sections), else None."""
+    if typing.get_origin(tp) is dict:
+        vt = typing.get_args(tp)[1]
+        if dataclasses.is_dataclass(vt):
+            return vt
+    return None
+
+
 def _check_keys(cls: type, data: dict, file: str, prefix: str = "") -> None:
     """Refuse unknown keys (with a "did you mean") and values where a table belongs, naming ``file``."""
     hints = typing.get_type_hints(cls)
@@ -197,10 +210,17 @@ def _check_keys(cls: type, data: dict, file: str, prefix: str = "") -> None:
     for key, value in data.items():
         if key not in fields:
             raise _unknown(prefix + key, [prefix + k for k in fields], file)
-        if dataclasses.is_dataclass(hints[key]):
+        section, table = hints[key] if dataclasses.is_dataclass(hints[key]) else None, _section_table(hints[key])
+        if section or table:
             if not isinstance(value, dict):
                 raise ConfigError(f"{file}: `{prefix}{key}` = {value!r}: expected a table [{prefix}{key}]")
-            _check_keys(hints[key], value, file, f"{prefix}{key}.")
+        if section:
+            _check_keys(section, value, file, f"{prefix}{key}.")
+        elif table:
+            for name, sub in value.items():
+                if not isinstance(sub, dict):
+                    raise ConfigError(f"{file}: `{prefix}{key}.{name}` = {sub!r}: expected a table")
+                _check_keys(table, sub, file, f"{prefix}{key}.{name}.")
 
 
 def _merge(base: dict, top: dict, origins: dict[str, str], file: str, prefix: str = "") -> dict:
@@ -224,6 +244,10 @@ def _build(cls: type[T], data: dict, origins: dict[str, str], prefix: str, subst
         key_where = f"{origins.get(prefix + name, origins.get('', '<defaults>'))}: `{prefix}{name}`"
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, data.get(name, {}), origins, f"{prefix}{name}.", subst)
+            continue
+        if (table := _section_table(tp)) is not None and name in data:
+            items = data[name].items()
+            kwargs[name] = {k: _build(table, v, origins, f"{prefix}{name}.{k}.", subst) for k, v in items}
             continue
         if name in data:
             value = _coerce(data[name], tp, key_where)
@@ -275,6 +299,11 @@ def _apply_override(data: dict, path: list[str], value: Any, cls: type, origin: 
             node[part] = value
             return
         tp = typing.get_type_hints(node_cls)[part]
+        table = _section_table(tp)
+        if table is not None and i + 2 < len(path):  # section.table.NAME.key = value
+            node = node.setdefault(part, {}).setdefault(path[i + 1], {})
+            _apply_override(node, path[i + 2 :], value, table, origin)
+            return
         if not dataclasses.is_dataclass(tp):
             raise ConfigError(f"{origin}: `{'.'.join(path[: i + 1])}` is a value, not a section")
         node = node.setdefault(part, {})
@@ -389,18 +418,24 @@ def load_stage_config(
     """A stage's config: ``config`` if given, else the profile chain's ``<stage>.toml`` files
     (bases first; a stage no profile mentions runs on its defaults), then ``overrides``."""
     files = [Path(config)] if config is not None else stage_files(stage, profile)
-    return load_config(cls, files, overrides, work_dir=work_dir, profile=profile, paths=profile_paths(profile))
+    # an explicit file may name a profile that has no folder: then only the default shared paths
+    paths = profile_paths(profile) if config is None or (stages_root() / profile).is_dir() else dict(PATHS)
+    return load_config(cls, files, overrides, work_dir=work_dir, profile=profile, paths=paths)
 
 
 def neutral_keys(cls: type) -> tuple[str, ...]:
-    """Dotted keys of ``cls`` declared ``affects_output=False`` (left out of :func:`config_hash`)."""
+    """Dotted keys of ``cls`` declared ``affects_output=False`` (left out of :func:`config_hash`).
+
+    A section field marked ``field(..., metadata={"affects_output": False})`` (or
+    ``opt(default_factory=Section, ..., affects_output=False)``) leaves out the whole section.
+    """
     hints = typing.get_type_hints(cls)
     out: list[str] = []
     for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            out += [f"{f.name}.{k}" for k in neutral_keys(hints[f.name])]
-        elif f.metadata.get("affects_output") is False:
+        if f.metadata.get("affects_output") is False:  # a field, or a whole section
             out.append(f.name)
+        elif dataclasses.is_dataclass(hints[f.name]):
+            out += [f"{f.name}.{k}" for k in neutral_keys(hints[f.name])]
     return tuple(out)
 
 

@@ -6,29 +6,23 @@ same loading code a real run does; nothing here is used by the pipeline itself:
 - :func:`write_bank`: a prompt bank (``tokens.safetensors``, ``index.jsonl``, ``bank.json``)
   with random tokens, as ``d4ir prompt-bank`` writes it.
 - :func:`make_shardset`: a stage-one shard set (``synth-r000-*.tar`` + ``shardset.json``)
-  of smooth random images, as ``d4ir synthesize`` writes it.
+  of smooth random images, through the same :class:`ShardSetWriter` as ``d4ir synthesize``;
+  :func:`relist_shardset` makes its listing vouch for shards damaged afterwards.
 """
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from d4ir_pipeline.common.io import atomic_write_json, atomic_write_jsonl, sha256_file
-from d4ir_pipeline.stage1.prompt_bank import BANK_KIND
-
-
-def png_bytes(arr: np.ndarray, compress_level: int = 6) -> bytes:
-    """PNG bytes of an (H, W, 3) uint8 array."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG", compress_level=compress_level)
-    return buf.getvalue()
+from d4ir_pipeline.common.images import encode_png
+from d4ir_pipeline.common.io import atomic_write_json, sha256_bytes, sha256_file
+from d4ir_pipeline.shardset.format import SHARDSET_KIND, SHARDSET_NAME, read_listing
+from d4ir_pipeline.shardset.writer import ShardSetWriter
+from d4ir_pipeline.stage1.prompt_bank import PromptBank
 
 
 def write_bank(
@@ -40,53 +34,32 @@ def write_bank(
     weathers: Sequence[str] = ("rain", "haze", "snow"),
     seed: int = 0,
 ) -> Path:
-    """A prompt bank of ``per`` random (k, d) entries per weather under ``path``."""
+    """A prompt bank of ``per`` random (k, d) entries per weather under ``path`` (through PromptBank.write)."""
     import torch
-    from safetensors.torch import save_file
 
-    path.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randn(per * len(weathers), k, d, generator=g)  # (N, K, D)
     rows = [
-        {"row": i, "id": f"web-degraded/{w}/p{j}", "sha256": f"{i:064x}", "weather": w}
+        {"id": f"web-degraded/{w}/p{j}", "sha256": f"{i:064x}", "weather": w}
         for i, (w, j) in enumerate((w, j) for w in weathers for j in range(per))
     ]
-    centroids = torch.stack([tokens[i * per : (i + 1) * per].mean(0) for i in range(len(weathers))])  # (W, K, D)
-    save_file({"tokens": tokens.contiguous(), "centroids": centroids.contiguous()}, str(path / "tokens.safetensors"))
-    atomic_write_jsonl(path / "index.jsonl", rows)
-    meta = {
-        "kind": BANK_KIND,
-        "version": 1,
-        "weathers": list(weathers),
-        "K": k,
-        "D": d,
-        "adapter_sha256": "0" * 64,
-        "sd_model": "tiny",
-        "created": "2024-01-01T00:00:00",
-    }
-    atomic_write_json(path / "bank.json", meta)
+    meta = {"adapter_sha256": "0" * 64, "sd_model": "tiny", "created": "2024-01-01T00:00:00"}
+    PromptBank.write(path, tokens, rows, meta=meta, weathers=list(weathers))
     return path
 
 
-def write_shardset_manifest(
-    root: Path, names: Sequence[str], counts: Sequence[int], *, complete: bool = True, config_hash: str = "test"
-) -> Path:
-    """``shardset.json`` listing the tars ``names`` under ``root`` (sizes and hashes read from disk)."""
+def relist_shardset(root: Path, *, complete: bool = True) -> Path:
+    """Rewrite ``root/shardset.json`` with every listed shard's size and sha256 read from disk, and ``complete``.
 
-    shards = [
-        {"name": n, "samples": int(c), "bytes": (root / n).stat().st_size, "sha256": sha256_file(root / n)}
-        for n, c in zip(names, counts, strict=True)
-    ]
-    manifest = {
-        "kind": "d4ir-shardset",
-        "version": 1,
-        "complete": complete,
-        "shards": shards,
-        "num_samples": int(sum(counts)),
-        "config_hash": config_hash,
-    }
-    atomic_write_json(root / "shardset.json", manifest)
-    return root / "shardset.json"
+    For reader tests: a listing that vouches for shards damaged after they were written
+    (so verification passes and reading must cope), or that claims the set is unfinished.
+    """
+    path = root / SHARDSET_NAME
+    doc, listed = read_listing(path, SHARDSET_KIND)
+    for entry, info in zip(doc["shards"], listed, strict=True):
+        entry["bytes"], entry["sha256"] = info.path.stat().st_size, sha256_file(info.path)
+    atomic_write_json(path, {**doc, "complete": complete}, indent=None)
+    return path
 
 
 def make_shardset(
@@ -101,38 +74,44 @@ def make_shardset(
     compress_level: int = 6,
     clean: bool = True,
     bad_keys: Sequence[str] = (),
-    config_hash: str = "test",
+    weathers: Sequence[str] = ("rain",),
 ) -> Path:
-    """A complete shard set like stage one writes: ``{key}.degraded.png`` + ``{key}.json``
-    (+ ``{key}.clean.png``), keys ``k{shard:03d}-{j:04d}``.
+    """A complete one-rank shard set written by the real shard-set writer (replacing what ``root`` held):
+    ``{key}.json`` + ``{key}.degraded.png`` (+ ``{key}.clean.png``), keys ``k{shard:03d}-{j:04d}``.
 
     Images are (size // smooth)-pixel random images upsampled to ``size`` plus Gaussian
-    ``noise``; keys in ``bad_keys`` get bytes that are not an image.
+    ``noise``; keys in ``bad_keys`` get bytes that are not an image; sample ``j`` of a shard
+    has weather ``weathers[j % len(weathers)]`` in its json. The config hash is
+    that of the arguments, so two calls with other arguments make two different sets.
     """
-    import webdataset as wds
     from PIL import Image
 
-    root.mkdir(parents=True, exist_ok=True)
+    args = dict(n_shards=n_shards, per=per, size=size, seed=seed, smooth=smooth, noise=noise)
+    args |= {"compress_level": compress_level, "clean": clean, "bad_keys": sorted(bad_keys)}
+    if tuple(weathers) != ("rain",):
+        args["weathers"] = list(weathers)
+    header = {"config": args, "config_hash": sha256_bytes(json.dumps(args, sort_keys=True).encode())}
+    writer = ShardSetWriter(out=root, kind=SHARDSET_KIND, header=header, num_shards=n_shards)
+    writer.open(overwrite=True)
     rng = np.random.default_rng(seed)
-    names = []
     for i in range(n_shards):
-        name = f"synth-r000-{i:06d}.tar"
-        with wds.TarWriter(str(root / name), mtime=0) as w:
-            for j in range(per):
-                key = f"k{i:03d}-{j:04d}"
-                small = rng.integers(0, 256, (max(1, size // smooth), max(1, size // smooth), 3), dtype=np.uint8)
-                arr = np.asarray(Image.fromarray(small).resize((size, size), Image.BICUBIC))
-                if noise:
-                    arr = np.clip(arr + rng.normal(0, noise, arr.shape), 0, 255).astype(np.uint8)
-                meta = {"key": key, "weather": "rain", "width": size, "height": size}
-                sample = {
-                    "__key__": key,
-                    "degraded.png": b"not a png at all" if key in bad_keys else png_bytes(arr, compress_level),
-                    "json": json.dumps(meta).encode(),
-                }
-                if clean:
-                    sample["clean.png"] = png_bytes(arr, compress_level)
-                w.write(sample)
-        names.append(name)
-    write_shardset_manifest(root, names, [per] * n_shards, config_hash=config_hash)
+        for j in range(per):
+            key = f"k{i:03d}-{j:04d}"
+            small = rng.integers(0, 256, (max(1, size // smooth), max(1, size // smooth), 3), dtype=np.uint8)
+            arr = np.asarray(Image.fromarray(small).resize((size, size), Image.BICUBIC))
+            if noise:
+                arr = np.clip(arr + rng.normal(0, noise, arr.shape), 0, 255).astype(np.uint8)
+            meta = {"key": key, "weather": weathers[j % len(weathers)], "width": size, "height": size}
+            files = [
+                ("json", json.dumps(meta).encode()),
+                (
+                    "degraded.png",
+                    b"not a png at all" if key in bad_keys else encode_png(arr, compress_level=compress_level),
+                ),
+            ]
+            if clean:
+                files.append(("clean.png", encode_png(arr, compress_level=compress_level)))
+            writer.write(key, files)
+        writer.flush_shard(i)
+    writer.finish()
     return root

@@ -16,14 +16,25 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Every test starts and ends with one intra-op thread, whatever a test (or the code) set meanwhile."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Real-weight tests run only with D4IR_REAL_WEIGHTS=1 (they need local SD/CLIP/teacher files)."""
-    if os.environ.get("D4IR_REAL_WEIGHTS") == "1":
-        return
-    skip = pytest.mark.skip(reason="needs real weights: set D4IR_REAL_WEIGHTS=1 and the model paths")
+    """`real_weights` tests run only with D4IR_REAL_WEIGHTS=1; `cuda` tests only where torch sees a GPU."""
+    real = os.environ.get("D4IR_REAL_WEIGHTS") == "1"
+    cuda = torch.cuda.is_available()
+    skip_real = pytest.mark.skip(reason="needs real weights: set D4IR_REAL_WEIGHTS=1 and the model paths")
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "real_weights" in item.keywords:
-            item.add_marker(skip)
+        if "real_weights" in item.keywords and not real:
+            item.add_marker(skip_real)
+        if "cuda" in item.keywords and not cuda:
+            item.add_marker(skip_cuda)
 
 
 @pytest.fixture(scope="session")

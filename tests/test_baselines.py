@@ -19,15 +19,6 @@ from d4ir_pipeline.shardset.reader import open_shardset, read_shard, verify_shar
 STUDENT = {"name": "rescnn", "kwargs": {"width": 8, "blocks": 1}}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: these tiny models gain nothing from two, and a shared CPU loses a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _teacher() -> torch.nn.Module:
     """A small fixed 'restoration' network: seeded random weights, frozen."""
     torch.manual_seed(123)
@@ -142,7 +133,7 @@ def test_generator_shape_and_range():
 
 def test_dfmc_student_learns_teacher_and_samples_are_diverse(tmp_path):
     teacher = _teacher()
-    cfg = DFMCConfig(z_dim=16, g_width=16, s_lr=2e-3, checkpoint_every=1000, grid=4)
+    cfg = DFMCConfig(z_dim=16, g_width=16, s_lr=2e-3, ckpt_every=1000, grid=4)
     # held-out probe inputs: smooth noise images the student never sees
     rng = np.random.default_rng(9)
     probe = torch.from_numpy(np.stack([noise_image("smooth", (24, 24), rng) for _ in range(8)]))
@@ -172,7 +163,7 @@ def test_dfmc_student_learns_teacher_and_samples_are_diverse(tmp_path):
 
 def test_dfmc_resume_matches_uninterrupted(tmp_path):
     teacher = _teacher()
-    cfg = DFMCConfig(z_dim=8, g_width=8, checkpoint_every=3)
+    cfg = DFMCConfig(z_dim=8, g_width=8, ckpt_every=3)
     full = train_dfmc(teacher, STUDENT, steps=6, batch=2, patch=16, seed=1, out_dir=tmp_path / "a", config=cfg)
 
     class Stop(Exception):
@@ -191,7 +182,7 @@ def test_dfmc_resume_matches_uninterrupted(tmp_path):
     teacher.forward = flaky
     with pytest.raises(Stop):
         train_dfmc(teacher, STUDENT, steps=6, batch=2, patch=16, seed=1, out_dir=tmp_path / "b", config=cfg)
-    assert (tmp_path / "b" / "state.pt").is_file() and not (tmp_path / "b" / "student").exists()
+    assert (tmp_path / "b" / "ckpt" / "latest.json").is_file() and not (tmp_path / "b" / "student").exists()
     teacher.forward = real_forward
     with pytest.raises(D4IRError, match="different config"):
         train_dfmc(teacher, STUDENT, steps=6, batch=2, patch=16, seed=2, out_dir=tmp_path / "b", config=cfg)

@@ -31,6 +31,7 @@ def _positive(x) -> bool:
     return isinstance(x, int | float) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.slow  # a subprocess run (fresh interpreters import torch)
 def test_run_all_smoke_produces_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     r = subprocess.run(
@@ -73,6 +74,7 @@ def test_run_all_rejects_unknown_names(tmp_path: Path) -> None:
     assert r.returncode == 2 and "synthesise" in r.stderr and "synthesize" in r.stderr
 
 
+@pytest.mark.slow  # a subprocess run (fresh interpreters import torch)
 def test_gpu_benchmark_builds_sd15_sizes_and_runs_on_cpu(tmp_path: Path) -> None:
     """The one-command GPU benchmark, in its CPU smoke form: SD 1.5-sized models, one tiny batch."""
     out = tmp_path / "gpu.json"

@@ -95,15 +95,6 @@ def test_prepare_image_resizes_short_side_and_crops():
         prepare_image(img, 30, "center")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core box OpenMP spin-waiting makes 2 threads 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def ccd(tiny_sd_path):
     from d4ir_pipeline.stage1.sd import load_img2img_pipeline, unconditional_embeds

@@ -190,3 +190,38 @@ def test_a_renamed_key_names_its_new_name(tmp_path, monkeypatch):
         load_config(StageCfg, write(tmp_path, "[train]\nlog_every = 3\n"))
     with pytest.raises(ConfigError, match=r"`train\.log_every` was renamed"):
         load_config(StageCfg, write(tmp_path, ""), ["train.log_every=3"])
+
+
+@dataclass(frozen=True)
+class Spec:
+    checkpoint: str = opt("", help="weights")
+    tile: int = opt(0, help="tile", min=0)
+
+
+@dataclass(frozen=True)
+class WithTable:
+    by_weather: dict[str, Spec] = opt(default_factory=dict, help="one spec per weather")
+
+
+def test_a_table_of_named_sections_is_typed_merged_and_overridable(tmp_path):
+    p = write(tmp_path, '[by_weather]\nrain = {checkpoint = "/r.pth"}\nhaze = {checkpoint = "/h.pth", tile = 256}\n')
+    cfg = load_config(WithTable, p, ["by_weather.rain.tile=128", "by_weather.snow.checkpoint=/s.pth"])
+    assert cfg.by_weather == {
+        "rain": Spec("/r.pth", 128),
+        "haze": Spec("/h.pth", 256),
+        "snow": Spec("/s.pth", 0),
+    }
+    with pytest.raises(ConfigError, match=r"by_weather\.haze\.tile.*must be >= 0"):
+        load_config(WithTable, p, ["by_weather.haze.tile=-1"])
+    with pytest.raises(ConfigError, match=r"by_weather\.rain\.tiel.*Did you mean `by_weather\.rain\.tile`"):
+        load_config(WithTable, write(tmp_path, "[by_weather.rain]\ntiel = 1\n"))
+    assert load_config(WithTable, None) == WithTable()
+
+
+def test_an_explicit_file_may_name_a_profile_without_a_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("D4IR_STAGES", str(tmp_path / "stages"))
+    p = write(tmp_path, "seed = 4\n")
+    cfg = load_stage_config(StageCfg, "x", profile="adhoc", config=p, work_dir="W")
+    assert cfg.seed == 4 and cfg.train.bank == "W/bank/tokens"
+    with pytest.raises(ConfigError, match="profile 'adhoc'"):
+        load_stage_config(StageCfg, "x", profile="adhoc")  # without a file the profile must exist

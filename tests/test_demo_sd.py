@@ -43,7 +43,13 @@ def _cfg(tmp_path, **kw) -> D.DemoSDConfig:
     vae = dataclasses.replace(D.VAETrain(), steps=40, batch_size=4, crop=16, full_frac=0.0)
     unet = dataclasses.replace(D.UNetTrain(), steps=30, batch_size=8, crop=8, full_frac=0.0, views=1, lr=2e-3)
     base = dict(
-        out=str(tmp_path / "sd"), resolution=32, load_size=40, checkpoint_every=5, log_every=1, vae=vae, unet=unet
+        out=str(tmp_path / "sd"),
+        resolution=32,
+        load_size=40,
+        ckpt_every=5,
+        log=D.DemoSDLog(every=1),
+        vae=vae,
+        unet=unet,
     )
     base.update(kw)
     return D.DemoSDConfig(**base)
@@ -53,7 +59,6 @@ def _parts(tiny_sd_path):
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    torch.set_num_threads(1)
     return (
         AutoencoderKL.from_pretrained(tiny_sd_path / "vae"),
         UNet2DConditionModel.from_pretrained(tiny_sd_path / "unet"),
@@ -87,10 +92,10 @@ def test_unet_phase_reduces_noise_prediction_loss(tiny_sd_path, tmp_path):
     images = _images(8)
     weathers = ["clean", "rain", "haze", "snow"] * 2
     (tmp_path / "w").mkdir()
-    mean, std, label = D._cache_latents(vae, images, weathers, cfg, tmp_path / "w")
+    mean, std, label = D.cache_latents(vae, images, weathers, cfg, tmp_path / "w")
     assert mean.shape == (8, 4, 16, 16) and label.tolist() == [0, 1, 2, 3] * 2
     s = 1.0 / float(mean.std())
-    ctx, n_tok = D._text_contexts(te, tok)
+    ctx, n_tok = D.text_contexts(te, tok)
     assert ctx.shape == (len(D.CAPTIONS) + 1, 77, 32) and 4 <= n_tok < 77
 
     def fixed_loss(model):  # one fixed batch: same latents, noise, timesteps, captions
@@ -113,13 +118,13 @@ def test_unet_phase_reduces_noise_prediction_loss(tiny_sd_path, tmp_path):
 
 
 def test_vae_training_resumes_exactly(tiny_sd_path, tmp_path, monkeypatch):
-    cfg = _cfg(tmp_path, vae=dataclasses.replace(_cfg(tmp_path).vae, steps=8), checkpoint_every=3)
+    cfg = _cfg(tmp_path, vae=dataclasses.replace(_cfg(tmp_path).vae, steps=8), ckpt_every=3)
     images = _images(6)
     vae_a, *_ = _parts(tiny_sd_path)
     D.train_vae(vae_a, images, cfg, tmp_path / "a", progress=False)
 
     calls = {"n": 0}
-    real_views = D._views
+    real_views = D.random_views
 
     def crashing_views(*args, **kwargs):
         calls["n"] += 1
@@ -128,10 +133,10 @@ def test_vae_training_resumes_exactly(tiny_sd_path, tmp_path, monkeypatch):
         return real_views(*args, **kwargs)
 
     vae_b, *_ = _parts(tiny_sd_path)
-    monkeypatch.setattr(D, "_views", crashing_views)
+    monkeypatch.setattr(D, "random_views", crashing_views)
     with pytest.raises(KeyboardInterrupt):
         D.train_vae(vae_b, images, cfg, tmp_path / "b", progress=False)
-    monkeypatch.setattr(D, "_views", real_views)
+    monkeypatch.setattr(D, "random_views", real_views)
     vae_c, *_ = _parts(tiny_sd_path)
     D.train_vae(vae_c, images, cfg, tmp_path / "b", progress=False)  # resumes from step 6
     for (k, a), c in zip(vae_a.state_dict().items(), vae_c.state_dict().values(), strict=True):
@@ -163,7 +168,6 @@ def test_build_writes_a_loadable_folder_and_checks_phase_configs(demo_data_root,
         vae=vae,
         unet=unet,
     )
-    torch.set_num_threads(1)
     r = D.build_demo_sd(cfg, progress=False)
     info = json.loads((r.out / "d4ir_demo_sd.json").read_text())
     assert info["data"]["splits"] == ["web-clean", "web-degraded"] and info["captions"] == D.CAPTIONS
@@ -179,12 +183,11 @@ def test_build_writes_a_loadable_folder_and_checks_phase_configs(demo_data_root,
 
 def _test_targets(root, n=4):
     recs = load_manifest(root / "manifests" / "test-rain.jsonl")[::5][:n]
-    arr = np.stack([D._square(open_rgb(root, r.target), 64) for r in recs])  # (n, 64, 64, 3)
+    arr = np.stack([D.square(open_rgb(root, r.target), 64) for r in recs])  # (n, 64, 64, 3)
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0
 
 
 def test_committed_demo_sd_beats_random_tiny_sd(demo_data_root, tiny_sd_path):
-    torch.set_num_threads(1)
     path = D.demo_sd_path()
     info = json.loads((path / "d4ir_demo_sd.json").read_text())
     assert info["kind"] == "d4ir-demo-sd" and info["data"]["splits"] == ["web-clean", "web-degraded"]

@@ -1,6 +1,6 @@
 """Stage two: shard streaming, exact resume after SIGKILL, DDP, the label cache and bad input.
 
-Everything runs on tiny shard sets built here with webdataset.TarWriter and tiny models.
+Everything runs on tiny shard sets built by testing.make_shardset (the real shard-set writer) and tiny models.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from d4ir_pipeline.shardset.reader import open_shardset
 from d4ir_pipeline.stage2.distill import DistillConfig, distill
 from d4ir_pipeline.stage2.labels import label
 from d4ir_pipeline.stage2.stream import Stats, StreamSpec, epoch_shards, worker_batches
-from d4ir_pipeline.testing import make_shardset, write_shardset_manifest
+from d4ir_pipeline.testing import make_shardset, relist_shardset
 
 REPO = Path(__file__).resolve().parent.parent
 TEACHER = "d4ir_pipeline.models.students:LocalCNN"  # importable in subprocesses too
@@ -38,10 +38,6 @@ TEACHER = "d4ir_pipeline.models.students:LocalCNN"  # importable in subprocesses
 
 # ---------------------------------------------------------------------------------------
 # helpers
-
-
-def write_manifest(root: Path, names: list[str], counts: list[int], complete: bool = True) -> None:
-    write_shardset_manifest(root, names, counts, complete=complete)
 
 
 def make_teacher(path: Path, spec: str = TEACHER, **kw) -> Path:
@@ -145,6 +141,7 @@ def test_worker_stream_resumes_at_cursor(setup: Path) -> None:
 # resume, DDP
 
 
+@pytest.mark.slow  # a subprocess run (fresh interpreters import torch)
 def test_sigkill_resume_matches_uninterrupted(setup: Path) -> None:
     # 2 workers and a checkpoint every 3 steps: resume also rotates which worker delivers next
     extra = {"train__steps": 16, "train__ckpt_every": 3, "data__num_workers": 2, "data__patch": 32}
@@ -185,6 +182,7 @@ def test_sigkill_resume_matches_uninterrupted(setup: Path) -> None:
     assert again.steps == 16 and torch.equal(weights(again.out_dir)["head.weight"], a["head.weight"])
 
 
+@pytest.mark.slow  # a subprocess run (fresh interpreters import torch)
 def test_ddp_two_ranks_disjoint_samples(setup: Path) -> None:
     cfg_file = setup / "empty.toml"
     cfg_file.write_text("")
@@ -261,6 +259,23 @@ def test_label_cache_targets_match_teacher_on_same_crop(setup: Path) -> None:
     assert off.targets == "teacher"
 
 
+def test_label_rerun_redoes_a_damaged_shard_of_a_complete_cache(setup: Path) -> None:
+    """The refusal says "rerun the command that wrote it": `d4ir label` on a complete cache used to return at once."""
+    cfg = cfg_of(setup, labels__format="'npy'", labels__use="'require'", train__steps=1)
+    res = label(cfg)
+    listed = json.loads((res.labels_dir / "labels.json").read_text())["shards"]
+    victim = res.labels_dir / listed[2]["name"]
+    data = bytearray(victim.read_bytes())
+    data[700] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(ShardSetError, match=f"{listed[2]['name']}: sha256"):
+        distill(cfg)
+    again = label(cfg)
+    assert again.seconds > 0 and (again.samples, again.shards) == (res.samples, res.shards)
+    assert json.loads((res.labels_dir / "labels.json").read_text())["shards"] == listed  # redone byte-identical
+    assert distill(cfg).targets.startswith("labels:")
+
+
 def test_label_require_without_cache_is_clear(setup: Path) -> None:
     with pytest.raises(D4IRError, match="d4ir label"):
         distill(cfg_of(setup, labels__use="'require'"))
@@ -295,7 +310,7 @@ def test_truncated_shard_is_skipped_with_shard_and_key(tmp_path: Path, caplog: p
     cut = members[10].offset_data + 100  # in the middle of the 4th sample's files
     victim.write_bytes(victim.read_bytes()[:cut])
     # a shard damaged before it was hashed: verification passes, reading does not
-    write_manifest(root, [f"synth-r000-{i:06d}.tar" for i in range(4)], [8] * 4)
+    relist_shardset(root)
     make_teacher(tmp_path / "teacher")
     with caplog.at_level(logging.WARNING, logger="d4ir_pipeline.stage2.distill"):
         r = distill(cfg_of(tmp_path, train__steps=12, data__max_error_fraction=0.5, data__error_min_samples=1))
@@ -311,8 +326,8 @@ def test_changed_shard_is_refused(setup: Path) -> None:
     shard.write_bytes(bytes(data))
     with pytest.raises(ShardSetError, match="synth-r000-000001.tar: sha256"):
         distill(cfg_of(setup))
+    relist_shardset(setup / "shards", complete=False)
     with pytest.raises(ShardSetError, match="incomplete"):
-        write_manifest(setup / "shards", [f"synth-r000-{i:06d}.tar" for i in range(4)], [8] * 4, complete=False)
         open_shardset(setup / "shards")
     with pytest.raises(ShardSetError, match="no shardset.json"):
         open_shardset(setup / "nowhere")
@@ -352,6 +367,19 @@ class Shrink(nn.Module):
 def test_student_output_size_mismatch(setup: Path) -> None:
     with pytest.raises(D4IRError, match=r"returned \(4, 3, 12, 12\) for an input of \(4, 3, 24, 24\)"):
         distill(cfg_of(setup, student__name=f"'{__name__}:Shrink'", student__kwargs="{}"))
+
+
+def test_tensorboard_events_mirror_the_metrics(setup: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    r = distill(cfg_of(setup, train__steps=3, log__tensorboard="true"))
+    rows = [json.loads(x) for x in (r.out_dir / "metrics.jsonl").read_text().splitlines() if "loss" in x]
+    ev = EventAccumulator(str(r.out_dir / "tensorboard"))
+    ev.Reload()
+    assert [(e.step, e.value) for e in ev.Scalars("loss")] == [(x["step"], pytest.approx(x["loss"])) for x in rows]
+    assert not (setup / "distill" / "rescnn-off" / "tensorboard").exists()
+    off = distill(cfg_of(setup, train__steps=1, student__tag="'rescnn-off'"))
+    assert not (off.out_dir / "tensorboard").exists()  # off by default
 
 
 def test_resume_with_changed_config_or_shard_set_is_refused(setup: Path) -> None:

@@ -67,12 +67,7 @@ def demo_run(tmp_path_factory, demo_data_root, tiny_sd_path):
     """The demo config, CPU, seed 0, trained once for the module (about a minute on one core)."""
     work = _work(tmp_path_factory.mktemp("dpa-demo") / "w", demo_data_root, tiny_sd_path)
     cfg = _cfg("demo", work, "train.device=cpu")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the bar's setting ("one core"); also avoids oversubscribing a shared CPU
-    try:
-        return cfg, train_dpa(cfg)
-    finally:
-        torch.set_num_threads(threads)
+    return cfg, train_dpa(cfg)  # one torch thread (conftest): the bar's setting ("one core")
 
 
 @pytest.mark.slow
@@ -99,7 +94,7 @@ def test_demo_outputs_and_rerun(demo_run, demo_data_root):
     assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(res.report))
     assert (out / "embeddings.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(cfg.train.log_every, cfg.train.steps + 1, cfg.train.log_every))
+    assert [r["step"] for r in rows] == list(range(cfg.log.every, cfg.train.steps + 1, cfg.log.every))
     assert all(k in rows[-1] for k in ("contrastive", "prototype", "diffusion", "text_anchor", "images_per_s"))
     assert res.images_per_s and res.images_per_s > 0
     # the saved model gives (B, K, D) tokens; rerunning the command does not train again
@@ -119,6 +114,7 @@ def _cli(work: Path, *extra: str) -> list[str]:
             "--set", "report.enabled=false", *extra]  # fmt: skip
 
 
+@pytest.mark.slow  # a subprocess run (fresh interpreters import torch)
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, demo_data_root, tiny_sd_path):
     from safetensors.torch import load_file
 

@@ -74,15 +74,6 @@ OFFICIAL_PARAMS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared, loaded CPU two spinning OpenMP threads stall each other."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 def _perturb(model: nn.Module, seed: int = 0) -> nn.Module:
     """Random-init NAFNets are the identity (beta = gamma = 0): give every weight some noise."""
     g = torch.Generator().manual_seed(seed)

@@ -30,8 +30,18 @@ def test_cap_never_raises_threads(monkeypatch, restore_threads) -> None:
     assert torch.get_num_threads() == 1
 
 
-def test_usable_cpus_is_positive() -> None:
-    assert runtime.usable_cpus() >= 1
+def test_usable_cpus_follows_the_affinity_mask_and_falls_back_to_the_cpu_count(monkeypatch) -> None:
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 3, 5}, raising=False)
+    assert runtime.usable_cpus() == 3  # a Slurm / container limit, not the machine's count
+
+    def unsupported(pid):
+        raise OSError("not supported")
+
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", unsupported, raising=False)
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 6)
+    assert runtime.usable_cpus() == 6
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: None)
+    assert runtime.usable_cpus() == 1
 
 
 def test_trim_jsonl_keeps_rows_up_to_the_step_and_drops_a_torn_line(tmp_path) -> None:

@@ -18,7 +18,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-import d4ir_pipeline.stage1.synthesize as shards_mod
+import d4ir_pipeline.shardset.writer as writer_mod
 from d4ir_pipeline.common.io import atomic_write_json, sha256_file
 from d4ir_pipeline.config import load_config
 from d4ir_pipeline.data.manifests import ImageRecord, write_manifest
@@ -33,15 +33,6 @@ from d4ir_pipeline.testing import write_bank
 N_GOOD = 8
 SAMPLE_FIELDS = {"key", "source_id", "source_sha256", "weather", "prompt_id", "strength", "guidance", "steps",
                  "scheduler", "seed", "width", "height"}  # fmt: skip
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core box OpenMP spin-waiting makes 2 threads 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _image(path: Path, w: int, h: int, seed: int) -> ImageRecord:
@@ -211,9 +202,9 @@ def test_other_config_is_refused_unless_overwrite(first_run, data, tiny_sd_path,
         synthesize(make_cfg(data, tiny_sd_path, out, ccd__seed=1))
     # speed-only keys do not change the hash: a resume may use another batch size
     checked = []
-    real_check = shards_mod.check_shard_file
+    real_check = writer_mod.check_shard_file
     monkeypatch.setattr(
-        shards_mod, "check_shard_file", lambda info, **kw: checked.append(info.name) or real_check(info, **kw)
+        writer_mod, "check_shard_file", lambda info, **kw: checked.append(info.name) or real_check(info, **kw)
     )
     res = synthesize(make_cfg(data, tiny_sd_path, out, runtime__batch_size=2))
     assert res.shards_reused == 3 and res.shards_written == 0
@@ -334,6 +325,7 @@ def _env():
     return env
 
 
+@pytest.mark.slow  # a subprocess run (fresh interpreters import torch)
 def test_sigkill_mid_run_then_resume(data, tiny_sd_path, tmp_path):
     out = tmp_path / "shards"
     (tmp_path / "empty.toml").write_text("")

@@ -27,15 +27,6 @@ SMOKE = Path(__file__).resolve().parent.parent / "stages" / "smoke" / "teacher.t
 WEATHERS = ("rain", "haze", "snow")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread for evaluation here (training sets its own `train.threads`)."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 def _cfg(work: Path, data: Path, *sets: str) -> TeacherConfig:
     return load_config(TeacherConfig, SMOKE, [f"data.root={json.dumps(str(data))}", *sets], work_dir=work)
 

@@ -13,14 +13,16 @@ import warnings
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
-from torch import Tensor
 
 from d4ir_pipeline.common.io import atomic_write_bytes, sha256_bytes
 from d4ir_pipeline.errors import BadImageError
+
+if TYPE_CHECKING:  # torch stays unimported for the light commands (manifest, data)
+    from torch import Tensor
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,6 @@ import dataclasses
 import io
 import json
 import logging
-import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -37,15 +36,24 @@ from pathlib import Path
 import click
 import numpy as np
 
+from d4ir_pipeline.common.images import psnr
 from d4ir_pipeline.common.io import (
     atomic_write_bytes,
     atomic_write_json,
-    atomic_write_jsonl,
     atomic_write_text,
     read_json,
     read_jsonl,
 )
 from d4ir_pipeline.common.runtime import package_versions
+from d4ir_pipeline.common.train import (
+    CheckpointDir,
+    MetricsLog,
+    due,
+    rng_state,
+    set_lr,
+    set_rng_state,
+    warmup_cosine,
+)
 from d4ir_pipeline.config import opt
 from d4ir_pipeline.data.manifests import ImageRecord, load_manifest, open_rgb
 from d4ir_pipeline.demo.tiny_sd import TinySDSpec, write_tiny_sd
@@ -120,6 +128,15 @@ class UNetTrain:
 
 
 @dataclass(frozen=True)
+class DemoSDLog:
+    """Progress and metrics of both phases (``<work>/metrics.jsonl``, one ``phase`` per row)."""
+
+    every: int = opt(25, help="steps between metrics.jsonl records", min=1)
+    progress: bool = opt(True, help="tqdm progress bars")
+    tensorboard: bool = opt(False, help="also write TensorBoard event files to <work>/tensorboard/<phase>")
+
+
+@dataclass(frozen=True)
 class DemoSDConfig:
     """Everything that decides the demo SD (recorded in ``d4ir_demo_sd.json``)."""
 
@@ -134,11 +151,12 @@ class DemoSDConfig:
     load_size: int = opt(96, help="every web image resized (short side) and centre-cropped to this first", min=16)
     zoom: tuple[float, float] = opt((0.67, 1.0), help="side of the random crop, as a fraction of load_size")
     threads: int = opt(1, help="torch CPU threads; 1 is fastest on a shared 2-core machine (0 = torch default)", min=0)
-    checkpoint_every: int = opt(100, help="steps between resumable checkpoints", min=1)
-    log_every: int = opt(25, help="steps between metrics.jsonl records", min=1)
+    ckpt_every: int = opt(100, help="steps between resumable checkpoints", min=1)
+    ckpt_keep: int = opt(1, help="checkpoints kept per phase (older ones are deleted)", min=1)
     eval_images: int = opt(16, help="web images for the final PSNR check", min=1)
     vae: VAETrain = field(default_factory=VAETrain)
     unet: UNetTrain = field(default_factory=UNetTrain)
+    log: DemoSDLog = field(default_factory=DemoSDLog)
 
 
 @dataclass
@@ -190,7 +208,7 @@ def load_web_images(data: str | Path, manifests: tuple[str, ...], load_size: int
                 raise DemoSDError(
                     f"{path}: record {rec.id!r} has weather {weather!r}; expected one of {sorted(CAPTIONS)}"
                 )
-            arrays.append(_square(open_rgb(data, rec), load_size))
+            arrays.append(square(open_rgb(data, rec), load_size))
             weathers.append(weather)
     if not arrays:
         raise DemoSDError(f"`manifests` = {list(manifests)}: no images under {data}")
@@ -198,7 +216,7 @@ def load_web_images(data: str | Path, manifests: tuple[str, ...], load_size: int
     return images, weathers
 
 
-def _square(img, size: int) -> np.ndarray:
+def square(img, size: int) -> np.ndarray:
     """Resize the short side to ``size`` and centre-crop: (size, size, 3) uint8."""
     from PIL import Image
 
@@ -211,7 +229,7 @@ def _square(img, size: int) -> np.ndarray:
     return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
-def _views(images, idx, gen, out: int, zoom: tuple[float, float]):
+def random_views(images, idx, gen, out: int, zoom: tuple[float, float]):
     """Random zoomed square crops of ``images[idx]``, resized to ``out``, random h-flip: (B, 3, out, out) in [-1, 1]."""
     import torch
     import torch.nn.functional as F
@@ -256,84 +274,90 @@ def zero_init_residuals(model) -> int:
     """
     import torch
 
-    n = 0
+    layers = [layer for m in model.modules() if (layer := _residual_out(m)) is not None]
+    if hasattr(model, "conv_norm_out") and hasattr(model, "conv_out"):  # the UNet's noise head
+        layers.append(model.conv_out)
     with torch.no_grad():
-        for m in model.modules():
-            kind = type(m).__name__
-            layer = None
-            if kind == "ResnetBlock2D":
-                layer = m.conv2
-            elif kind == "Transformer2DModel":
-                layer = m.proj_out
-            elif kind == "Attention" and getattr(m, "residual_connection", False):
-                layer = m.to_out[0]
-            if layer is not None:
-                layer.weight.zero_()
-                if layer.bias is not None:
-                    layer.bias.zero_()
-                n += 1
-        if hasattr(model, "conv_norm_out") and hasattr(model, "conv_out"):  # the UNet's noise head
-            model.conv_out.weight.zero_()
-            model.conv_out.bias.zero_()
-            n += 1
-    return n
+        for layer in layers:
+            layer.weight.zero_()
+            if layer.bias is not None:
+                layer.bias.zero_()
+    return len(layers)
 
 
-def _lr_at(step: int, steps: int, peak: float) -> float:
-    """Linear warmup (20 steps, fewer for short runs), then cosine decay to 10% of the peak."""
-    warmup = min(20, max(1, steps // 10))
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    p = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+def _residual_out(m):
+    """The last layer of a residual branch (ResNet block, transformer, residual attention), else None."""
+    kind = type(m).__name__
+    if kind == "ResnetBlock2D":
+        return m.conv2
+    if kind == "Transformer2DModel":
+        return m.proj_out
+    if kind == "Attention" and getattr(m, "residual_connection", False):
+        return m.to_out[0]
+    return None
 
 
-class _Run:
-    """Checkpoint / metrics of one training phase in ``work/<name>``: rerunning continues from the last save."""
+def phase_warmup(steps: int) -> int:
+    """Warm-up steps of a phase: 20, fewer for short runs (a tenth of them, at least 1)."""
+    return min(20, max(1, steps // 10))
 
-    def __init__(self, work: Path, name: str):
+
+def _phase_lr(step: int, steps: int, peak: float) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    return warmup_cosine(step, total=steps, warmup=phase_warmup(steps), min_ratio=0.1, peak=peak)
+
+
+class _Phase:
+    """One training phase in ``work/<name>``: checkpoints, ``done.json`` and its rows of ``work/metrics.jsonl``."""
+
+    def __init__(self, cfg: DemoSDConfig, work: Path, name: str):
+        self.name, self.work, self.cfg = name, work, cfg
         self.dir = work / name
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_path = work / "metrics.jsonl"
+        self.ckpts = CheckpointDir(self.dir / "ckpt", keep=cfg.ckpt_keep)
 
-    def done(self) -> bool:
-        return (self.dir / "done.json").is_file()
+    def done(self) -> dict | None:
+        """The phase's record when it has finished (its weights are those of the last checkpoint)."""
+        path = self.dir / "done.json"
+        return read_json(path) if path.is_file() else None
 
-    def save(self, step: int, modules: dict, optimizer, gen, records: list[dict], work_metrics: list[dict]) -> None:
-        import torch
-        from safetensors.torch import save as st_save
+    def final_weights(self, key: str) -> dict:
+        return self.ckpts.load().weights(key)
 
-        for key, module in modules.items():
-            sd = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
-            atomic_write_bytes(self.dir / f"{key}.safetensors", st_save(sd))
-        buf = io.BytesIO()
-        torch.save({"optimizer": optimizer.state_dict(), "gen": gen.get_state(), "step": step}, buf)
-        atomic_write_bytes(self.dir / "state.pt", buf.getvalue())
-        atomic_write_jsonl(self.metrics_path, work_metrics + records)
-        atomic_write_json(self.dir / "step.json", {"step": step})  # written last: the checkpoint is complete
-
-    def load(self, modules: dict, optimizer, gen) -> int:
+    def resume(self, modules: dict, optimizer, gen) -> int:
         """Restore the last checkpoint; returns its step (0 when none)."""
-        import torch
-        from safetensors.torch import load_file
-
-        if not (self.dir / "step.json").is_file():
+        ck = self.ckpts.load()
+        if ck is None:
             return 0
         for key, module in modules.items():
-            module.load_state_dict(load_file(self.dir / f"{key}.safetensors"))
-        state = torch.load(self.dir / "state.pt", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        gen.set_state(state["gen"])
-        step = int(read_json(self.dir / "step.json")["step"])
-        logger.info("resuming %s from step %d (%s)", self.dir.name, step, self.dir)
-        return step
+            module.load_state_dict(ck.weights(key))
+        optimizer.load_state_dict(ck.state["optimizer"])
+        gen.set_state(ck.state["gen"])
+        set_rng_state(ck.state["rng"])
+        logger.info("resuming %s from step %d (%s)", self.name, ck.step, ck.path)
+        return ck.step
+
+    def metrics(self, start: int) -> MetricsLog:
+        """This phase's rows of ``work/metrics.jsonl`` (the other phase's rows are left alone)."""
+        tb = self.work / "tensorboard" / self.name if self.cfg.log.tensorboard else None
+        return MetricsLog(self.work / "metrics.jsonl", resume_step=start, owns=self.owns, tensorboard=tb)
+
+    def owns(self, row: dict) -> bool:
+        return row.get("phase") == self.name
+
+    def save(self, step: int, modules: dict, optimizer, gen) -> None:
+        weights = {key: module.state_dict() for key, module in modules.items()}
+        state = {"optimizer": optimizer.state_dict(), "gen": gen.get_state(), "rng": rng_state()}
+        self.ckpts.save(step, state=state, weights=weights)
 
     def finish(self, info: dict) -> None:
         atomic_write_json(self.dir / "done.json", info)
 
+    def bar(self, start: int, steps: int, progress: bool):
+        from tqdm.auto import tqdm
 
-def _read_metrics(path: Path, keep) -> list[dict]:
-    return [r for r in read_jsonl(path) if keep(r)] if path.is_file() else []
+        show = progress and self.cfg.log.progress
+        return tqdm(range(start, steps), initial=start, total=steps, desc=f"demo-sd {self.name}", disable=not show)
 
 
 # ---------------------------------------------------------------------------------------
@@ -343,64 +367,77 @@ def _read_metrics(path: Path, keep) -> list[dict]:
 def train_vae(vae, images, cfg: DemoSDConfig, work: Path, *, progress: bool = True) -> dict:
     """Train ``vae`` in place as an autoencoder on random views of ``images`` (uint8 (N, 3, S, S)); resumable."""
     import torch
-    import torch.nn.functional as F
-    from tqdm.auto import tqdm
 
-    vc = cfg.vae
-    run = _Run(work, "vae")
-    if run.done():
-        from safetensors.torch import load_file
-
-        vae.load_state_dict(load_file(run.dir / "vae.safetensors"))
-        logger.info("VAE phase already done (%s)", run.dir)
-        return read_json(run.dir / "done.json")
+    vc, phase = cfg.vae, _Phase(cfg, work, "vae")
+    # 1. finished already?
+    if (info := phase.done()) is not None:
+        vae.load_state_dict(phase.final_weights("vae"))
+        logger.info("VAE phase already done (%s)", phase.dir)
+        return info
+    # 2. model, optimizer, generator; zero-init residual branches and a near-deterministic posterior (std e^-3:
+    # sampling noise slows early training)
     vae.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=vc.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + 1)
     zero_init_residuals(vae)
-    with torch.no_grad():  # start with a near-deterministic posterior (std e^-3): sampling noise slows early training
+    with torch.no_grad():
         vae.quant_conv.weight[vae.config.latent_channels :].zero_()
         vae.quant_conv.bias[vae.config.latent_channels :].fill_(vc.init_logvar)
-    start = run.load({"vae": vae}, optimizer, gen)
-    other = _read_metrics(run.metrics_path, lambda r: r.get("phase") != "vae")
-    records = _read_metrics(run.metrics_path, lambda r: r.get("phase") == "vae" and r["step"] <= start)
+    # 3. resume
+    start = phase.resume({"vae": vae}, optimizer, gen)
+    # 4. train: batch -> loss -> step -> log -> maybe checkpoint
     full_from = round(vc.steps * (1 - vc.full_frac))
-    bar = tqdm(range(start, vc.steps), initial=start, total=vc.steps, desc="demo-sd vae", disable=not progress)
-    acc: list[float] = []
-    for step in bar:
-        full = step >= full_from
-        bs = max(1, vc.batch_size // 4) if full else vc.batch_size
-        idx = torch.randint(0, len(images), (bs,), generator=gen)
-        x = _views(images, idx, gen, cfg.resolution, cfg.zoom)  # (B, 3, 64, 64)
-        if not full:
-            x = _rand_crop(x, vc.crop, gen)  # (B, 3, c, c)
-        for g in optimizer.param_groups:
-            g["lr"] = _lr_at(step, vc.steps, vc.lr)
-        post = vae.encode(x).latent_dist
-        z = post.sample(generator=gen)  # (B, 4, c/2, c/2)
-        rec = vae.decode(z).sample
-        l1 = F.l1_loss(rec, x)
-        kl = post.kl().mean() / z[0].numel()
-        loss = l1 + vc.kl_weight * kl
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        with torch.no_grad():
-            mse = F.mse_loss(rec.clamp(-1, 1), x).item() / 4.0  # images in [-1, 1] -> [0, 1]
-        acc.append(10 * math.log10(1.0 / max(mse, 1e-10)))
-        if (step + 1) % cfg.log_every == 0 or step + 1 == vc.steps:
-            rec_ = {"phase": "vae", "step": step + 1, "loss": loss.item(), "l1": l1.item(), "kl": kl.item()}
-            rec_["psnr_train"] = float(np.mean(acc))
-            records.append(rec_)
-            bar.set_postfix(psnr=f"{rec_['psnr_train']:.2f}", l1=f"{l1.item():.4f}")
-            acc = []
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == vc.steps:
-            run.save(step + 1, {"vae": vae}, optimizer, gen, records, other)
+    psnrs: list[float] = []
+    with phase.metrics(start) as log:
+        bar = phase.bar(start, vc.steps, progress)
+        for step in bar:
+            row, psnr = _vae_step(vae, images, cfg, optimizer, gen, step, full=step >= full_from)
+            psnrs.append(psnr)
+            if due(step + 1, cfg.log.every, vc.steps):
+                log.write({"phase": "vae", "step": step + 1, **row, "psnr_train": float(np.mean(psnrs))})
+                bar.set_postfix(psnr=f"{np.mean(psnrs):.2f}", l1=f"{row['l1']:.4f}")
+                psnrs = []
+            if due(step + 1, cfg.ckpt_every, vc.steps):
+                phase.save(step + 1, {"vae": vae}, optimizer, gen)
+    # 5. final
     vae.eval().requires_grad_(False)
-    info = {"steps": vc.steps, "last": records[-1] if records else None}
-    run.finish(info)
+    info = {"steps": vc.steps, "last": _last_row(work, phase)}
+    phase.finish(info)
     return info
+
+
+def _vae_step(vae, images, cfg: DemoSDConfig, optimizer, gen, step: int, *, full: bool) -> tuple[dict, float]:
+    """One autoencoder step on a batch of random views: the loss terms and the batch's PSNR (dB)."""
+    import torch
+    import torch.nn.functional as F
+
+    vc = cfg.vae
+    bs = max(1, vc.batch_size // 4) if full else vc.batch_size
+    idx = torch.randint(0, len(images), (bs,), generator=gen)
+    x = random_views(images, idx, gen, cfg.resolution, cfg.zoom)  # (B, 3, 64, 64)
+    if not full:
+        x = _rand_crop(x, vc.crop, gen)  # (B, 3, c, c)
+    set_lr(optimizer, _phase_lr(step, vc.steps, vc.lr))
+    post = vae.encode(x).latent_dist
+    z = post.sample(generator=gen)  # (B, 4, c/2, c/2)
+    rec = vae.decode(z).sample
+    l1 = F.l1_loss(rec, x)
+    kl = post.kl().mean() / z[0].numel()
+    loss = l1 + vc.kl_weight * kl
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+    optimizer.step()
+    with torch.no_grad():  # images in [-1, 1]: a data range of 2
+        p = psnr(rec.clamp(-1, 1), x, data_range=2.0, max_db=100.0)
+    return {"loss": loss.item(), "l1": l1.item(), "kl": kl.item()}, p
+
+
+def _last_row(work: Path, phase: _Phase) -> dict | None:
+    """The phase's last metrics row (recorded in done.json)."""
+    path = work / "metrics.jsonl"
+    rows = [r for r in read_jsonl(path) if phase.owns(r)] if path.is_file() else []
+    return rows[-1] if rows else None
 
 
 def measure_latent_std(vae, images, resolution: int) -> tuple[float, float]:
@@ -436,8 +473,7 @@ def vae_psnr(vae, images, resolution: int) -> float:
         for i in range(0, len(images), 32):
             x = _fit(images[i : i + 32], resolution)
             rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
-            mse = ((rec - x) ** 2).mean(dim=(1, 2, 3)) / 4.0
-            vals += (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).tolist()
+            vals += psnr(rec, x, data_range=2.0, max_db=100.0, per_sample=True)
     return float(np.mean(vals))
 
 
@@ -445,7 +481,7 @@ def vae_psnr(vae, images, resolution: int) -> float:
 # phase 2: the UNet
 
 
-def _cache_latents(vae, images, weathers: list[str], cfg: DemoSDConfig, work: Path):
+def cache_latents(vae, images, weathers: list[str], cfg: DemoSDConfig, work: Path):
     """Posterior (mean, std) of ``views`` augmented views per image: (M, 4, r/2, r/2) each, labels (M,).
 
     Cached in ``work/latents.safetensors``, reused only when the VAE weights and view options match.
@@ -478,7 +514,7 @@ def _cache_latents(vae, images, weathers: list[str], cfg: DemoSDConfig, work: Pa
         for _ in range(cfg.unet.views):
             for i in range(0, len(images), 32):
                 idx = torch.arange(i, min(i + 32, len(images)))
-                x = _views(images, idx, gen, cfg.resolution, cfg.zoom)  # (b, 3, r, r)
+                x = random_views(images, idx, gen, cfg.resolution, cfg.zoom)  # (b, 3, r, r)
                 post = vae.encode(x).latent_dist
                 means.append(post.mean)
                 stds.append(post.std)
@@ -499,7 +535,7 @@ def _state_digest(module) -> str:
     return h.hexdigest()
 
 
-def _text_contexts(text_encoder, tokenizer):
+def text_contexts(text_encoder, tokenizer):
     """Hidden states of [*CAPTIONS.values(), ""]: (W + 1, 77, D), and the longest token count."""
     import torch
 
@@ -532,85 +568,104 @@ def train_unet(unet, scheduler, latents, contexts, cfg: DemoSDConfig, work: Path
     import copy
 
     import torch
-    import torch.nn.functional as F
-    from tqdm.auto import tqdm
 
-    uc = cfg.unet
-    run = _Run(work, "unet")
+    uc, phase = cfg.unet, _Phase(cfg, work, "unet")
     ema = copy.deepcopy(unet).requires_grad_(False)
-    if run.done():
-        from safetensors.torch import load_file
-
-        unet.load_state_dict(load_file(run.dir / "ema.safetensors"))
-        logger.info("UNet phase already done (%s)", run.dir)
-        return read_json(run.dir / "done.json")
-    mean, std, label = latents
-    ctx_all, n_tok = contexts
-    empty = ctx_all.shape[0] - 1
-    n_weathers = empty
-    by_weather = [torch.nonzero(label == w).flatten() for w in range(n_weathers)]
+    # 1. finished already?
+    if (info := phase.done()) is not None:
+        unet.load_state_dict(phase.final_weights("ema"))
+        logger.info("UNet phase already done (%s)", phase.dir)
+        return info
+    # 2. model (zero-init residual branches), EMA copy, optimizer, generator
+    data = _UNetData.of(latents, contexts, scheduler)
     zero_init_residuals(unet)
     ema.load_state_dict(unet.state_dict())
     unet.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=uc.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + 3)
-    start = run.load({"unet": unet, "ema": ema}, optimizer, gen)
-    other = _read_metrics(run.metrics_path, lambda r: r.get("phase") != "unet")
-    records = _read_metrics(run.metrics_path, lambda r: r.get("phase") == "unet" and r["step"] <= start)
-    alphas = scheduler.alphas_cumprod  # (T,)
+    # 3. resume
+    start = phase.resume({"unet": unet, "ema": ema}, optimizer, gen)
+    # 4. train: batch -> loss -> step -> EMA -> log -> maybe checkpoint
     full_from = round(uc.steps * (1 - uc.full_frac))
-    bar = tqdm(range(start, uc.steps), initial=start, total=uc.steps, desc="demo-sd unet", disable=not progress)
-    acc: list[float] = []
-    for step in bar:
-        full = step >= full_from
-        bs = max(1, uc.batch_size // 4) if full else uc.batch_size
-        # 1. pick images (weather-balanced), sample their posterior, crop
-        if uc.weather_balanced:
-            w = torch.randint(0, n_weathers, (bs,), generator=gen)
-            idx = torch.stack([by_weather[k][torch.randint(0, len(by_weather[k]), (1,), generator=gen)][0] for k in w])
-        else:
-            idx = torch.randint(0, len(label), (bs,), generator=gen)
-        z0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)  # (B, 4, 32, 32), already scaled
-        if not full:
-            z0 = _rand_crop(z0, uc.crop, gen)
-        # 2. captions with dropout, optionally truncated contexts
-        cap = label[idx].clone()
-        cap[torch.rand(bs, generator=gen) < uc.cond_dropout] = empty
-        ctx = ctx_all[cap]  # (B, 77, D)
-        if float(torch.rand(1, generator=gen)) < uc.context_trunc_prob:
-            k = int(torch.randint(n_tok, n_tok + 6, (1,), generator=gen))
-            ctx = ctx[:, :k]
-        # 3. noise and predict it
-        t = _sample_t(bs, uc, len(alphas), gen)
-        noise = torch.randn(z0.shape, generator=gen)
-        a = alphas[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        for g in optimizer.param_groups:
-            g["lr"] = _lr_at(step, uc.steps, uc.lr)
-        pred = unet(zt, t, encoder_hidden_states=ctx).sample
-        loss = F.mse_loss(pred, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        decay = min(uc.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters(), strict=True):
-                pe.lerp_(p, 1 - decay)
-        acc.append(loss.item())
-        if (step + 1) % cfg.log_every == 0 or step + 1 == uc.steps:
-            records.append(
-                {"phase": "unet", "step": step + 1, "loss": float(np.mean(acc)), "lr": _lr_at(step, uc.steps, uc.lr)}
-            )
-            bar.set_postfix(loss=f"{records[-1]['loss']:.4f}")
-            acc = []
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == uc.steps:
-            run.save(step + 1, {"unet": unet, "ema": ema}, optimizer, gen, records, other)
+    losses: list[float] = []
+    with phase.metrics(start) as log:
+        bar = phase.bar(start, uc.steps, progress)
+        for step in bar:
+            losses.append(_unet_step(unet, ema, data, uc, optimizer, gen, step, full=step >= full_from))
+            if due(step + 1, cfg.log.every, uc.steps):
+                lr = _phase_lr(step, uc.steps, uc.lr)
+                log.write({"phase": "unet", "step": step + 1, "loss": float(np.mean(losses)), "lr": lr})
+                bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+                losses = []
+            if due(step + 1, cfg.ckpt_every, uc.steps):
+                phase.save(step + 1, {"unet": unet, "ema": ema}, optimizer, gen)
+    # 5. final: the EMA weights
     unet.load_state_dict(ema.state_dict())
     unet.eval().requires_grad_(False)
-    info = {"steps": uc.steps, "last": records[-1] if records else None}
-    run.finish(info)
+    info = {"steps": uc.steps, "last": _last_row(work, phase)}
+    phase.finish(info)
     return info
+
+
+@dataclass
+class _UNetData:
+    """What the UNet steps draw from: scaled latent posteriors, their weather labels, caption contexts, alphas."""
+
+    mean: object  # (M, 4, r/2, r/2)
+    std: object
+    label: object  # (M,) caption index
+    by_weather: list  # per weather: indices into mean
+    ctx_all: object  # (W + 1, 77, D): the captions, then ""
+    n_tok: int
+    alphas: object  # (T,) DDIM's training alphas_cumprod
+
+    @classmethod
+    def of(cls, latents, contexts, scheduler) -> _UNetData:
+        import torch
+
+        mean, std, label = latents
+        ctx_all, n_tok = contexts
+        by_weather = [torch.nonzero(label == w).flatten() for w in range(ctx_all.shape[0] - 1)]
+        return cls(mean, std, label, by_weather, ctx_all, n_tok, scheduler.alphas_cumprod)
+
+
+def _unet_step(unet, ema, d: _UNetData, uc: UNetTrain, optimizer, gen, step: int, *, full: bool) -> float:
+    """One noise-prediction step plus the EMA update; returns the loss."""
+    import torch
+    import torch.nn.functional as F
+
+    bs = max(1, uc.batch_size // 4) if full else uc.batch_size
+    # 1. pick images (weather-balanced), sample their posterior, crop
+    if uc.weather_balanced:
+        w = torch.randint(0, len(d.by_weather), (bs,), generator=gen)
+        idx = torch.stack([d.by_weather[k][torch.randint(0, len(d.by_weather[k]), (1,), generator=gen)][0] for k in w])
+    else:
+        idx = torch.randint(0, len(d.label), (bs,), generator=gen)
+    z0 = d.mean[idx] + d.std[idx] * torch.randn(d.mean[idx].shape, generator=gen)  # (B, 4, 32, 32), already scaled
+    if not full:
+        z0 = _rand_crop(z0, uc.crop, gen)
+    # 2. captions with dropout, optionally truncated contexts
+    cap = d.label[idx].clone()
+    cap[torch.rand(bs, generator=gen) < uc.cond_dropout] = d.ctx_all.shape[0] - 1
+    ctx = d.ctx_all[cap]  # (B, 77, D)
+    if float(torch.rand(1, generator=gen)) < uc.context_trunc_prob:
+        ctx = ctx[:, : int(torch.randint(d.n_tok, d.n_tok + 6, (1,), generator=gen))]
+    # 3. noise, predict it, step, EMA
+    t = _sample_t(bs, uc, len(d.alphas), gen)
+    noise = torch.randn(z0.shape, generator=gen)
+    a = d.alphas[t].view(-1, 1, 1, 1)
+    zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+    set_lr(optimizer, _phase_lr(step, uc.steps, uc.lr))
+    loss = F.mse_loss(unet(zt, t, encoder_hidden_states=ctx).sample, noise)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+    optimizer.step()
+    decay = min(uc.ema, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for pe, p in zip(ema.parameters(), unet.parameters(), strict=True):
+            pe.lerp_(p, 1 - decay)
+    return loss.item()
 
 
 # ---------------------------------------------------------------------------------------
@@ -641,8 +696,7 @@ def img2img_psnr(
         output_type="np",
     ).images  # (B, r, r, 3) float in [0, 1]
     ref = images.permute(0, 2, 3, 1).cpu().numpy()
-    mse = ((out - ref) ** 2).mean(axis=(1, 2, 3))
-    return float(np.mean(10 * np.log10(1.0 / np.maximum(mse, 1e-10)))), out
+    return float(np.mean(psnr(out, ref, max_db=100.0, per_sample=True))), out
 
 
 def save_grid(path: str | Path, rows: list[np.ndarray], *, scale: int = 2) -> Path:
@@ -686,7 +740,7 @@ def measure(
 
     data = Path(data)
     recs = load_manifest(data / "manifests" / "test-rain.jsonl")[:n]
-    test = torch.from_numpy(np.stack([_square(open_rgb(data, r.target), 64) for r in recs])).permute(0, 3, 1, 2)
+    test = torch.from_numpy(np.stack([square(open_rgb(data, r.target), 64) for r in recs])).permute(0, 3, 1, 2)
     web, _ = load_web_images(data, ("web-clean.jsonl",), 64)
     web = web[:: max(1, len(web) // n)][:n]
     pipe = load_img2img_pipeline(str(path), device="cpu", attention="sdpa")
@@ -707,8 +761,8 @@ def measure(
     res["weather_s0.6"] = {"clean": {"psnr_to_clean_caption": float("inf"), **_luma_stats(base)}}
     for w in ("rain", "haze", "snow"):
         _, out = img2img_psnr(pipe, x, strength=0.6, steps=steps, guidance=guidance, prompt=CAPTIONS[w])
-        mse = ((out - base) ** 2).mean(axis=(1, 2, 3))
-        res["weather_s0.6"][w] = {"psnr_to_clean_caption": float(np.mean(10 * np.log10(1 / np.maximum(mse, 1e-10))))}
+        p = float(np.mean(psnr(out, base, max_db=100.0, per_sample=True)))
+        res["weather_s0.6"][w] = {"psnr_to_clean_caption": p}
         res["weather_s0.6"][w].update(_luma_stats(out))
         rows.append(out)
     deg, dw = load_web_images(data, ("web-degraded.jsonl",), 64)
@@ -742,6 +796,40 @@ def _check_phase_config(phase_dir: Path, wanted: dict) -> None:
     atomic_write_json(path, wanted)
 
 
+def _existing(out: Path) -> DemoSDResult:
+    """The result recorded with a demo SD folder that is already there (nothing is retrained)."""
+    info = read_json(out / "d4ir_demo_sd.json") if (out / "d4ir_demo_sd.json").is_file() else {}
+    logger.info("demo SD already at %s (use --overwrite to rebuild)", out)
+    m = info.get("measured", {})
+    return DemoSDResult(
+        out, float(info.get("scaling_factor", 0.0)), m.get("vae_psnr", float("nan")), m.get("img2img_psnr", {}), 0.0
+    )
+
+
+def _work_dir(cfg: DemoSDConfig, out: Path) -> Path:
+    """The training work folder, with each phase's config recorded (a phase started with another is refused)."""
+    work = Path(cfg.work) if cfg.work else out.with_name(out.name + ".train")
+    work.mkdir(parents=True, exist_ok=True)
+    full = _config_dict(cfg)
+    shared = {k: full[k] for k in ("data", "manifests", "seed", "resolution", "load_size", "zoom")}
+    _check_phase_config(work / "vae", {**shared, "vae": full["vae"]})  # the VAE phase is reused when only UNet
+    _check_phase_config(work / "unet", {**shared, "vae": full["vae"], "unet": full["unet"]})  # options change
+    return work
+
+
+def _measure_folder(folder: Path, images, weathers: list[str], cfg: DemoSDConfig) -> dict:
+    """VAE PSNR on the web images and img2img PSNR vs input at strength 0.3 / 0.5 on web-clean ones."""
+    pipe = load_img2img_pipeline(str(folder), device="cpu", attention="sdpa")
+    n = min(cfg.eval_images, len(images))
+    clean = [i for i, w in enumerate(weathers) if w == "clean"][:n]
+    x = _fit(images[clean], cfg.resolution)
+    measured = {"vae_psnr": vae_psnr(pipe.vae, images, cfg.resolution), "img2img_psnr": {}}
+    for s in (0.3, 0.5):
+        psnr, _ = img2img_psnr(pipe, (x + 1) / 2, strength=s, steps=20, guidance=3.0, prompt=CAPTIONS["clean"])
+        measured["img2img_psnr"][f"s{s}"] = psnr
+    return measured
+
+
 def build_demo_sd(cfg: DemoSDConfig, *, overwrite: bool = False, progress: bool = True) -> DemoSDResult:
     """Train the demo SD described by ``cfg`` and write it to ``cfg.out`` (resumable; see the module docstring)."""
     import torch
@@ -751,18 +839,8 @@ def build_demo_sd(cfg: DemoSDConfig, *, overwrite: bool = False, progress: bool 
     t0 = time.time()
     out = Path(cfg.out)
     if (out / "model_index.json").is_file() and not overwrite:
-        info = read_json(out / "d4ir_demo_sd.json") if (out / "d4ir_demo_sd.json").is_file() else {}
-        logger.info("demo SD already at %s (use --overwrite to rebuild)", out)
-        m = info.get("measured", {})
-        return DemoSDResult(
-            out, float(info.get("scaling_factor", 0.0)), m.get("vae_psnr", float("nan")), m.get("img2img_psnr", {}), 0.0
-        )
-    work = Path(cfg.work) if cfg.work else out.with_name(out.name + ".train")
-    work.mkdir(parents=True, exist_ok=True)
-    full = _config_dict(cfg)
-    shared = {k: full[k] for k in ("data", "manifests", "seed", "resolution", "load_size", "zoom")}
-    _check_phase_config(work / "vae", {**shared, "vae": full["vae"]})  # the VAE phase is reused when only UNet
-    _check_phase_config(work / "unet", {**shared, "vae": full["vae"], "unet": full["unet"]})  # options change
+        return _existing(out)
+    work = _work_dir(cfg, out)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 
@@ -788,8 +866,8 @@ def build_demo_sd(cfg: DemoSDConfig, *, overwrite: bool = False, progress: bool 
     logger.info("latent std %.4f mean %.4f -> scaling_factor %.5f", lat_std, lat_mean, scaling)
 
     # 4. UNet on cached, scaled latents of augmented views
-    mean, std, label = _cache_latents(vae, images, weathers, cfg, work)
-    contexts = _text_contexts(text_encoder, tokenizer)
+    mean, std, label = cache_latents(vae, images, weathers, cfg, work)
+    contexts = text_contexts(text_encoder, tokenizer)
     train_unet(unet, scheduler, (mean * scaling, std * scaling, label), contexts, cfg, work, progress=progress)
 
     # 5. write the diffusers folder (built in out.tmp, then renamed)
@@ -803,15 +881,7 @@ def build_demo_sd(cfg: DemoSDConfig, *, overwrite: bool = False, progress: bool 
         shutil.copyfile(work / "metrics.jsonl", tmp / "metrics.jsonl")
 
     # 6. measure on web images and record
-
-    pipe = load_img2img_pipeline(str(tmp), device="cpu", attention="sdpa")
-    n = min(cfg.eval_images, len(images))
-    clean = [i for i, w in enumerate(weathers) if w == "clean"][:n]
-    x = _fit(images[clean], cfg.resolution)
-    measured = {"vae_psnr": vae_psnr(pipe.vae, images, cfg.resolution), "img2img_psnr": {}}
-    for s in (0.3, 0.5):
-        psnr, _ = img2img_psnr(pipe, (x + 1) / 2, strength=s, steps=20, guidance=3.0, prompt=CAPTIONS["clean"])
-        measured["img2img_psnr"][f"s{s}"] = psnr
+    measured = _measure_folder(tmp, images, weathers, cfg)
     info = {
         "kind": "d4ir-demo-sd",
         "captions": CAPTIONS,

@@ -12,10 +12,8 @@ and, when ``out.publish_dir`` is set and every weather beats the identity by
 
 from __future__ import annotations
 
-import io
-import json
+import contextlib
 import logging
-import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -28,10 +26,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from d4ir_pipeline.cli import config_from_options, stage_options
+from d4ir_pipeline.cli import stage_command
 from d4ir_pipeline.common.images import psnr, ssim_u8
-from d4ir_pipeline.common.io import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file, trim_jsonl
+from d4ir_pipeline.common.io import atomic_write_json, atomic_write_text, sha256_file
 from d4ir_pipeline.common.runtime import package_versions, seed_everything
+from d4ir_pipeline.common.train import CheckpointDir, MetricsLog, due, rng_state, set_rng_state, warmup_cosine
 from d4ir_pipeline.config import ConfigError, config_hash, config_to_dict, opt
 from d4ir_pipeline.data.manifests import load_manifest, open_pair
 from d4ir_pipeline.errors import D4IRError
@@ -42,19 +41,6 @@ from d4ir_pipeline.stage2.evaluate import DEMO_TEST_MANIFESTS
 
 logger = logging.getLogger(__name__)
 
-STATE_NAME = "state.pt"
-# keys that do not change the trained weights: excluded from the resume check
-_HASH_EXCLUDE = (
-    "train.stop_after",
-    "train.log_every",
-    "train.checkpoint_every",
-    "eval.min_gain_db",
-    "eval.max_images",
-    "out.publish_dir",
-    "out.command",
-)
-
-
 # ---------------------------------------------------------------------------------------
 # config
 
@@ -63,7 +49,7 @@ _HASH_EXCLUDE = (
 class DataSection:
     """Paired manifests (input `path` + clean `target`) and the image root."""
 
-    root: str = opt("{work}/data", help="Image root of the manifests (`d4ir demo-data --out {work}/data`).")
+    root: str = opt("{data}", help="Image root of the manifests (`d4ir demo-data --out {data}`).")
     train_manifest: str = opt(
         "data_manifests/demo/teacher-train.jsonl", help="Paired training manifest (all weathers)."
     )
@@ -107,26 +93,43 @@ class TrainSection:
         False, help="Randomly permute RGB of input and target alike (more scene colours; the degradations are grey)."
     )
     threads: int = opt(2, help="torch CPU threads; fixed so reruns give the same weights.", min=1)
-    checkpoint_every: int = opt(250, help="Save a resumable state every N steps.", min=1)
-    log_every: int = opt(25, help="Append a metrics.jsonl line every N steps.", min=1)
-    stop_after: int = opt(0, help="Stop this run after N new steps (0 = run to the end); rerun resumes.", min=0)
+    ckpt_every: int = opt(250, help="Save a resumable checkpoint every N steps.", min=1, affects_output=False)
+    ckpt_keep: int = opt(
+        2, help="Checkpoints kept in <out.dir>/ckpt (older ones are deleted).", min=1, affects_output=False
+    )
+    stop_after: int = opt(
+        0, help="Stop this run after N new steps (0 = run to the end); rerun resumes.", min=0, affects_output=False
+    )
+
+
+@dataclass(frozen=True)
+class LogSection:
+    """Progress and metrics."""
+
+    every: int = opt(25, help="Append a metrics.jsonl line every N steps.", min=1)
+    progress: bool = opt(True, help="tqdm progress bar.")
+    tensorboard: bool = opt(False, help="Also write TensorBoard event files to <out.dir>/tensorboard.")
 
 
 @dataclass(frozen=True)
 class EvalSection:
     """Scoring on the paired test sets."""
 
-    min_gain_db: float = opt(3.0, help="Required PSNR gain over the identity on every weather.")
-    max_images: int = opt(0, help="Images per test manifest (0 = all).", min=0)
+    min_gain_db: float = opt(3.0, help="Required PSNR gain over the identity on every weather.", affects_output=False)
+    max_images: int = opt(0, help="Images per test manifest (0 = all).", min=0, affects_output=False)
 
 
 @dataclass(frozen=True)
 class OutSection:
     """Where the run and (optionally) the published teacher go."""
 
-    dir: str = opt("{work}/teacher", help="Run folder: state.pt, metrics.jsonl, model/, report.json.")
-    publish_dir: str = opt("", help="If set, copy the model + a README here when the bar is met.")
-    command: str = opt("d4ir train-teacher --profile {profile}", help="The command recorded in the published README.")
+    dir: str = opt("{work}/teacher", help="Run folder: ckpt/, metrics.jsonl, model/, report.json.")
+    publish_dir: str = opt("", help="If set, copy the model + a README here when the bar is met.", affects_output=False)
+    command: str = opt(
+        "d4ir train-teacher --profile {profile}",
+        help="The command recorded in the published README.",
+        affects_output=False,
+    )
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,7 @@ class TeacherConfig:
     data: DataSection = field(default_factory=DataSection)
     model: ModelSection = field(default_factory=ModelSection)
     train: TrainSection = field(default_factory=TrainSection)
+    log: LogSection = field(default_factory=LogSection, metadata={"affects_output": False})
     eval: EvalSection = field(default_factory=EvalSection)
     out: OutSection = field(default_factory=OutSection)
 
@@ -266,172 +270,205 @@ def evaluate_pairs(model: torch.nn.Module, pairs: list[dict]) -> dict[str, dict[
 # training
 
 
-def _lr_lambda(cfg: TrainSection):
-    def f(step: int) -> float:  # multiplier of cfg.lr at `step` (0-based)
-        if cfg.warmup_steps and step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        floor = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-    return f
-
-
-def _save_state(path: Path, **state: Any) -> None:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _append(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
-
-
 def train_teacher(cfg: TeacherConfig) -> TeacherResult:
     """Train (or resume), evaluate and optionally publish the demo teacher."""
-    t_start = time.perf_counter()
-    tc = cfg.train
-    out = Path(cfg.out.dir)
+    clock, tc, out = _Clock(), cfg.train, Path(cfg.out.dir)
     out.mkdir(parents=True, exist_ok=True)
-    state_path, metrics_path = out / STATE_NAME, out / "metrics.jsonl"
     if tc.exposure[0] > tc.exposure[1]:
         raise ConfigError(f"`train.exposure` = {list(tc.exposure)}: expected [low, high] with low <= high")
-    chash = config_hash(cfg, exclude=_HASH_EXCLUDE)
-    prev_threads = torch.get_num_threads()
-    torch.set_num_threads(tc.threads)
-    prev_det = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
+    chash = config_hash(cfg)
+    with _deterministic(tc.threads):
         # 1. data (all in memory: the demo set is small)
         pairs = load_pairs(cfg.data.train_manifest, cfg.data.root, check_hash=cfg.data.check_hash)
         logger.info("teacher: %d training pairs from %s", len(pairs), cfg.data.train_manifest)
 
-        # 2. model, optimiser, schedule; resume if a state exists
+        # 2. model, optimiser, schedule, generator (seeded)
         seed_everything(tc.seed)
         model = build_model(cfg.model.name)
         optim = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(optim, _lr_lambda(tc))
-        gen = torch.Generator().manual_seed(tc.seed)
-        step, spent = 0, {"wall_s": 0.0, "cpu_s": 0.0}  # training time over all invocations
-        if state_path.is_file():
-            st = torch.load(state_path, map_location="cpu", weights_only=True)
-            if st.get("config_hash") != chash:
-                raise D4IRError(
-                    f"{state_path} was written with a different config (hash {str(st.get('config_hash'))[:12]} vs "
-                    f"{chash[:12]}); use another `out.dir` or delete {out} to start over"
-                )
-            model.load_state_dict(st["model"])
-            optim.load_state_dict(st["optimizer"])
-            sched.load_state_dict(st["scheduler"])
-            gen.set_state(st["generator"])
-            torch.set_rng_state(st["torch_rng"])
-            step = int(st["step"])
-            spent = {k: float(v) for k, v in st.get("spent", spent).items()}
-            logger.info("teacher: resuming from step %d (%s)", step, state_path)
-        trim_jsonl(metrics_path, step, drop=lambda r: "eval" in r)
-        resumed_from = step
-
-        w_mark, c_mark = time.perf_counter(), time.process_time()
-
-        def checkpoint() -> None:
-            nonlocal w_mark, c_mark
-            spent["wall_s"] += time.perf_counter() - w_mark
-            spent["cpu_s"] += time.process_time() - c_mark
-            w_mark, c_mark = time.perf_counter(), time.process_time()
-            _save_state(
-                state_path,
-                model=model.state_dict(),
-                optimizer=optim.state_dict(),
-                scheduler=sched.state_dict(),
-                generator=gen.get_state(),
-                torch_rng=torch.get_rng_state(),
-                step=step,
-                config_hash=chash,
-                spent=spent,
-            )
-
-        # 3. train
-        end = tc.steps if not tc.stop_after else min(tc.steps, step + tc.stop_after)
-        model.train()
-        t0, losses = time.perf_counter(), []
-        bar = tqdm(total=tc.steps, initial=step, desc="teacher", unit="step", dynamic_ncols=True)
-        while step < end:
-            x, y = sample_batch(pairs, tc, gen)  # (B, 3, P, P) each
-            loss = F.l1_loss(model(x), y)
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            optim.step()
-            sched.step()
-            step += 1
-            losses.append(loss.item())
-            bar.update(1)
-            if step % tc.log_every == 0 or step == end:
-                rate = tc.batch_size * len(losses) / max(1e-9, time.perf_counter() - t0)
-                rec = {"step": step, "loss": float(np.mean(losses)), "lr": sched.get_last_lr()[0], "samples_s": rate}
-                _append(metrics_path, rec)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", samples_s=f"{rate:.1f}")
-                t0, losses = time.perf_counter(), []
-            if step % tc.checkpoint_every == 0 or step == end:
-                checkpoint()
-        bar.close()
-        finished = step >= tc.steps
-        model_dir = out / "model"
-        if not finished:
-            logger.info("teacher: stopped at step %d of %d; rerun to resume", step, tc.steps)
-            return TeacherResult(
-                out, model_dir, step, resumed_from, False, {}, False, None, time.perf_counter() - t_start
-            )
-
-        # 4. evaluate teacher and identity on the paired test sets
-        test_pairs = []
-        for m in cfg.data.test_manifests:
-            test_pairs += load_pairs(m, cfg.data.root, check_hash=cfg.data.check_hash, limit=cfg.eval.max_images)
-        metrics = evaluate_pairs(model, test_pairs)
-        passed = bool(metrics) and all(m["gain_db"] >= cfg.eval.min_gain_db for m in metrics.values())
-        report = {
-            "config": config_to_dict(cfg),
-            "config_hash": chash,
-            "steps": step,
-            "metrics": metrics,
-            "passed": passed,
-            "min_gain_db": cfg.eval.min_gain_db,
-            "params": count_params(model),
-            "macs_256": count_macs(model, (256, 256)),
-            "threads": tc.threads,
-            "train_wall_s": spent["wall_s"],
-            "train_cpu_s": spent["cpu_s"],
-            "versions": package_versions(("torch", "numpy", "scikit-image", "pillow")),
-        }
-        _append(metrics_path, {"step": step, "eval": metrics})
-        save_model(model, model_dir, extra={"train": report})
-        atomic_write_json(out / "report.json", report)
-        for w, m in sorted(metrics.items()):
-            logger.info(
-                "teacher %s: PSNR %.2f dB (identity %.2f), SSIM %.4f", w, m["psnr"], m["identity_psnr"], m["ssim"]
-            )
-
-        # 5. publish (the committed reference teacher) only when the bar is met
-        published = None
-        if cfg.out.publish_dir:
-            if not passed:
-                raise TeacherBarError(
-                    "teacher does not beat the identity by "
-                    f"{cfg.eval.min_gain_db} dB on every weather: "
-                    + ", ".join(f"{w} {m['gain_db']:+.2f} dB" for w, m in sorted(metrics.items()))
-                    + f"; not publishing to {cfg.out.publish_dir} (see {out / 'report.json'})"
-                )
-            published = Path(cfg.out.publish_dir)
-            save_model(model, published, extra={"train": report})
-            atomic_write_text(published / "README.md", _readme(cfg, report, published))
-        return TeacherResult(
-            out, model_dir, step, resumed_from, True, metrics, passed, published, time.perf_counter() - t_start
+        floor = tc.min_lr / tc.lr if tc.lr > 0 else 0.0
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            optim, lambda s: warmup_cosine(s, total=tc.steps, warmup=tc.warmup_steps, min_ratio=floor)
         )
+        run = _Run(
+            model, optim, sched, torch.Generator().manual_seed(tc.seed), CheckpointDir(out / "ckpt", keep=tc.ckpt_keep)
+        )
+
+        # 3. resume
+        step = resumed_from = _resume_state(run, chash, clock, out)
+
+        # 4. train, 5. evaluate and record
+        tb = out / "tensorboard" if cfg.log.tensorboard else None
+        with MetricsLog(out / "metrics.jsonl", resume_step=step, drop=lambda r: "eval" in r, tensorboard=tb) as log:
+            step = _train(cfg, run, pairs, step, log, lambda s: _save(run, s, chash, clock))
+            if step < tc.steps:
+                logger.info("teacher: stopped at step %d of %d; rerun to resume", step, tc.steps)
+                return TeacherResult(out, out / "model", step, resumed_from, False, {}, False, None, clock.total())
+            report = _evaluate(cfg, model, out, chash, step, clock)
+            log.write({"step": step, "eval": report["metrics"]})
+
+        # 6. publish (the committed reference teacher) only when the bar is met
+        published = _publish(cfg, model, report, out)
+        return TeacherResult(
+            out, out / "model", step, resumed_from, True, report["metrics"], report["passed"], published, clock.total()
+        )
+
+
+@dataclass
+class _Run:
+    """The trained state: model, optimiser, schedule, the batch generator and the checkpoint folder."""
+
+    model: torch.nn.Module
+    optim: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    gen: torch.Generator
+    ckpts: CheckpointDir
+
+
+class _Clock:
+    """Training wall / CPU seconds summed over every invocation of a resumed run (recorded in the checkpoint)."""
+
+    def __init__(self) -> None:
+        self.t_start = time.perf_counter()
+        self.spent = {"wall_s": 0.0, "cpu_s": 0.0}
+        self.mark()
+
+    def mark(self) -> None:
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+    def tick(self) -> dict[str, float]:
+        self.spent["wall_s"] += time.perf_counter() - self._wall
+        self.spent["cpu_s"] += time.process_time() - self._cpu
+        self.mark()
+        return dict(self.spent)
+
+    def total(self) -> float:
+        return time.perf_counter() - self.t_start
+
+
+@contextlib.contextmanager
+def _deterministic(threads: int):
+    """A fixed torch thread count and deterministic algorithms for the run (restored after)."""
+    prev_threads, prev_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
     finally:
         torch.set_num_threads(prev_threads)
         torch.use_deterministic_algorithms(prev_det)
+
+
+def _resume_state(run: _Run, chash: str, clock: _Clock, out: Path) -> int:
+    """Restore the last checkpoint of this config; returns its step (0 when none)."""
+    ck = run.ckpts.load()
+    if ck is None:
+        return 0
+    if ck.state.get("config_hash") != chash:
+        raise D4IRError(
+            f"{ck.path} was written with a different config (hash {str(ck.state.get('config_hash'))[:12]} vs "
+            f"{chash[:12]}); use another `out.dir` or delete {out} to start over"
+        )
+    run.model.load_state_dict(ck.weights("model"))
+    run.optim.load_state_dict(ck.state["optimizer"])
+    run.sched.load_state_dict(ck.state["scheduler"])
+    run.gen.set_state(ck.state["generator"])
+    set_rng_state(ck.state["rng"])
+    clock.spent = {k: float(v) for k, v in ck.state["spent"].items()}
+    clock.mark()
+    logger.info("teacher: resuming from step %d (%s)", ck.step, ck.path)
+    return ck.step
+
+
+def _save(run: _Run, step: int, chash: str, clock: _Clock) -> None:
+    state = {
+        "optimizer": run.optim.state_dict(),
+        "scheduler": run.sched.state_dict(),
+        "generator": run.gen.get_state(),
+        "rng": rng_state(),
+        "config_hash": chash,
+        "spent": clock.tick(),
+    }
+    run.ckpts.save(step, state=state, weights={"model": run.model.state_dict()})
+
+
+def _train(cfg: TeacherConfig, run: _Run, pairs: list[dict], step: int, log: MetricsLog, save) -> int:
+    """From ``step`` to the end (or ``train.stop_after`` new steps): batch -> L1 -> step -> log -> maybe save."""
+    tc = cfg.train
+    end = tc.steps if not tc.stop_after else min(tc.steps, step + tc.stop_after)
+    run.model.train()
+    t0, losses = time.perf_counter(), []
+    bar = tqdm(
+        total=tc.steps, initial=step, desc="teacher", unit="step", dynamic_ncols=True, disable=not cfg.log.progress
+    )
+    while step < end:
+        x, y = sample_batch(pairs, tc, run.gen)  # (B, 3, P, P) each
+        loss = F.l1_loss(run.model(x), y)
+        run.optim.zero_grad(set_to_none=True)
+        loss.backward()
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(run.model.parameters(), tc.grad_clip)
+        run.optim.step()
+        run.sched.step()
+        step += 1
+        losses.append(loss.item())
+        bar.update(1)
+        if due(step, cfg.log.every, end):
+            rate = tc.batch_size * len(losses) / max(1e-9, time.perf_counter() - t0)
+            log.write(
+                {"step": step, "loss": float(np.mean(losses)), "lr": run.sched.get_last_lr()[0], "samples_s": rate}
+            )
+            bar.set_postfix(loss=f"{np.mean(losses):.4f}", samples_s=f"{rate:.1f}")
+            t0, losses = time.perf_counter(), []
+        if due(step, tc.ckpt_every, end):
+            save(step)
+    bar.close()
+    return step
+
+
+def _evaluate(cfg: TeacherConfig, model: torch.nn.Module, out: Path, chash: str, step: int, clock: _Clock) -> dict:
+    """Score teacher and identity on the paired test sets; write model/ and report.json; returns the report."""
+    test_pairs = []
+    for m in cfg.data.test_manifests:
+        test_pairs += load_pairs(m, cfg.data.root, check_hash=cfg.data.check_hash, limit=cfg.eval.max_images)
+    metrics = evaluate_pairs(model, test_pairs)
+    passed = bool(metrics) and all(m["gain_db"] >= cfg.eval.min_gain_db for m in metrics.values())
+    report = {
+        "config": config_to_dict(cfg),
+        "config_hash": chash,
+        "steps": step,
+        "metrics": metrics,
+        "passed": passed,
+        "min_gain_db": cfg.eval.min_gain_db,
+        "params": count_params(model),
+        "macs_256": count_macs(model, (256, 256)),
+        "threads": cfg.train.threads,
+        "train_wall_s": clock.spent["wall_s"],
+        "train_cpu_s": clock.spent["cpu_s"],
+        "versions": package_versions(("torch", "numpy", "scikit-image", "pillow")),
+    }
+    save_model(model, out / "model", extra={"train": report})
+    atomic_write_json(out / "report.json", report)
+    for w, m in sorted(metrics.items()):
+        logger.info("teacher %s: PSNR %.2f dB (identity %.2f), SSIM %.4f", w, m["psnr"], m["identity_psnr"], m["ssim"])
+    return report
+
+
+def _publish(cfg: TeacherConfig, model: torch.nn.Module, report: dict, out: Path) -> Path | None:
+    """Copy the model and a README to ``out.publish_dir`` when it is set and the bar is met (refused otherwise)."""
+    if not cfg.out.publish_dir:
+        return None
+    if not report["passed"]:
+        raise TeacherBarError(
+            "teacher does not beat the identity by "
+            f"{cfg.eval.min_gain_db} dB on every weather: "
+            + ", ".join(f"{w} {m['gain_db']:+.2f} dB" for w, m in sorted(report["metrics"].items()))
+            + f"; not publishing to {cfg.out.publish_dir} (see {out / 'report.json'})"
+        )
+    published = Path(cfg.out.publish_dir)
+    save_model(model, published, extra={"train": report})
+    atomic_write_text(published / "README.md", _readme(cfg, report, published))
+    return published
 
 
 def _toml_value(v: Any) -> str:
@@ -507,12 +544,8 @@ def type_name(cfg: TeacherConfig) -> str:
         return type(build_model(cfg.model.name)).__name__
 
 
-@click.command("train-teacher")
-@stage_options
-def train_teacher_command(profile: str, config_path: str | None, overrides: tuple[str, ...], work_dir: str | None):
+@stage_command("train-teacher", TeacherConfig, "teacher")
+def train_teacher_command(cfg: TeacherConfig) -> None:
     """Train the demo's reference teacher (stages/<profile>/teacher.toml)."""
-    cfg = config_from_options(
-        TeacherConfig, "teacher", profile=profile, config_path=config_path, overrides=overrides, work_dir=work_dir
-    )
     res = train_teacher(cfg)
     click.echo(res.summary())

@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from d4ir_pipeline.common.io import atomic_write_json, atomic_write_text
+from d4ir_pipeline.demo.sd15_shaped import bytes_to_unicode
 
 logger = logging.getLogger(__name__)
 
@@ -41,15 +42,7 @@ class TinySDSpec:
 
 def _byte_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """A byte-level BPE vocabulary (256 byte symbols, their end-of-word forms, specials)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    symbols = [chr(c) for c in cs]
+    symbols = bytes_to_unicode()
     vocab: dict[str, int] = {}
     for s in symbols:
         vocab[s] = len(vocab)

@@ -33,6 +33,8 @@ from torch import Tensor, nn
 
 from ..common.io import atomic_write_bytes, atomic_write_json
 from ..errors import D4IRError
+from .cost import count_params
+from .registry import build_model, model_spec
 
 __all__ = [
     "CheckpointError",
@@ -298,9 +300,6 @@ def save_model(model: nn.Module, out_dir: str | os.PathLike, *, extra: dict | No
     """Write ``out_dir/model.safetensors`` and ``out_dir/model.json`` (spec, params, extra) atomically."""
     from safetensors.torch import save
 
-    from . import model_spec
-    from .cost import count_params
-
     out = Path(out_dir)
     spec = model_spec(model)
     meta = {"spec": spec, "params": count_params(model), **(extra or {})}
@@ -335,7 +334,6 @@ def read_model_json(path_dir: str | os.PathLike) -> dict:
 
 def load_model(path_dir: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a model from ``model.json`` and load ``model.safetensors`` strictly; returns it in eval mode."""
-    from . import build_model
 
     p = Path(path_dir)
     folder = p.parent if p.is_file() else p

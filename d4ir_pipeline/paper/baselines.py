@@ -30,12 +30,12 @@ from typing import Any
 import numpy as np
 
 from d4ir_pipeline.common.images import png_bytes
-from d4ir_pipeline.common.io import atomic_write_json, sha256_bytes, sha256_file
+from d4ir_pipeline.common.io import sha256_bytes, sha256_file
 from d4ir_pipeline.common.runtime import package_versions
 from d4ir_pipeline.data.manifests import load_manifest, open_rgb
 from d4ir_pipeline.errors import BadImageError, D4IRError
-from d4ir_pipeline.shardset.format import RANK_MANIFEST, SHARDSET_NAME, check_shard_file, read_listing, shard_name
-from d4ir_pipeline.shardset.writer import merge_shardset, write_shard
+from d4ir_pipeline.shardset.format import SHARDSET_KIND
+from d4ir_pipeline.shardset.writer import ShardSetWriter
 from d4ir_pipeline.stage1.ccd import prepare_image, sample_key
 
 logger = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def noise_image(kind: str, size: tuple[int, int], rng: np.random.Generator) -> n
 
 
 # ---------------------------------------------------------------------------------------
-# shard sets in the synthesis contract format (shards.py's writer and manifest merge)
+# shard sets in the synthesis contract format (through shardset.writer)
 
 
 @dataclass(frozen=True)
@@ -100,12 +100,10 @@ def _write_shardset(
     models: dict,
     desc: str,
 ) -> dict:
-    """Write ``samples`` as shards + ``shardset.json`` exactly as ``d4ir synthesize`` lays them out.
+    """Write ``samples`` as a one-rank shard set through the shard-set writer; returns ``shardset.json``.
 
-    The rank manifest ``shardset.r000.json`` is the commit point after each shard (then
-    :func:`shards.merge_shardset` writes ``shardset.json``); a rerun with the same
-    config keeps the recorded shards that verify and redoes the rest; another config
-    in the same folder is refused.
+    A rerun with the same config keeps the recorded shards that verify and redoes the
+    rest; another config in the same folder is refused.
     """
     from tqdm.auto import tqdm
 
@@ -123,46 +121,18 @@ def _write_shardset(
         "models": models,
         "versions": package_versions(),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    rank_path = out / RANK_MANIFEST.format(rank=0)
-    # 2. resume: keep recorded shards of this config that still verify
-    entries: dict[int, dict] = {}
-    if rank_path.is_file():
-        doc, listed = read_listing(rank_path, "d4ir-shardset-rank")  # names checked: none escapes `out`
-        if doc.get("config_hash") != chash:
-            raise D4IRError(
-                f"{out} holds a shard set made with another config (hash {str(doc.get('config_hash'))[:12]}..., "
-                f"this one {chash[:12]}...); refusing to mix them: delete the folder or pick another output"
-            )
-        for e, info in zip(doc["shards"], listed, strict=True):
-            if check_shard_file(info) is None:
-                entries[int(e["index"])] = e
-    if (out / SHARDSET_NAME).is_file() and len(entries) == len(plans):
-        doc, _ = read_listing(out / SHARDSET_NAME, "d4ir-shardset")
-        if doc.get("complete") and doc.get("config_hash") == chash:
-            logger.info("%s: shard set complete and verified; reused", out)
-            return doc
-
-    def rank_doc(done: bool) -> dict:
-        return {
-            "kind": "d4ir-shardset-rank",
-            "version": 1,
-            "rank": 0,
-            "world_size": 1,
-            "done": done,
-            "num_shards_planned": len(plans),
-            "owned": len(plans),
-            "shards": [entries[i] for i in sorted(entries)],
-            **header,
-        }
-
-    for p in out.glob("synth-r000-*.tar.tmp"):
-        p.unlink()
-    # 3. write the missing shards, recording each one
-    todo = [i for i in range(len(plans)) if i not in entries]
-    atomic_write_json(rank_path, rank_doc(done=not todo), indent=None)
+    writer = ShardSetWriter(
+        out=out,
+        kind=SHARDSET_KIND,
+        header=header,
+        num_shards=len(plans),
+        hint="delete the folder or pick another output",
+    )
+    # 2. resume: recorded shards of this config that still verify are kept
+    todo = writer.open()
+    # 3. write the missing shards, each recorded as it is done
     for i in tqdm(todo, desc=desc, unit="shard", leave=False):
-        files, skipped = [], Counter()
+        skipped: Counter = Counter()
         for smp in plans[i]:
             try:
                 arr = smp.image()
@@ -172,24 +142,11 @@ def _write_shardset(
                 continue
             meta = {**smp.meta, "key": smp.key, "width": int(arr.shape[1]), "height": int(arr.shape[0])}
             meta["config_hash"] = chash
-            files.append(
-                (smp.key, [("json", json.dumps(meta, sort_keys=True).encode()), ("degraded.png", png_bytes(arr))])
+            writer.write(
+                smp.key, [("json", json.dumps(meta, sort_keys=True).encode()), ("degraded.png", png_bytes(arr))]
             )
-        name = shard_name(0, i)
-        size, sha = write_shard(out / name, files)
-        entries[i] = {
-            "name": name,
-            "index": i,
-            "rank": 0,
-            "samples": len(files),
-            "bytes": size,
-            "sha256": sha,
-            "skipped": dict(sorted(skipped.items())),
-            "dropped": {},
-        }
-        atomic_write_json(rank_path, rank_doc(done=len(entries) == len(plans)), indent=None)
-    atomic_write_json(rank_path, rank_doc(done=True), indent=None)
-    return merge_shardset(out)
+        writer.flush_shard(i, skipped=dict(sorted(skipped.items())), dropped={})
+    return writer.finish()
 
 
 def pack_manifest_to_shards(

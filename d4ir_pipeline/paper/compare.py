@@ -101,15 +101,14 @@ from d4ir_pipeline.paper.table import (
     unresolved,
 )
 from d4ir_pipeline.paper.unpaired import UnpairedConfig, degrade, image_set, train_unpaired
-from d4ir_pipeline.shardset.format import SHARDSET_NAME, read_listing
-from d4ir_pipeline.shardset.reader import read_shard
+from d4ir_pipeline.shardset.format import SHARDSET_KIND, SHARDSET_NAME, read_listing
+from d4ir_pipeline.shardset.reader import iter_tar
 from d4ir_pipeline.stage1.ccd import prepare_image
 from d4ir_pipeline.stage1.dpa.config import DPAConfig
 from d4ir_pipeline.stage1.dpa.train import train_dpa
 from d4ir_pipeline.stage1.prompt_bank import BankConfig, PromptBank, build_prompt_bank
 from d4ir_pipeline.stage1.sd import SDLoadError, check_sd_source, model_id
-from d4ir_pipeline.stage1.synthesize import HASH_EXCLUDE, SynthesizeConfig, synthesize
-from d4ir_pipeline.stage2.config import RESUME_FREE
+from d4ir_pipeline.stage1.synthesize import SynthesizeConfig, synthesize
 from d4ir_pipeline.stage2.distill import DistillConfig, distill
 from d4ir_pipeline.stage2.evaluate import FR_METRICS, EvalConfig, build_fr_metrics, score_pairs
 from d4ir_pipeline.stage2.labels import label
@@ -403,7 +402,7 @@ def _complete_shardset(path: Path) -> dict | None:
     f = path / SHARDSET_NAME
     if not f.is_file():
         return None
-    doc, _ = read_listing(f, "d4ir-shardset")
+    doc, _ = read_listing(f, SHARDSET_KIND)
     return doc if doc.get("complete") is True else None
 
 
@@ -648,7 +647,7 @@ def _synth_config(ctx: _Ctx, seed: int, bank_dir: str | None = None, mix: dict |
 def _synth_key(sc: Any) -> dict:
     """What determines a synthesis output: its config hash (less paths / speed knobs) and input hashes."""
     return {
-        "config": config_hash(sc, exclude=HASH_EXCLUDE),
+        "config": config_hash(sc),  # without its affects_output=False keys (paths, speed knobs)
         "manifest_sha256": sha256_file(sc.data.manifest),
         "bank_sha256": sha256_file(Path(sc.bank.dir) / "tokens.safetensors"),
         "sd": model_id(sc.sd.model),
@@ -787,7 +786,7 @@ def _distill_row(ctx: _Ctx, row: str, shards: Path, seed: int) -> tuple[Path, bo
     use_labels = ctx.cfg.runtime.teacher_labels and dc.labels.use != "off"
     key = {
         # what does not change the trained student is left out: the resume-free keys, the paths
-        "config": config_hash(dc, exclude=(*RESUME_FREE, "out", "data.shards")),
+        "config": config_hash(dc, exclude=("out", "data.shards")),  # and the affects_output=False keys
         "shardset_sha256": sha256_file(shards / "shardset.json"),
         "teacher": ctx.teacher_ident["id"],
         "targets": f"labels-{dc.labels.format}" if use_labels else "teacher",
@@ -1155,10 +1154,10 @@ def compare_command(cfg: CompareConfig, quick: bool, seeds: tuple[int, ...] | No
 
 def _shard_samples(shards: Path, n: int, *, keys: list[str] | None = None) -> dict[str, dict[str, bytes]]:
     """Up to ``n`` samples (key -> {ext: bytes}) of a shard set, in manifest order, or the given keys."""
-    _, listed = read_listing(shards / SHARDSET_NAME, "d4ir-shardset")
+    _, listed = read_listing(shards / SHARDSET_NAME, SHARDSET_KIND)
     out: dict[str, dict[str, bytes]] = {}
     for s in listed:
-        for k, files in read_shard(s.path).items():
+        for k, files in iter_tar(s.path):
             if keys is None or k in keys:
                 out[k] = files
         if len(out) >= (n if keys is None else len(keys)):

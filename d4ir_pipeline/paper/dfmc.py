@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from d4ir_pipeline.common.images import image_grid, save_png, to_uint8
-from d4ir_pipeline.common.io import atomic_write_bytes, atomic_write_json, sha256_bytes, trim_jsonl
+from d4ir_pipeline.common.io import atomic_write_bytes, atomic_write_json, sha256_bytes
+from d4ir_pipeline.common.train import CheckpointDir, MetricsLog, rng_state, set_rng_state, warmup_cosine
+from d4ir_pipeline.config import neutral_keys
 from d4ir_pipeline.errors import D4IRError
 from d4ir_pipeline.models import build_model
 from d4ir_pipeline.models.checkpoint import save_model
@@ -48,7 +50,11 @@ class DFMCConfig:
     contrast_sigma: float = 0.2  # z perturbation that makes the positive view
     student_steps: int = 1  # student updates per generator update
     grad_clip: float = 1.0
-    checkpoint_every: int = 50
+    # resumable checkpoint every N steps (none at the end: the student folder is the mark)
+    ckpt_every: int = field(default=50, metadata={"affects_output": False})
+    ckpt_keep: int = field(default=1, metadata={"affects_output": False})
+    # also TensorBoard event files in <out_dir>/tensorboard
+    tensorboard: bool = field(default=False, metadata={"affects_output": False})
     grid: int = 16  # samples in the saved grid
 
 
@@ -111,10 +117,6 @@ def info_nce(anchor: Tensor, positive: Tensor, tau: float) -> Tensor:
     return F.cross_entropy(logits, target)
 
 
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state()}
-
-
 def _build_student(student_spec: dict) -> nn.Module:
 
     if not isinstance(student_spec, dict) or "name" not in student_spec:
@@ -156,150 +158,176 @@ def train_dfmc(
 ) -> Path:
     """Train generator + student (DFMC-style); returns the student folder ``out_dir/student``.
 
-    Resumable: ``out_dir/state.pt`` holds G, S, optimisers, step and RNG every
-    ``checkpoint_every`` steps, and a rerun continues from it (a different config is
-    refused). The student folder is written last, so its presence means the run is done.
+    Resumable: ``out_dir/ckpt/`` holds G, S, optimisers, step and RNG every ``ckpt_every``
+    steps, and a rerun continues from it (a different config is refused). The student
+    folder is written last, so its presence means the run is done.
     """
-
     cfg = DFMCConfig(**{**asdict(config or DFMCConfig()), "steps": steps, "batch": batch, "patch": patch, "seed": seed})
     if batch < 2:
         raise D4IRError(f"`batch` = {batch}: the contrastive term needs at least 2 samples per batch")
     out = Path(out_dir)
-    student_dir = out / "student"
     run_meta = {"config": asdict(cfg), "student_spec": student_spec, "teacher_sha256": module_digest(teacher)}
-    meta_hash = sha256_bytes(json.dumps(run_meta, sort_keys=True).encode())
-    if (student_dir / "model.json").is_file() and (out / "dfmc.json").is_file():
-        if json.loads((out / "dfmc.json").read_text(encoding="utf-8")).get("meta_hash") != meta_hash:
-            raise D4IRError(f"{out} holds a finished DFMC run with another config or teacher; use another out_dir")
+    meta_hash = _meta_hash(run_meta)
+    if _finished(out, meta_hash):
         logger.info("DFMC run already complete in %s", out)
-        return student_dir
+        return out / "student"
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(device)
 
     # 1. models: frozen teacher, fresh student and generator (seeded)
-    teacher = teacher.to(device).eval().requires_grad_(False)
-    torch.manual_seed(cfg.seed)
-    student = _build_student(student_spec).to(device).train()
-    gen = Generator(cfg.z_dim, cfg.g_width, cfg.patch).to(device).train()
-    feat = FeatureNet(cfg.seed).to(device)
-    opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.g_lr, betas=(0.5, 0.999))
-    opt_s = torch.optim.AdamW(student.parameters(), lr=cfg.s_lr, weight_decay=0.0)
-    sched_s = torch.optim.lr_scheduler.LambdaLR(
-        opt_s,
-        lambda i: (
-            0.5
-            * (1 + math.cos(math.pi * min(i, cfg.steps * cfg.student_steps) / max(1, cfg.steps * cfg.student_steps)))
-        ),
-    )
-    zgen = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
+    gan = _GAN.build(cfg, teacher, student_spec, torch.device(device))
 
     # 2. resume
-    start = 0
-    state_path = out / "state.pt"
-    if state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        if state.get("meta_hash") != meta_hash:
-            raise D4IRError(
-                f"{state_path} was written by a DFMC run with a different config; delete {out} or use another out_dir"
-            )
-        gen.load_state_dict(state["gen"])
-        student.load_state_dict(state["student"])
-        opt_g.load_state_dict(state["opt_g"])
-        opt_s.load_state_dict(state["opt_s"])
-        sched_s.load_state_dict(state["sched_s"])
-        zgen.set_state(state["zgen"])
-        torch.set_rng_state(state["rng"]["torch"])
-        start = int(state["step"])
-        logger.info("DFMC: resuming %s at step %d / %d", out, start, cfg.steps)
-
-    def sample_z(n: int) -> Tensor:
-        return torch.randn(n, cfg.z_dim, generator=zgen).to(device)  # (n, z_dim)
+    ckpts = CheckpointDir(out / "ckpt", keep=cfg.ckpt_keep)
+    start = _resume(ckpts, gan, meta_hash, out)
 
     # 3. alternate: G maximises the discrepancy (+ contrastive), S minimises it on T's pseudo-labels
-    metrics_path = out / "metrics.jsonl"
-    trim_jsonl(metrics_path, start)  # lines after the last checkpoint are written again
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
-    with open(metrics_path, "a", encoding="utf-8") as mf:
+    tb = out / "tensorboard" if cfg.tensorboard else None
+    with MetricsLog(out / "metrics.jsonl", resume_step=start, tensorboard=tb) as log:  # later rows are redone
         for step in tqdm(range(start, cfg.steps), desc="dfmc", initial=start, total=cfg.steps, leave=False):
-            z = sample_z(cfg.batch)
-            eps = sample_z(cfg.batch)
-            student.requires_grad_(False)
-            x = gen(z)  # (B, 3, p, p)
-            x_pos = gen(z + cfg.contrast_sigma * eps)
-            disc = (student(x) - teacher(x)).abs().mean()
-            l_con = info_nce(feat(x), feat(x_pos), cfg.contrast_tau)
-            loss_g = -cfg.adv_weight * disc + cfg.contrast_weight * l_con
-            opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
-            torch.nn.utils.clip_grad_norm_(gen.parameters(), cfg.grad_clip)
-            opt_g.step()
-            student.requires_grad_(True)
-
-            for _ in range(cfg.student_steps):
-                with torch.no_grad():
-                    xs = gen(sample_z(cfg.batch))  # (B, 3, p, p)
-                    ys = teacher(xs)  # pseudo-labels
-                loss_s = F.l1_loss(student(xs), ys)
-                opt_s.zero_grad(set_to_none=True)
-                loss_s.backward()
-                torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-                opt_s.step()
-                sched_s.step()
-            row = {
-                "step": step + 1,
-                "loss_student": loss_s.item(),
-                "discrepancy": disc.item(),
-                "contrast": l_con.item(),
-                "diversity_l1": _mean_pairwise_l1(xs),
-                "elapsed_s": round(time.perf_counter() - t0, 3),
-            }
-            mf.write(json.dumps(row, sort_keys=True) + "\n")
-            mf.flush()
-            done = step + 1
-            if done % cfg.checkpoint_every == 0 and done < cfg.steps:
-                _save_state(state_path, gen, student, opt_g, opt_s, sched_s, zgen, done, meta_hash)
+            row = _gan_step(cfg, gan)
+            log.write({"step": step + 1, **row, "elapsed_s": round(time.perf_counter() - t0, 3)})
+            if (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:
+                ckpts.save(step + 1, state={**gan.state(), "meta_hash": meta_hash}, weights=gan.weights())
 
     # 4. outputs: generator, sample grid, then the student folder last (the completion mark)
-    _save_generator(out, gen, cfg)
-    gen.eval()
-    with torch.no_grad():
-        zg = torch.randn(cfg.grid, cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed + 2)).to(device)
-        samples = gen(zg)  # (grid, 3, p, p)
-    ncol = int(math.ceil(math.sqrt(cfg.grid)))
-    arrs = [to_uint8(s) for s in samples]
-    tiles = [arrs[i : i + ncol] for i in range(0, len(arrs), ncol)]
-    save_png(out / "samples.png", image_grid(tiles, cell=cfg.patch))
-    atomic_write_json(out / "dfmc.json", {**run_meta, "meta_hash": meta_hash})
-    tmp = out / "student.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(student.eval(), tmp, extra={"trained_by": "dfmc", "dfmc": asdict(cfg)})
-    if student_dir.exists():
-        shutil.rmtree(student_dir)
-    tmp.rename(student_dir)
-    state_path.unlink(missing_ok=True)
+    student_dir = _write_outputs(out, gan, cfg, {**run_meta, "meta_hash": meta_hash})
+    ckpts.clear()
     logger.info("DFMC: student written to %s (%.1fs)", student_dir, time.perf_counter() - t0)
     return student_dir
 
 
-def _save_state(path: Path, gen, student, opt_g, opt_s, sched_s, zgen, step: int, meta_hash: str) -> None:
-    buf = io.BytesIO()
-    torch.save(
-        {
-            "gen": gen.state_dict(),
-            "student": student.state_dict(),
-            "opt_g": opt_g.state_dict(),
-            "opt_s": opt_s.state_dict(),
-            "sched_s": sched_s.state_dict(),
-            "zgen": zgen.get_state(),
-            "rng": _rng_state(),
-            "step": step,
-            "meta_hash": meta_hash,
-        },
-        buf,
-    )
-    atomic_write_bytes(path, buf.getvalue())
+def _meta_hash(run_meta: dict) -> str:
+    """What a resumed or reused run must match: the config (less resume-neutral fields), student and teacher."""
+    neutral = neutral_keys(DFMCConfig)  # fields that change neither the generator nor the student
+    config = {k: v for k, v in run_meta["config"].items() if k not in neutral}
+    return sha256_bytes(json.dumps({**run_meta, "config": config}, sort_keys=True).encode())
+
+
+def _finished(out: Path, meta_hash: str) -> bool:
+    """True when ``out`` holds a finished run of this config and teacher (another one is refused)."""
+    if not ((out / "student" / "model.json").is_file() and (out / "dfmc.json").is_file()):
+        return False
+    if json.loads((out / "dfmc.json").read_text(encoding="utf-8")).get("meta_hash") != meta_hash:
+        raise D4IRError(f"{out} holds a finished DFMC run with another config or teacher; use another out_dir")
+    return True
+
+
+@dataclass
+class _GAN:
+    """The frozen teacher, the trained student and generator, their optimisers and the latent generator."""
+
+    teacher: nn.Module
+    student: nn.Module
+    gen: Generator
+    feat: FeatureNet
+    opt_g: torch.optim.Optimizer
+    opt_s: torch.optim.Optimizer
+    sched_s: torch.optim.lr_scheduler.LambdaLR
+    zgen: torch.Generator
+    device: torch.device
+
+    @classmethod
+    def build(cls, cfg: DFMCConfig, teacher: nn.Module, student_spec: dict, device: torch.device) -> _GAN:
+        teacher = teacher.to(device).eval().requires_grad_(False)
+        torch.manual_seed(cfg.seed)  # the student's, then the generator's weights
+        student = _build_student(student_spec).to(device).train()
+        gen = Generator(cfg.z_dim, cfg.g_width, cfg.patch).to(device).train()
+        feat = FeatureNet(cfg.seed).to(device)  # its weights come from its own generator
+        opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.g_lr, betas=(0.5, 0.999))
+        opt_s = torch.optim.AdamW(student.parameters(), lr=cfg.s_lr, weight_decay=0.0)
+        total = cfg.steps * cfg.student_steps  # cosine to 0 over every student update, no warm-up
+        sched_s = torch.optim.lr_scheduler.LambdaLR(opt_s, lambda i: warmup_cosine(i, total=total, angle_first=True))
+        zgen = torch.Generator(device="cpu").manual_seed(cfg.seed + 1)
+        return cls(teacher, student, gen, feat, opt_g, opt_s, sched_s, zgen, device)
+
+    def sample_z(self, n: int, z_dim: int) -> Tensor:
+        return torch.randn(n, z_dim, generator=self.zgen).to(self.device)  # (n, z_dim)
+
+    def weights(self) -> dict:
+        return {"gen": self.gen.state_dict(), "student": self.student.state_dict()}
+
+    def state(self) -> dict:
+        return {
+            "opt_g": self.opt_g.state_dict(),
+            "opt_s": self.opt_s.state_dict(),
+            "sched_s": self.sched_s.state_dict(),
+            "zgen": self.zgen.get_state(),
+            "rng": rng_state(),
+        }
+
+
+def _resume(ckpts: CheckpointDir, gan: _GAN, meta_hash: str, out: Path) -> int:
+    """Restore the last checkpoint of this config; returns its step (0 when none)."""
+    ck = ckpts.load()
+    if ck is None:
+        return 0
+    if ck.state.get("meta_hash") != meta_hash:
+        raise D4IRError(
+            f"{ck.path} was written by a DFMC run with a different config; delete {out} or use another out_dir"
+        )
+    gan.gen.load_state_dict(ck.weights("gen"))
+    gan.student.load_state_dict(ck.weights("student"))
+    gan.opt_g.load_state_dict(ck.state["opt_g"])
+    gan.opt_s.load_state_dict(ck.state["opt_s"])
+    gan.sched_s.load_state_dict(ck.state["sched_s"])
+    gan.zgen.set_state(ck.state["zgen"])
+    set_rng_state(ck.state["rng"])
+    logger.info("DFMC: resuming %s at step %d", out, ck.step)
+    return ck.step
+
+
+def _gan_step(cfg: DFMCConfig, g: _GAN) -> dict:
+    """One generator update, then ``student_steps`` student updates; the step's metrics row."""
+    z, eps = g.sample_z(cfg.batch, cfg.z_dim), g.sample_z(cfg.batch, cfg.z_dim)
+    g.student.requires_grad_(False)
+    x = g.gen(z)  # (B, 3, p, p)
+    x_pos = g.gen(z + cfg.contrast_sigma * eps)
+    disc = (g.student(x) - g.teacher(x)).abs().mean()
+    l_con = info_nce(g.feat(x), g.feat(x_pos), cfg.contrast_tau)
+    loss_g = -cfg.adv_weight * disc + cfg.contrast_weight * l_con
+    g.opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    torch.nn.utils.clip_grad_norm_(g.gen.parameters(), cfg.grad_clip)
+    g.opt_g.step()
+    g.student.requires_grad_(True)
+    for _ in range(cfg.student_steps):
+        with torch.no_grad():
+            xs = g.gen(g.sample_z(cfg.batch, cfg.z_dim))  # (B, 3, p, p)
+            ys = g.teacher(xs)  # pseudo-labels
+        loss_s = F.l1_loss(g.student(xs), ys)
+        g.opt_s.zero_grad(set_to_none=True)
+        loss_s.backward()
+        torch.nn.utils.clip_grad_norm_(g.student.parameters(), cfg.grad_clip)
+        g.opt_s.step()
+        g.sched_s.step()
+    return {
+        "loss_student": loss_s.item(),
+        "discrepancy": disc.item(),
+        "contrast": l_con.item(),
+        "diversity_l1": _mean_pairwise_l1(xs),
+    }
+
+
+def _write_outputs(out: Path, g: _GAN, cfg: DFMCConfig, record: dict) -> Path:
+    """generator.safetensors + json, samples.png, dfmc.json, then the student folder (renamed into place)."""
+    _save_generator(out, g.gen, cfg)
+    g.gen.eval()
+    with torch.no_grad():
+        zg = torch.randn(cfg.grid, cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed + 2)).to(g.device)
+        samples = g.gen(zg)  # (grid, 3, p, p)
+    ncol = int(math.ceil(math.sqrt(cfg.grid)))
+    arrs = [to_uint8(s) for s in samples]
+    tiles = [arrs[i : i + ncol] for i in range(0, len(arrs), ncol)]
+    save_png(out / "samples.png", image_grid(tiles, cell=cfg.patch))
+    atomic_write_json(out / "dfmc.json", record)
+    student_dir, tmp = out / "student", out / "student.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(g.student.eval(), tmp, extra={"trained_by": "dfmc", "dfmc": asdict(cfg)})
+    if student_dir.exists():
+        shutil.rmtree(student_dir)
+    tmp.rename(student_dir)
+    return student_dir
 
 
 def _save_generator(out: Path, gen: Generator, cfg: DFMCConfig) -> None:

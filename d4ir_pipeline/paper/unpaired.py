@@ -20,7 +20,7 @@ image has one (folder names give it for free, as for the DPA): the degraded doma
 mixture of three, and a deterministic unconditioned ``F`` can only cover it by collapsing
 to one "average" degradation, or by hiding the weather inside ``G(y)`` so the cycle can be
 undone, which is exactly what a restorer must not learn. [design] The learning rate
-follows the project's one schedule (warm-up + cosine, common.train.lr_factor) instead of
+follows the project's one schedule (warm-up + cosine, common.train.warmup_cosine) instead of
 CycleGAN's constant-then-linear decay, so every row of the table uses the same shape.
 
 Resumable like every loop of the project: ``ckpt/`` holds all four networks, both
@@ -46,8 +46,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from d4ir_pipeline.common.images import image_grid, save_png, to_uint8
-from d4ir_pipeline.common.io import atomic_write_bytes, atomic_write_json, read_json, sha256_bytes, trim_jsonl
-from d4ir_pipeline.common.train import latest_checkpoint, lr_factor, rng_state, save_checkpoint, set_rng_state
+from d4ir_pipeline.common.io import atomic_write_bytes, atomic_write_json, read_json, sha256_bytes
+from d4ir_pipeline.common.train import CheckpointDir, MetricsLog, rng_state, set_rng_state, warmup_cosine
 from d4ir_pipeline.data.manifests import load_manifest, open_rgb
 from d4ir_pipeline.errors import D4IRError
 from d4ir_pipeline.models import build_model
@@ -351,7 +351,7 @@ def _build(student_spec: dict, classes: int, cfg: UnpairedConfig, device: torch.
     opt_d = torch.optim.Adam([*d_clean.parameters(), *d_deg.parameters()], lr=cfg.lr, betas=cfg.betas)
 
     def factor(step: int) -> float:
-        return lr_factor(step, warmup=cfg.warmup, total=cfg.steps, min_ratio=cfg.min_lr_ratio)
+        return warmup_cosine(step, total=cfg.steps, warmup=cfg.warmup, min_ratio=cfg.min_lr_ratio)
 
     sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, factor)
     sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, factor)
@@ -359,41 +359,34 @@ def _build(student_spec: dict, classes: int, cfg: UnpairedConfig, device: torch.
     return _Nets(g, f, d_clean, d_deg, opt_g, opt_d, sched_g, sched_d, *pools)
 
 
-def _state(n: _Nets, gen: torch.Generator, step: int, run_hash: str) -> dict:
-    return {
-        "f": n.f.state_dict(),
-        "d_clean": n.d_clean.state_dict(),
-        "d_deg": n.d_deg.state_dict(),
-        "opt_g": n.opt_g.state_dict(),
-        "opt_d": n.opt_d.state_dict(),
-        "sched_g": n.sched_g.state_dict(),
-        "sched_d": n.sched_d.state_dict(),
-        "pool_clean": n.pool_clean.state(),
-        "pool_deg": n.pool_deg.state(),
-        "data_gen": gen.get_state(),
-        "rng": rng_state(),
-        "step": step,
-        "run_hash": run_hash,
-    }
+_NETS = ("g", "f", "d_clean", "d_deg")  # saved as safetensors in each checkpoint
+_OPTIMS = ("opt_g", "opt_d", "sched_g", "sched_d")  # saved in state.pt
 
 
-def _resume(n: _Nets, gen: torch.Generator, ckpt_root: Path, run_hash: str) -> int:
+def _save(ckpts: CheckpointDir, n: _Nets, gen: torch.Generator, step: int, run_hash: str) -> None:
+    state = {name: getattr(n, name).state_dict() for name in _OPTIMS}
+    state |= {"pool_clean": n.pool_clean.state(), "pool_deg": n.pool_deg.state(), "data_gen": gen.get_state()}
+    state |= {"rng": rng_state(), "run_hash": run_hash}
+    ckpts.save(step, state=state, weights={name: getattr(n, name).state_dict() for name in _NETS})
+
+
+def _resume(n: _Nets, gen: torch.Generator, ckpts: CheckpointDir, run_hash: str) -> int:
     """Load the latest checkpoint into the networks; returns its step (0 = none)."""
-    latest = latest_checkpoint(ckpt_root)
-    if latest is None:
+    ck = ckpts.load()
+    if ck is None:
         return 0
-    state = torch.load(latest / "state.pt", map_location="cpu", weights_only=True)
-    if state.get("run_hash") != run_hash:
-        raise D4IRError(f"{latest} belongs to an unpaired run with another config or data; delete {ckpt_root.parent}")
-    load_weights(n.g, latest / "student" / "model.safetensors", strict=True)
-    for name in ("f", "d_clean", "d_deg", "opt_g", "opt_d", "sched_g", "sched_d"):
-        getattr(n, name).load_state_dict(state[name])
-    n.pool_clean.load(state["pool_clean"])
-    n.pool_deg.load(state["pool_deg"])
-    gen.set_state(state["data_gen"])
-    set_rng_state(state["rng"])
-    logger.info("unpaired: resuming %s at step %d", ckpt_root.parent, int(state["step"]))
-    return int(state["step"])
+    if ck.state.get("run_hash") != run_hash:
+        raise D4IRError(f"{ck.path} belongs to an unpaired run with another config or data; delete {ckpts.root.parent}")
+    for name in _NETS:
+        load_weights(getattr(n, name), ck.weights(name), strict=True)
+    for name in _OPTIMS:
+        getattr(n, name).load_state_dict(ck.state[name])
+    n.pool_clean.load(ck.state["pool_clean"])
+    n.pool_deg.load(ck.state["pool_deg"])
+    gen.set_state(ck.state["data_gen"])
+    set_rng_state(ck.state["rng"])
+    logger.info("unpaired: resuming %s at step %d", ckpts.root.parent, ck.step)
+    return ck.step
 
 
 def weather_classes(degraded: ImageSet, conditioned: bool) -> list[str]:
@@ -431,23 +424,21 @@ def train_unpaired(
     # 2. networks, resume
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     nets = _build(student_spec, len(classes), cfg, device, gen)
-    ckpt_root = out / "ckpt"
-    start = _resume(nets, gen, ckpt_root, run_hash)
-    trim_jsonl(out / "metrics.jsonl", start)  # lines after the last checkpoint are written again
+    ckpts = CheckpointDir(out / "ckpt", keep=1)
+    start = _resume(nets, gen, ckpts, run_hash)
     end = min(cfg.steps, start + cfg.stop_after) if cfg.stop_after else cfg.steps
     # 3. alternate a generator step and a discriminator step
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    with open(out / "metrics.jsonl", "a", encoding="utf-8") as mf:
+    with MetricsLog(out / "metrics.jsonl", resume_step=start) as log:  # rows after the checkpoint are redone
         for step in tqdm(range(start, end), desc="unpaired", initial=start, total=cfg.steps, leave=False):
             b = _to(_draw(clean, degraded, classes, cfg, gen), device)
             row, fake_c, fake_d = _generator_step(nets, b, cfg)
             row |= _discriminator_step(nets, b, fake_c, fake_d, cfg)
-            mf.write(json.dumps({"step": step + 1, **row, "elapsed_s": round(time.perf_counter() - t0, 3)}) + "\n")
-            mf.flush()
+            log.write({"step": step + 1, **row, "elapsed_s": round(time.perf_counter() - t0, 3)})
             done = step + 1
             if done < cfg.steps and (done % cfg.checkpoint_every == 0 or done == end):
-                save_checkpoint(ckpt_root, done, nets.g, _state(nets, gen, done, run_hash), 1, {})
+                _save(ckpts, nets, gen, done, run_hash)
     if end < cfg.steps:
         logger.info("unpaired: stopped at step %d / %d (`stop_after`); rerun to resume", end, cfg.steps)
         return out / "student"
@@ -475,7 +466,7 @@ def _finish(out: Path, n: _Nets, clean: ImageSet, classes: list[str], cfg: Unpai
     save_model(n.g, tmp, extra={"trained_by": "unpaired", "unpaired": asdict(cfg), "classes": classes})
     shutil.rmtree(out / "student", ignore_errors=True)
     tmp.rename(out / "student")
-    shutil.rmtree(out / "ckpt", ignore_errors=True)
+    CheckpointDir(out / "ckpt").clear()
     logger.info("unpaired: G written to %s", out / "student")
 
 

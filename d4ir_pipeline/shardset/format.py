@@ -13,6 +13,11 @@ from d4ir_pipeline.errors import D4IRError
 
 SHARDSET_NAME = "shardset.json"
 RANK_MANIFEST = "shardset.r{rank:03d}.json"
+LABELS_NAME = "labels.json"
+# the `kind` of each listing: the merged set, one rank's commit point, a label cache
+SHARDSET_KIND = "d4ir-shardset"
+RANK_KIND = "d4ir-shardset-rank"
+LABELS_KIND = "d4ir-labels"
 SHARD_RE = re.compile(r"^synth-r(\d{3})-(\d{6})\.tar$")
 RANK_MANIFEST_RE = re.compile(r"^shardset\.r(\d{3})\.json$")
 
@@ -60,7 +65,7 @@ def shard_urls(root: str | os.PathLike, *, base: str | None = None, allow_pipe: 
     maps each listed name to a URL; ``pipe:`` runs a shell command, so it is refused
     unless ``allow_pipe``. Names are checked, so none can escape ``root``.
     """
-    _, listed = read_listing(Path(root) / SHARDSET_NAME, "d4ir-shardset")
+    _, listed = read_listing(Path(root) / SHARDSET_NAME, SHARDSET_KIND)
     names = [s.name for s in listed]
     if base is None:
         return [str(s.path) for s in listed]
@@ -80,8 +85,8 @@ def shard_urls(root: str | os.PathLike, *, base: str | None = None, allow_pipe: 
 def read_listing(path: str | os.PathLike, kind: str) -> tuple[dict, list[ShardInfo]]:
     """Read a shard listing and check its form; the one reader of every manifest of shards.
 
-    ``kind`` is ``d4ir-shardset`` (shardset.json), ``d4ir-shardset-rank`` (a rank's commit
-    point) or ``d4ir-labels`` (distill's label cache). Every ``shards`` entry must be an
+    ``kind`` is :data:`SHARDSET_KIND` (shardset.json), :data:`RANK_KIND` (a rank's commit
+    point) or :data:`LABELS_KIND` (distill's label cache). Every ``shards`` entry must be an
     object with a synth-rNNN-NNNNNN.tar name (so none escapes the folder), samples, bytes
     and sha256. Returns the raw document (callers read their own extra keys) and the
     entries resolved under the listing's folder; raises :class:`ShardSetError`. Files are
@@ -131,6 +136,7 @@ def check_shard_file(shard: ShardInfo, *, full: bool = True) -> str | None:
 
 
 def rank_files(out: Path) -> dict[int, Path]:
+    """The rank listings ``shardset.rNNN.json`` in ``out``, by rank."""
     found = {}
     if out.is_dir():
         for p in out.iterdir():

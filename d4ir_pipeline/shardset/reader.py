@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import os
+import re
 import tarfile
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from d4ir_pipeline.common.io import sha256_file
-from d4ir_pipeline.errors import D4IRError
 from d4ir_pipeline.shardset.format import (
     SHARD_RE,
+    SHARDSET_KIND,
     SHARDSET_NAME,
     ShardInfo,
     ShardSetError,
@@ -20,23 +20,72 @@ from d4ir_pipeline.shardset.format import (
     read_listing,
 )
 
+# ---------------------------------------------------------------------------------------
+# the one tar reader
+
+_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
+
+
+def split_key(name: str) -> tuple[str | None, str]:
+    """webdataset's key convention: key = the member path up to the first dot of its basename, ext = the rest
+    (lower-cased); ``(None, "")`` for a name without an extension."""
+    m = _KEY_EXT.match(name)
+    return (m.group(1), m.group(2).lower()) if m else (None, "")
+
+
+class ShardReadError(ShardSetError):
+    """A shard tar that cannot be read to its end (corrupt, truncated, a file twice in one sample).
+
+    ``key`` is the sample being read when it broke (None: before the first sample); ``why`` the cause.
+    """
+
+    def __init__(self, path: str | os.PathLike, key: str | None, why: str):
+        self.path, self.key, self.why = Path(path), key, why
+        super().__init__(f"{path}: corrupt or truncated tar {self.where} ({why})")
+
+    @property
+    def where(self) -> str:
+        return f"while reading key {self.key}" if self.key else "before the first sample"
+
+
+def iter_tar(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """``(key, {ext: bytes})`` per sample, streaming, in tar order; raises :class:`ShardReadError`.
+
+    As webdataset reads a tar: a sample is a run of adjacent files with one key; members
+    that are not regular files or have no extension are skipped; a file repeated within a
+    sample is an error.
+    """
+    key: str | None = None
+    parts: dict[str, bytes] = {}
+    with open(path, "rb") as f:
+        try:
+            with tarfile.open(fileobj=f, mode="r|") as tf:
+                for member in tf:
+                    k, ext = split_key(member.name) if member.isreg() else (None, "")
+                    if k is None:
+                        continue
+                    if k != key:
+                        if key is not None:
+                            yield key, parts
+                        key, parts = k, {}
+                    if ext in parts:
+                        raise ShardReadError(path, key, f"{member.name!r} occurs twice in the sample")
+                    fobj = tf.extractfile(member)
+                    assert fobj is not None, member.name
+                    parts[ext] = fobj.read()
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise ShardReadError(path, key, str(e) or type(e).__name__) from e
+    if key is not None:
+        yield key, parts
+
 
 def read_shard(path: str | os.PathLike) -> dict[str, dict[str, bytes]]:
-    """Read a shard with plain ``tarfile``: key -> {ext: bytes}; a repeated file is an error."""
+    """A whole shard as key -> {ext: bytes} (tests, small shards), through :func:`iter_tar`; a key seen twice is an error."""
     out: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path, mode="r:") as tar:
-        for m in tar:
-            if not m.isfile():
-                raise D4IRError(f"{path}: member {m.name!r} is not a regular file")
-            name = m.name
-            if "/" in name or "." not in name:
-                raise D4IRError(f"{path}: member {name!r} is not `key.ext`")
-            key, ext = name.split(".", 1)
-            f = tar.extractfile(m)
-            assert f is not None, m.name
-            if ext in out.setdefault(key, {}):
-                raise D4IRError(f"{path}: {name!r} occurs twice")
-            out[key][ext] = f.read()
+    for key, files in iter_tar(path):
+        if key in out:
+            raise ShardReadError(path, key, f"key {key!r} occurs twice in the shard")
+        out[key] = files
     return out
 
 
@@ -66,7 +115,7 @@ def verify_shardset(root: str | os.PathLike, *, deep: bool = True) -> VerifyRepo
     from tqdm import tqdm
 
     root = Path(root)
-    doc, listed = read_listing(root / SHARDSET_NAME, "d4ir-shardset")
+    doc, listed = read_listing(root / SHARDSET_NAME, SHARDSET_KIND)
     report = VerifyReport(root=root, complete=bool(doc.get("complete")), shards=len(listed))
     seen_keys: dict[str, str] = {}
     for s in tqdm(listed, desc="verify", unit="shard", disable=len(listed) < 8):
@@ -76,18 +125,10 @@ def verify_shardset(root: str | os.PathLike, *, deep: bool = True) -> VerifyRepo
             continue
         if deep:
             try:
-                samples = read_shard(s.path)
-            except (tarfile.TarError, D4IRError, OSError) as e:
-                report.damaged.append(f"{s.name}: unreadable tar ({e})")
+                report.damaged += _sample_problems(s, seen_keys)
+            except ShardReadError as e:
+                report.damaged.append(f"{s.name}: unreadable tar ({e.why} {e.where})")
                 continue
-            if len(samples) != s.samples:
-                report.damaged.append(f"{s.name}: {len(samples)} samples, listed {s.samples}")
-            for key, files in samples.items():
-                if "json" not in files or not any(ext.startswith("degraded.") for ext in files):
-                    report.damaged.append(f"{s.name}: sample {key!r} lacks .json or .degraded.*")
-                if key in seen_keys:
-                    report.damaged.append(f"{s.name}: key {key!r} also in {seen_keys[key]}")
-                seen_keys[key] = s.name
         report.samples += s.samples
     names = {s.name for s in listed}
     for p in sorted(root.iterdir()):
@@ -98,12 +139,23 @@ def verify_shardset(root: str | os.PathLike, *, deep: bool = True) -> VerifyRepo
     return report
 
 
+def _sample_problems(shard: ShardInfo, seen_keys: dict[str, str]) -> list[str]:
+    """What reading a shard finds wrong: its sample count, a key seen before, a sample without json or image."""
+    problems, n = [], 0
+    for key, files in iter_tar(shard.path):
+        n += 1
+        if "json" not in files or not any(ext.startswith("degraded.") for ext in files):
+            problems.append(f"{shard.name}: sample {key!r} lacks .json or .degraded.*")
+        if key in seen_keys:
+            problems.append(f"{shard.name}: key {key!r} also in {seen_keys[key]}")
+        seen_keys[key] = shard.name
+    if n != shard.samples:
+        problems.append(f"{shard.name}: {n} samples, listed {shard.samples}")
+    return problems
+
+
 # ---------------------------------------------------------------------------------------
 # shard set
-
-
-# ShardSetError, ShardInfo and the listing / file checks live in shards.py (stage one
-# writes what stage two reads; one reader for both); they are re-exported here.
 
 
 @dataclass(frozen=True)
@@ -145,7 +197,7 @@ def open_shardset(root: str | os.PathLike, *, verify: str = "full") -> ShardSet:
             f"`data.shards` = {str(root)!r}: no {SHARDSET_NAME}{hint}; run `d4ir synthesize` (make synthesize) "
             "first, or point `data.shards` at a finished shard-set folder"
         )
-    doc, shards = read_listing(manifest, "d4ir-shardset")
+    doc, shards = read_listing(manifest, SHARDSET_KIND)
     if doc.get("complete") is not True:
         raise ShardSetError(
             f"{manifest}: the shard set is incomplete (`complete` is not true): synthesis has not finished. "
@@ -162,43 +214,3 @@ def open_shardset(root: str | os.PathLike, *, verify: str = "full") -> ShardSet:
         config_hash=doc.get("config_hash"),
         num_samples=sum(s.samples for s in shards),
     )
-
-
-def _split_name(fname: str) -> tuple[str | None, str]:
-    """webdataset's key convention: key = path up to the first dot of the basename; ext = the rest."""
-    from webdataset.tariterators import base_plus_ext
-
-    key, ext = base_plus_ext(fname)
-    return key, (ext or "").lower()
-
-
-class TarTruncated(Exception):
-    def __init__(self, key: str | None, cause: BaseException):
-        super().__init__(str(cause))
-        self.key, self.cause = key, cause
-
-
-def iter_tar(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) per sample, streaming; a corrupt / truncated tar raises TarTruncated."""
-    key: str | None = None
-    parts: dict[str, bytes] = {}
-    with open(path, "rb") as f:
-        try:
-            with tarfile.open(fileobj=f, mode="r|") as tf:
-                for member in tf:
-                    if not member.isreg():
-                        continue
-                    k, ext = _split_name(member.name)
-                    if k is None:
-                        continue
-                    if k != key:
-                        if key is not None and parts:
-                            yield key, parts
-                        key, parts = k, {}
-                    fobj = tf.extractfile(member)
-                    assert fobj is not None
-                    parts[ext] = fobj.read()
-        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-            raise TarTruncated(key, e) from e
-    if key is not None and parts:
-        yield key, parts

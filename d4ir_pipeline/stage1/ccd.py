@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from d4ir_pipeline.common.seeds import text_seed
 from d4ir_pipeline.errors import D4IRError
 
 logger = logging.getLogger(__name__)
@@ -50,8 +51,7 @@ def sample_key(source_id: str, variant: int = 0) -> str:
 def sample_seed(global_seed: int, key: str, attempt: int = 0) -> int:
     """The 63-bit seed of sample ``key``: a hash of (global seed, key, attempt), so no
     sample's seed depends on which rank, batch or order produced it."""
-    text = f"{int(global_seed)}/{key}" + (f"/retry{attempt}" if attempt else "")
-    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") & (2**63 - 1)
+    return text_seed(int(global_seed), key, *((f"retry{attempt}",) if attempt else ()))  # "seed/key[/retryN]"
 
 
 def denoise_steps(strength: float, steps: int) -> int:

@@ -1,7 +1,7 @@
 """Stage one, part 2: the prompt bank, the DPA tokens of every web-degraded image.
 
 ``d4ir prompt-bank`` encodes each image of the web-degraded manifest with the trained
-DPA (``{work}/dpa``) into K x D prompt tokens and writes, atomically, the folder
+DPA (``{dpa}``) into K x D prompt tokens and writes, atomically, the folder
 described in docs/ARCHITECTURE.md ("Prompt bank"):
 
 - ``tokens.safetensors``: ``tokens`` float32 (N, K, D) and ``centroids`` float32 (W, K, D)
@@ -54,10 +54,10 @@ BANK_VERSION = 1
 class BankSection:
     """Inputs and output of the prompt bank."""
 
-    dpa_dir: str = opt("{work}/dpa", help="Output folder of `d4ir train-dpa` (dpa.json + dpa.safetensors).")
-    manifest: str = opt("{work}/data/manifests/web-degraded.jsonl", help="The web-degraded images to encode.")
-    root: str = opt("{work}/data", help="Image root of the manifest.")
-    out: str = opt("{work}/bank", help="Bank folder (replaced atomically).")
+    dpa_dir: str = opt("{dpa}", help="Output folder of `d4ir train-dpa` (dpa.json + dpa.safetensors).")
+    manifest: str = opt("{data}/manifests/web-degraded.jsonl", help="The web-degraded images to encode.")
+    root: str = opt("{data}", help="Image root of the manifest.")
+    out: str = opt("{bank}", help="Bank folder (replaced atomically).")
     device: str = opt("auto", help="auto | cpu | cuda[:N].")
     batch_size: int = opt(64, min=1, help="Images encoded per forward pass.")
     overwrite: bool = opt(False, help="Rebuild even when the bank matches the adapter and the manifest.")

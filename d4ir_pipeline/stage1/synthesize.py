@@ -1,16 +1,16 @@
-"""Stage one, part 2: CCD synthesis into webdataset shards (`d4ir synthesize`), plus
-`d4ir shards verify` and `d4ir shards merge`.
+"""Stage one, part 2: CCD synthesis into webdataset shards (`d4ir synthesize`).
 
 Roles, in data-flow order: :func:`plan_shards` turns the web-clean manifest into a fixed
 list of shards (a pure function of the manifest and config, the same on every rank);
 ranks own the shards with ``index % world_size == rank``; a worker loads the SD pipeline
-once and turns one shard's items into one tar (``synth-r{rank:03d}-{index:06d}.tar``),
-written ``.tar.tmp`` -> fsync -> rename, then recorded in the rank's manifest
-``shardset.r{rank:03d}.json`` (the commit point, rewritten atomically after every
-shard). :func:`merge_shardset` unions the rank manifests into ``shardset.json``; a set is
-complete only when every planned shard is listed. Rerunning the same command resumes:
-recorded shards whose sha256 verifies are kept, everything else is redone; a different
-config hash in the same folder is refused unless ``--overwrite``.
+once and turns one shard's items into one tar's samples; the shard-set writer
+(:class:`~d4ir_pipeline.shardset.writer.ShardSetWriter`) writes them as
+``synth-r{rank:03d}-{index:06d}.tar`` (``.tar.tmp`` -> fsync -> rename), then records it in
+the rank's listing ``shardset.r{rank:03d}.json`` (the commit point, rewritten atomically
+after every shard). :func:`merge_shardset` unions the rank listings into ``shardset.json``;
+a set is complete only when every planned shard is listed. Rerunning the same command
+resumes: recorded shards whose sha256 verifies are kept, everything else is redone; a
+different config hash in the same folder is refused unless ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -31,25 +30,17 @@ from typing import Any
 import click
 import numpy as np
 
-from d4ir_pipeline.cli import config_from_options, stage_options
+from d4ir_pipeline.cli import stage_command
 from d4ir_pipeline.common.dist import dist_env, init_barrier_group, pick_rank_device
 from d4ir_pipeline.common.images import IMAGE_FORMATS, encode_image
-from d4ir_pipeline.common.io import atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from d4ir_pipeline.common.io import atomic_write_bytes, read_json, sha256_file
 from d4ir_pipeline.common.runtime import DTYPES, package_versions, pick_dtype
-from d4ir_pipeline.config import config_hash, config_to_dict, opt
+from d4ir_pipeline.common.train import MetricsLog
+from d4ir_pipeline.config import config_hash, config_to_dict, neutral_keys, opt
 from d4ir_pipeline.data.manifests import load_manifest, open_rgb
 from d4ir_pipeline.errors import BadImageError, D4IRError
-from d4ir_pipeline.shardset.format import (
-    RANK_MANIFEST,
-    RANK_MANIFEST_RE,
-    SHARDSET_NAME,
-    ShardInfo,
-    check_output_dir,
-    check_shard_file,
-    rank_files,
-    shard_name,
-)
-from d4ir_pipeline.shardset.writer import all_ranks_done, merge_shardset, recorded_entries, write_shard
+from d4ir_pipeline.shardset.format import SHARDSET_KIND, SHARDSET_NAME, check_output_dir, shard_name
+from d4ir_pipeline.shardset.writer import ShardSetWriter, all_ranks_done, merge_shardset
 from d4ir_pipeline.stage1.ccd import (
     CCD,
     CROPS,
@@ -85,25 +76,9 @@ SCHEDULERS = (
     "UniPCMultistepScheduler",
     "HeunDiscreteScheduler",
 )
-# Keys that change speed or memory but not which samples are drawn: left out of the config
-# hash so a resume may use another batch size, GPU or attention kernel. The input paths are
-# replaced by the hashes of what they hold (manifest bytes, bank tokens, UNet weights).
-HASH_EXCLUDE = (
-    "sd.model",
-    "data.manifest",
-    "data.root",
-    "bank.dir",
-    "output.dir",
-    "runtime.device",
-    "runtime.attention",
-    "runtime.batch_size",
-    "runtime.compile",
-    "runtime.channels_last",
-    "runtime.vae_slicing",
-    "runtime.vae_tiling",
-    "runtime.workers",
-    "runtime.barrier_timeout_min",
-)
+# Fields marked affects_output=False change speed or memory but not which samples are drawn:
+# a resume may use another batch size, GPU or attention kernel. The input paths among them are
+# replaced in the identity by the hashes of what they hold (manifest bytes, bank tokens, UNet weights).
 
 
 # ---------------------------------------------------------------------------------------
@@ -114,7 +89,9 @@ HASH_EXCLUDE = (
 class SDSection:
     """The Stable Diffusion model and sampler."""
 
-    model: str = opt("{work}/tiny-sd", help="diffusers SD folder or hub id (the Makefile passes SD_MODEL here)")
+    model: str = opt(
+        "{work}/tiny-sd", help="diffusers SD folder or hub id (the Makefile passes SD_MODEL here)", affects_output=False
+    )
     scheduler: str = opt(
         "DDIMScheduler", choices=SCHEDULERS, help="DDIM: deterministic for a seed, good at 20-50 steps"
     )
@@ -127,8 +104,12 @@ class SDSection:
 class DataSection:
     """The clean web images and how they are cut to the SD resolution."""
 
-    manifest: str = opt("{work}/data/manifests/web-clean.jsonl", help="image manifest (JSON Lines) of clean images")
-    root: str = opt("{work}/data", help="folder the manifest's paths are relative to")
+    manifest: str = opt(
+        "{data}/manifests/web-clean.jsonl",
+        help="image manifest (JSON Lines) of clean images",
+        affects_output=False,
+    )
+    root: str = opt("{data}", help="folder the manifest's paths are relative to", affects_output=False)
     resolution: int = opt(512, min=8, max=4096, help="SD 1.x works at 512; multiple of 8; square crops")
     crop: str = opt("center", choices=CROPS, help="'random': a seeded random square crop (from the sample seed)")
     min_side: int = opt(64, min=1, help="skip images whose short side is below this (too_small): upscaled mush")
@@ -143,7 +124,7 @@ class DataSection:
 class BankSection:
     """Where the prompts come from."""
 
-    dir: str = opt("{work}/bank", help="prompt-bank folder written by `d4ir prompt-bank`")
+    dir: str = opt("{bank}", help="prompt-bank folder written by `d4ir prompt-bank`", affects_output=False)
     use: str = opt("entry", choices=("entry", "centroid"), help="one bank entry of the weather, or its centroid")
     mix: dict[str, float] = opt(
         default_factory=dict, min=0.0, help="weather -> ratio, e.g. {rain = 1, haze = 1, snow = 2}; empty = uniform"
@@ -167,7 +148,9 @@ class CCDSection:
 class OutputSection:
     """The shard set."""
 
-    dir: str = opt("{work}/shards", help="shard-set folder (local path; URLs such as pipe: are refused)")
+    dir: str = opt(
+        "{shards}", help="shard-set folder (local path; URLs such as pipe: are refused)", affects_output=False
+    )
     shard_size: int = opt(256, min=1, help="samples per shard: ~100 MB tars at 512 px PNG")
     format: str = opt("png", choices=tuple(IMAGE_FORMATS), help="degraded image format (png: lossless)")
     quality: int = opt(95, min=1, max=100, help="jpg / webp quality")
@@ -178,17 +161,31 @@ class OutputSection:
 class RuntimeSection:
     """Speed and memory (left out of the config hash unless they change the samples)."""
 
-    device: str = opt("auto", help="'auto' = cuda when available (cuda:LOCAL_RANK under torchrun), else cpu")
+    device: str = opt(
+        "auto", help="'auto' = cuda when available (cuda:LOCAL_RANK under torchrun), else cpu", affects_output=False
+    )
     dtype: str = opt("float16", choices=DTYPES, help="half on CUDA; the CPU uses float32")
-    attention: str = opt("sdpa", choices=ATTENTION_BACKENDS, help="PyTorch SDPA; xformers when installed")
-    batch_size: int = opt(8, min=1, help="images per UNet call (the UNet sees 2x with CFG)")
-    compile: bool = opt(False, help="torch.compile the UNet (slow first batches; for long GPU runs)")
-    channels_last: bool = opt(False, help="channels_last memory format for UNet and VAE (often faster on GPUs)")
-    vae_slicing: bool = opt(False, help="VAE one image at a time: less memory at large batch sizes")
-    vae_tiling: bool = opt(False, help="VAE in tiles: less memory at large resolutions")
+    attention: str = opt(
+        "sdpa", choices=ATTENTION_BACKENDS, help="PyTorch SDPA; xformers when installed", affects_output=False
+    )
+    batch_size: int = opt(8, min=1, help="images per UNet call (the UNet sees 2x with CFG)", affects_output=False)
+    compile: bool = opt(
+        False, help="torch.compile the UNet (slow first batches; for long GPU runs)", affects_output=False
+    )
+    channels_last: bool = opt(
+        False, help="channels_last memory format for UNet and VAE (often faster on GPUs)", affects_output=False
+    )
+    vae_slicing: bool = opt(
+        False, help="VAE one image at a time: less memory at large batch sizes", affects_output=False
+    )
+    vae_tiling: bool = opt(False, help="VAE in tiles: less memory at large resolutions", affects_output=False)
     vae_fp32: bool = opt(False, help="keep the VAE in float32 (fp16 SD VAEs can overflow to NaN)")
-    workers: int = opt(4, min=1, max=64, help="threads decoding clean images and encoding outputs")
-    barrier_timeout_min: int = opt(240, min=1, help="how long ranks wait for each other at the end (torchrun)")
+    workers: int = opt(
+        4, min=1, max=64, help="threads decoding clean images and encoding outputs", affects_output=False
+    )
+    barrier_timeout_min: int = opt(
+        240, min=1, help="how long ranks wait for each other at the end (torchrun)", affects_output=False
+    )
 
 
 @dataclass(frozen=True)
@@ -201,6 +198,10 @@ class SynthesizeConfig:
     ccd: CCDSection = field(default_factory=CCDSection)
     output: OutputSection = field(default_factory=OutputSection)
     runtime: RuntimeSection = field(default_factory=RuntimeSection)
+
+
+# derived from the marks (compare's cache key uses it)
+HASH_EXCLUDE = neutral_keys(SynthesizeConfig)
 
 
 # ---------------------------------------------------------------------------------------
@@ -405,7 +406,7 @@ def _prepare(cfg: SynthesizeConfig) -> _Context:
         "num_images": len(records),
     }
     models = {"sd": model_id(cfg.sd.model), "sd_source": cfg.sd.model, "scheduler": cfg.sd.scheduler}
-    ident = {"config": config_hash(cfg, exclude=HASH_EXCLUDE), "inputs": inputs, "sd": models["sd"]}
+    ident = {"config": config_hash(cfg), "inputs": inputs, "sd": models["sd"]}
     ident["inputs"] = {k: v for k, v in inputs.items() if k.endswith("sha256") or k == "num_images"}
     chash = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
     header = {
@@ -418,73 +419,10 @@ def _prepare(cfg: SynthesizeConfig) -> _Context:
     return _Context(cfg, out, records, bank, weathers, probs, plans, chash, header)
 
 
-def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += _config_diff(a, b, f"{prefix}{k}.")
-        elif a != b:
-            keys.append(f"{prefix}{k}")
-    return keys
-
-
-def _open_output(ctx: _Context, rank: int, world: int, overwrite: bool) -> dict[int, list[tuple[dict, ShardInfo]]]:
-    """Refuse another config's shard set (unless ``overwrite``); return recorded (entry, checked entry) by index."""
-    out = ctx.out
-    out.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        mine = re.compile(rf"^synth-r{rank:03d}-\d{{6}}\.tar(\.tmp)?$")
-        for p in out.iterdir():
-            m_rank = RANK_MANIFEST_RE.match(p.name)
-            m_shard = re.match(r"^synth-r(\d{3})-\d{6}\.tar(\.tmp)?$", p.name)
-            if (
-                mine.match(p.name)
-                or (m_rank and (int(m_rank.group(1)) == rank or (rank == 0 and int(m_rank.group(1)) >= world)))
-                or (rank == 0 and m_shard and int(m_shard.group(1)) >= world)
-                or (rank == 0 and p.name == SHARDSET_NAME)
-            ):
-                p.unlink()
-        logger.info("--overwrite: removed rank %d's earlier shards and manifests in %s", rank, out)
-        return {}
-    by_index, hashes = recorded_entries(out)
-    other = hashes - {ctx.config_hash}
-    if other:
-        old_cfg = {}
-        for p in [out / SHARDSET_NAME, *rank_files(out).values()]:
-            if p.is_file():
-                old_cfg = read_json(p).get("config", {})
-                break
-        diff = _config_diff(old_cfg, ctx.header["config"]) or ["(inputs: manifest, bank or SD weights)"]
-        raise D4IRError(
-            f"`output.dir` = {str(out)!r} holds a shard set made with another config (hash {sorted(other)[0][:12]}..., "
-            f"this run {ctx.config_hash[:12]}...; differing: {', '.join(diff[:8])}). Mixing them is refused: use a "
-            "new output.dir, or --overwrite to replace it"
-        )
-    return by_index
-
-
-def _rank_doc(ctx: _Context, rank: int, world: int, owned: Sequence[ShardPlan], entries: dict[int, dict], done: bool):
-    return {
-        "kind": "d4ir-shardset-rank",
-        "version": 1,
-        "rank": rank,
-        "world_size": world,
-        "done": done,
-        "num_shards_planned": len(ctx.plans),
-        "owned": len(owned),
-        "shards": [entries[i] for i in sorted(entries)],
-        **ctx.header,
-    }
-
-
 def _append_metrics(out: Path, row: dict) -> None:
     """One JSON line in metrics.jsonl; a single O_APPEND write, safe with several ranks."""
-    fd = os.open(out / "metrics.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (json.dumps(row, sort_keys=True) + "\n").encode())
-    finally:
-        os.close(fd)
+    with MetricsLog(out / "metrics.jsonl") as log:
+        log.write(row)
 
 
 class _Worker:
@@ -651,76 +589,58 @@ def synthesize(
     dist, own_group = init_barrier_group(world, cfg.runtime.barrier_timeout_min)
     owned = shards_for_rank(ctx.plans, rank, world)
     # 2. the output folder: refuse another config; what is recorded and still verifies is kept
-    recorded = _open_output(ctx, rank, world, overwrite)
-    if dist is not None:
-        dist.barrier()  # every rank has read the old manifests before any rank rewrites its own
-    for p in ctx.out.glob(f"synth-r{rank:03d}-*.tar.tmp"):
-        p.unlink()  # a write interrupted by a crash: never recorded
-    entries: dict[int, dict] = {}
+    writer = ShardSetWriter(
+        out=ctx.out,
+        kind=SHARDSET_KIND,
+        header=ctx.header,
+        num_shards=len(ctx.plans),
+        rank=rank,
+        world_size=world,
+        where=f"`output.dir` = {str(ctx.out)!r}",
+        hint="use a new output.dir, or --overwrite to replace it",
+    )
+    # the barrier: every rank has read the old listings before any rank rewrites its own
+    to_write = set(
+        writer.open(overwrite=overwrite, barrier=dist.barrier if dist else None, workers=cfg.runtime.workers)
+    )
+    todo = [p for p in owned if p.index in to_write]
+    reused = len(owned) - len(todo)
+    logger.info(
+        "rank %d/%d: %d shards owned, %d already done, %d to make in %s",
+        rank,
+        world,
+        len(owned),
+        reused,
+        len(todo),
+        ctx.out,
+    )
+    skipped: Counter = Counter()
+    dropped: Counter = Counter()
+    written = n_samples = 0
+    t_work = time.perf_counter()
     with ThreadPoolExecutor(cfg.runtime.workers) as pool:
-        checks = {
-            p.index: [(e, info, pool.submit(check_shard_file, info)) for e, info in recorded.get(p.index, [])]
-            for p in owned
-        }
-        for index, cands in checks.items():
-            for e, _, fut in cands:
-                if fut.result() is None:
-                    entries[index] = e
-                    break
-                logger.warning("recorded shard %s fails verification (%s): redoing it", e["name"], fut.result())
-        todo = [p for p in owned if p.index not in entries]
-        for p in todo:  # damaged recorded files of redone shards: remove, so no stale tar lingers
-            for _, info, _ in checks[p.index]:
-                info.path.unlink(missing_ok=True)
-        reused = len(entries)
-        logger.info(
-            "rank %d/%d: %d shards owned, %d already done, %d to make in %s",
-            rank,
-            world,
-            len(owned),
-            reused,
-            len(todo),
-            ctx.out,
-        )
-        rank_path = ctx.out / RANK_MANIFEST.format(rank=rank)
-        atomic_write_json(rank_path, _rank_doc(ctx, rank, world, owned, entries, done=not todo), indent=None)
-        skipped: Counter = Counter()
-        dropped: Counter = Counter()
-        written = n_samples = 0
-        t_work = time.perf_counter()
         # 3. synthesise: one shard at a time, the next shard's images load meanwhile
         if todo:
             with _MaxPixels(cfg.data.max_pixels):
                 device = pick_rank_device(cfg.runtime.device, world, local_rank)
                 worker = _Worker(ctx, device, pool)
-                ctx.header["runtime"] = worker.runtime
+                writer.header["runtime"] = worker.runtime
                 nxt = worker.load(todo[0])
                 for i, plan in enumerate(tqdm(todo, desc=f"synthesize r{rank}", unit="shard", position=rank)):
                     loads, nxt = nxt, (worker.load(todo[i + 1]) if i + 1 < len(todo) else None)
                     ts = time.perf_counter()
                     samples, sk, dr = worker.make(plan, loads)
-                    name = plan.name(rank)
-                    size, sha = write_shard(ctx.out / name, samples)
-                    entries[plan.index] = {
-                        "name": name,
-                        "index": plan.index,
-                        "rank": rank,
-                        "samples": len(samples),
-                        "bytes": size,
-                        "sha256": sha,
-                        "skipped": dict(sorted(sk.items())),
-                        "dropped": dict(sorted(dr.items())),
-                    }
-                    last = i + 1 == len(todo)
-                    atomic_write_json(rank_path, _rank_doc(ctx, rank, world, owned, entries, done=last), indent=None)
-                    if world == 1:
-                        merge_shardset(ctx.out)  # the set's manifest, one shard further
+                    for key, files in samples:
+                        writer.write(key, files)
+                    entry = writer.flush_shard(
+                        plan.index, skipped=dict(sorted(sk.items())), dropped=dict(sorted(dr.items()))
+                    )
                     dt = time.perf_counter() - ts
                     _append_metrics(
                         ctx.out,
                         {
                             "rank": rank,
-                            "shard": name,
+                            "shard": entry["name"],
                             "samples": len(samples),
                             "seconds": round(dt, 3),
                             "images_per_s": round(len(samples) / dt, 3) if dt > 0 else None,
@@ -811,18 +731,14 @@ def _only(ctx: _Context, keys: list[str], only_out, t0: float, rank: int, world:
 # CLI
 
 
-@click.command("synthesize")
-@stage_options
+@stage_command("synthesize", SynthesizeConfig)
 @click.option("--overwrite", is_flag=True, help="Replace a shard set made with another config in output.dir.")
 @click.option("--only", "only", multiple=True, metavar="KEY", help="Regenerate just this sample (repeatable).")
 @click.option(
     "--only-out", type=click.Path(file_okay=False), default=None, help="Folder for --only (default {output.dir}/only)."
 )
-def synthesize_command(profile, config_path, overrides, work_dir, overwrite, only, only_out) -> None:
+def synthesize_command(cfg: SynthesizeConfig, overwrite: bool, only: tuple[str, ...], only_out: str | None) -> None:
     """Stage one: CCD synthesis of degraded images into webdataset shards (resumable; torchrun-aware)."""
-    cfg = config_from_options(
-        SynthesizeConfig, "synthesize", profile=profile, config_path=config_path, overrides=overrides, work_dir=work_dir
-    )
     res = synthesize(cfg, overwrite=overwrite, only=only, only_out=only_out)
     if only:
         click.echo(f"regenerated {res.samples_written} sample(s): " + ", ".join(str(p) for p in res.only))

@@ -1,1 +1,1 @@
-"""stage2."""
+"""Stage two: shard set -> (frozen teacher | cached labels) -> pixel-wise distillation -> student -> evaluation."""

@@ -25,12 +25,13 @@ class StudentConfig:
 class DataConfig:
     """Where the shards are and how they are streamed."""
 
-    shards: str = opt("{work}/shards", help="shard-set folder holding shardset.json (written by `d4ir synthesize`)")
+    shards: str = opt("{shards}", help="shard-set folder holding shardset.json (written by `d4ir synthesize`)")
     verify: str = opt(
         "full",
         help="'full' re-hashes every shard against shardset.json (refuses a mismatch); 'size' checks byte "
         "counts only (for very large sets); 'off' trusts the files",
         choices=("full", "size", "off"),
+        affects_output=False,
     )
     patch: int = opt(128, help="random crop side; restoration students train on crops, run on full images", min=8)
     batch_size: int = opt(8, help="crops per step and rank", min=1)
@@ -59,14 +60,17 @@ class LabelsConfig:
         help="'auto' uses a complete cache for this teacher and shard set when one exists; 'off' always runs "
         "the teacher; 'require' fails without a cache",
         choices=("auto", "off", "require"),
+        affects_output=False,
     )
-    dir: str = opt("", help="cache folder; empty = <shards>/labels/<teacher id>")
+    dir: str = opt("", help="cache folder; empty = <shards>/labels/<teacher id>", affects_output=False)
     format: str = opt(
         "png",
         help="'png' (8-bit, like the inputs; small) or 'npy' (float16, no quantisation; 2x larger)",
         choices=("png", "npy"),
     )
-    batch_size: int = opt(4, help="images per teacher forward while labelling (same-size neighbours)", min=1)
+    batch_size: int = opt(
+        4, help="images per teacher forward while labelling (same-size neighbours)", min=1, affects_output=False
+    )
 
 
 @dataclass(frozen=True)
@@ -86,34 +90,43 @@ class TrainConfig:
         "bf16", help="mixed precision for the student on CUDA (the CPU runs float32)", choices=("off", "bf16", "fp16")
     )
     seed: int = opt(0, help="seeds the student's init, shard order, shuffles and crops", min=0)
-    device: str = opt("auto", help="'auto' (cuda when available), 'cpu' or 'cuda[:N]'")
-    ckpt_every: int = opt(250, help="checkpoint every N steps (rerunning resumes from the latest)", min=1)
-    ckpt_keep: int = opt(2, help="checkpoints kept (older ones are deleted)", min=1)
+    device: str = opt("auto", help="'auto' (cuda when available), 'cpu' or 'cuda[:N]'", affects_output=False)
+    ckpt_every: int = opt(
+        250, help="checkpoint every N steps (rerunning resumes from the latest)", min=1, affects_output=False
+    )
+    ckpt_keep: int = opt(2, help="checkpoints kept (older ones are deleted)", min=1, affects_output=False)
 
 
 @dataclass(frozen=True)
 class LogConfig:
     """Progress and metrics."""
 
-    every: int = opt(10, help="steps between metrics.jsonl lines", min=1)
-    progress: bool = opt(True, help="tqdm progress bar on rank 0")
-    sample_keys: bool = opt(False, help="write the sample keys of every step to keys-r<rank>.jsonl (audits, tests)")
+    every: int = opt(10, help="steps between metrics.jsonl lines", min=1, affects_output=False)
+    progress: bool = opt(True, help="tqdm progress bar on rank 0", affects_output=False)
+    sample_keys: bool = opt(
+        False, help="write the sample keys of every step to keys-r<rank>.jsonl (audits, tests)", affects_output=False
+    )
+    tensorboard: bool = opt(
+        False,
+        help="also write TensorBoard event files to <out>/<student tag>/tensorboard (rank 0)",
+        affects_output=False,
+    )
 
 
 @dataclass(frozen=True)
 class ValConfig:
     """Student-vs-teacher PSNR on held-out synthetic samples."""
 
-    samples: int = opt(32, help="held-out samples evaluated (0 = no check)", min=0)
-    every: int = opt(0, help="also check every N steps (0 = only at the end)", min=0)
-    size: int = opt(256, help="centre crop side of the checked images (0 = whole images)", min=0)
+    samples: int = opt(32, help="held-out samples evaluated (0 = no check)", min=0, affects_output=False)
+    every: int = opt(0, help="also check every N steps (0 = only at the end)", min=0, affects_output=False)
+    size: int = opt(256, help="centre crop side of the checked images (0 = whole images)", min=0, affects_output=False)
 
 
 @dataclass(frozen=True)
 class DistillConfig:
     """`d4ir distill` / `d4ir label` (stages/<profile>/distill.toml)."""
 
-    out: str = opt("{work}/distill", help="runs go to <out>/<student tag>/")
+    out: str = opt("{distill}", help="runs go to <out>/<student tag>/")
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -121,24 +134,6 @@ class DistillConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
     val: ValConfig = field(default_factory=ValConfig)
-
-
-# keys that may change between a run and its resume (they do not change what is trained)
-RESUME_FREE = (
-    "log.every",
-    "log.progress",
-    "log.sample_keys",
-    "train.ckpt_every",
-    "train.ckpt_keep",
-    "train.device",
-    "data.verify",
-    "labels.use",
-    "labels.dir",
-    "labels.batch_size",
-    "val.samples",
-    "val.every",
-    "val.size",
-)
 
 
 def student_tag(cfg: StudentConfig) -> str:

@@ -68,7 +68,7 @@ class EvalDataConfig:
         default_factory=lambda: dict(DEMO_TEST_MANIFESTS),
         help="weather -> paired manifest (build one with `d4ir manifest build`; docs/EVALUATION.md)",
     )
-    root: str = opt("{work}/data", help="image root the manifests' paths are relative to")
+    root: str = opt("{data}", help="image root the manifests' paths are relative to")
     roots: dict[str, str] = opt(default_factory=dict, help="per-weather root overriding `root` (sets kept apart)")
     max_images: int = opt(0, help="first N images per set (0 = all)", min=0)
     check_hash: bool = opt(False, help="refuse images whose bytes differ from the manifest's sha256")
@@ -120,7 +120,7 @@ class EvalConfig:
     """`d4ir evaluate` (stages/<profile>/evaluate.toml)."""
 
     out: str = opt("{work}/eval", help="reports go to <out>/<student tag>/")
-    distill_out: str = opt("{work}/distill", help="where `d4ir distill` wrote its runs")
+    distill_out: str = opt("{distill}", help="where `d4ir distill` wrote its runs")
     device: str = opt("auto", help="'auto' (cuda when available), 'cpu' or 'cuda[:N]'")
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: EvalStudentConfig = field(default_factory=EvalStudentConfig)

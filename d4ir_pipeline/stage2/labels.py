@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,20 +13,19 @@ import click
 import numpy as np
 import torch
 
-from d4ir_pipeline.cli import config_from_options, stage_options
-from d4ir_pipeline.common.images import decode_rgb
-from d4ir_pipeline.common.io import atomic_write_json, fsync_dir, read_json, sha256_file
+from d4ir_pipeline.cli import stage_command
+from d4ir_pipeline.common.images import decode_rgb, encode_png
 from d4ir_pipeline.common.runtime import package_versions, pick_device
 from d4ir_pipeline.errors import BadImageError
-from d4ir_pipeline.shardset.format import ShardSetError, read_listing
+from d4ir_pipeline.shardset.format import LABELS_KIND, LABELS_NAME, ShardInfo, ShardSetError, read_listing
 from d4ir_pipeline.shardset.reader import ShardSet, open_shardset, verify_files
+from d4ir_pipeline.shardset.writer import ShardSetWriter
 from d4ir_pipeline.stage2.config import DistillConfig
-from d4ir_pipeline.stage2.stream import IMAGE_EXTS, Stats, shard_samples
-from d4ir_pipeline.stage2.teacher import load_teacher, teacher_forward, teacher_identity
+from d4ir_pipeline.stage2.stream import IMAGE_EXTS, Stats, sample_weather, shard_samples
+from d4ir_pipeline.stage2.teacher import Teachers, teacher_identity
 
 logger = logging.getLogger(__name__)
 
-LABELS_NAME = "labels.json"
 LABEL_EXT = {"png": "teacher.png", "npy": "teacher.npy"}
 
 
@@ -57,7 +55,7 @@ def find_labels(cfg: DistillConfig, shardset: ShardSet, ident: dict) -> Path | N
     doc_path = d / LABELS_NAME
     if not doc_path.is_file():
         return None
-    doc, shards = read_listing(doc_path, "d4ir-labels")
+    doc, shards = read_listing(doc_path, LABELS_KIND)
     why = None
     if doc.get("complete") is not True:
         why = "incomplete (rerun `d4ir label` to finish it)"
@@ -77,35 +75,49 @@ def find_labels(cfg: DistillConfig, shardset: ShardSet, ident: dict) -> Path | N
     return d
 
 
-def _write_tar(path: Path, samples: list[dict]) -> tuple[int, str]:
-    """Write a tar atomically (tmp + fsync + rename); returns (bytes, sha256)."""
-    import webdataset as wds
-
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        with wds.TarWriter(f, encoder=False, mtime=0) as w:
-            for s in samples:
-                w.write(s)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-    return path.stat().st_size, sha256_file(path)
-
-
 def _encode_label(t: Any, fmt: str) -> bytes:
     """float (3, H, W) in [0, 1] -> PNG (8-bit) or .npy (float16 HWC) bytes."""
-    from PIL import Image
-
     hwc = t.permute(1, 2, 0).cpu()
     if fmt == "npy":
         buf = io.BytesIO()
         np.save(buf, hwc.numpy().astype(np.float16), allow_pickle=False)
         return buf.getvalue()
-    arr = (hwc * 255.0).round_().clamp_(0, 255).to(dtype=__import__("torch").uint8).numpy()
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+    arr = (hwc * 255.0).round_().clamp_(0, 255).to(dtype=torch.uint8).numpy()
+    return encode_png(arr, compress_level=1)  # labels are read once per epoch: fast over small
+
+
+def _label_shard(cfg: DistillConfig, shard: ShardInfo, teachers: Teachers, writer: ShardSetWriter, ext: str) -> int:
+    """The teacher's output of every decodable sample of ``shard`` into the writer; returns the skipped count.
+
+    Neighbouring samples of one size go through the teacher together (up to ``labels.batch_size``).
+    """
+    stats = Stats()
+    group: list[tuple[str, np.ndarray, str | None]] = []  # (key, (H, W, 3) uint8, weather)
+
+    def flush() -> None:
+        if not group:
+            return
+        x = torch.from_numpy(np.stack([a for _, a, _ in group])).to(teachers.device).permute(0, 3, 1, 2)
+        y = teachers(x.float() / 255.0, [w for _, _, w in group])  # (B, 3, H, W)
+        for (key, _, _), yi in zip(group, y, strict=True):
+            writer.write(key, [(ext, _encode_label(yi, cfg.labels.format))])
+        group.clear()
+
+    for sample in shard_samples(shard, None, ext, stats):
+        key = sample["__key__"]
+        img_ext = next((e for e in IMAGE_EXTS if e in sample), None)
+        try:
+            if img_ext is None:
+                raise BadImageError("missing", "no degraded image in the sample")
+            arr = np.asarray(decode_rgb(sample[img_ext], name=f"{key}.{img_ext}")[0])  # (H, W, 3)
+        except BadImageError as e:
+            stats.bad_sample(shard.name, key, f"{e.reason}: {e}")
+            continue
+        if group and (group[0][1].shape != arr.shape or len(group) >= cfg.labels.batch_size):
+            flush()
+        group.append((key, arr, sample_weather(sample)))
+    flush()
+    return stats.bad
 
 
 def label(cfg: DistillConfig) -> LabelResult:
@@ -117,94 +129,42 @@ def label(cfg: DistillConfig) -> LabelResult:
     shardset = open_shardset(cfg.data.shards, verify=cfg.data.verify)
     ident = teacher_identity(cfg.teacher)
     out = labels_folder(cfg, shardset, ident["id"])
-    out.mkdir(parents=True, exist_ok=True)
-    doc_path = out / LABELS_NAME
     ext = LABEL_EXT[cfg.labels.format]
-    doc = {
-        "kind": "d4ir-labels",
-        "version": 1,
-        "complete": False,
+    header = {
         "teacher": ident,
         "shardset": str(shardset.root),
         "shardset_sha256": shardset.manifest_sha256,
         "format": cfg.labels.format,
-        "shards": [],
         "skipped": 0,
         "versions": package_versions(),
     }
-    # 2. resume: keep shards already written for the same teacher, shard set and format
-    if doc_path.is_file():
-        old = read_json(doc_path)
-        same = (
-            old.get("teacher", {}).get("id") == ident["id"]
-            and old.get("shardset_sha256") == shardset.manifest_sha256
-            and old.get("format") == cfg.labels.format
+    writer = ShardSetWriter(
+        out=out,
+        kind=LABELS_KIND,
+        header=header,
+        num_shards=len(shardset.shards),
+        names=[s.name for s in shardset.shards],
+        identity=("teacher.id", "shardset_sha256", "format"),
+        carry=("skipped",),
+        where=str(out / LABELS_NAME),
+        hint="remove the folder or set `labels.dir`",
+    )
+    # 2. resume: shards already written for the same teacher, shard set and format that verify are kept
+    todo = writer.open()
+    if not todo:
+        doc = writer.finish()
+        logger.info("label cache %s is complete", out)
+        return LabelResult(
+            out, ident["id"], len(doc["shards"]), sum(s["samples"] for s in doc["shards"]), doc["skipped"], 0.0
         )
-        if not same:
-            raise ShardSetError(
-                f"{doc_path} belongs to another teacher / shard set / format; remove the folder or set `labels.dir`"
-            )
-        if old.get("complete") is True:
-            logger.info("label cache %s is complete", out)
-            return LabelResult(
-                out,
-                ident["id"],
-                len(old["shards"]),
-                sum(s["samples"] for s in old["shards"]),
-                int(old.get("skipped", 0)),
-                0.0,
-            )
-        done = {
-            s["name"]: s
-            for s in old.get("shards", [])
-            if (out / s["name"]).is_file() and (out / s["name"]).stat().st_size == s["bytes"]
-        }
-        doc["shards"] = [done[s.name] for s in shardset.shards if s.name in done]
-        doc["skipped"] = int(old.get("skipped", 0))
-    done_names = {s["name"] for s in doc["shards"]}
-    # 3. teacher
-    device = pick_device(cfg.train.device)
-    teacher, dtype = load_teacher(cfg.teacher, device)
-    stats = Stats()
+    # 3. teacher(s): each sample's weather picks its teacher
+    teachers = Teachers(cfg.teacher, pick_device(cfg.train.device))
     total = 0
-    todo = [s for s in shardset.shards if s.name not in done_names]
-    for shard in tqdm(todo, desc="label", unit="shard", disable=not cfg.log.progress):
-        written: list[dict] = []
-        group: list[tuple[str, np.ndarray]] = []
-
-        def flush(group: list[tuple[str, np.ndarray]] = group, written: list[dict] = written) -> None:
-            if not group:
-                return
-            x = torch.from_numpy(np.stack([a for _, a in group])).to(device).permute(0, 3, 1, 2).float() / 255.0
-            y = teacher_forward(teacher, x, dtype, cfg.teacher)  # (B, 3, H, W)
-            for (key, _), yi in zip(group, y, strict=True):
-                written.append({"__key__": key, ext: _encode_label(yi, cfg.labels.format)})
-            group.clear()
-
-        for sample in shard_samples(shard, None, ext, stats):
-            key = sample["__key__"]
-            img_ext = next((e for e in IMAGE_EXTS if e in sample), None)
-            try:
-                if img_ext is None:
-                    raise BadImageError("missing", "no degraded image in the sample")
-                arr = np.asarray(decode_rgb(sample[img_ext], name=f"{key}.{img_ext}")[0])  # (H, W, 3)
-            except BadImageError as e:
-                stats.bad_sample(shard.name, key, f"{e.reason}: {e}")
-                continue
-            if group and (group[0][1].shape != arr.shape or len(group) >= cfg.labels.batch_size):
-                flush()
-            group.append((key, arr))
-        flush()
-        size, sha = _write_tar(out / shard.name, written)
-        doc["shards"].append({"name": shard.name, "samples": len(written), "bytes": size, "sha256": sha})
-        doc["skipped"] = int(doc["skipped"]) + stats.bad
-        stats.bad = 0
-        total += len(written)
-        atomic_write_json(doc_path, doc)  # progress: finished shards survive an interrupt
-    order = {s.name: i for i, s in enumerate(shardset.shards)}
-    doc["shards"].sort(key=lambda s: order[s["name"]])
-    doc["complete"] = True
-    atomic_write_json(doc_path, doc)
+    for index in tqdm(todo, desc="label", unit="shard", disable=not cfg.log.progress):
+        skipped = _label_shard(cfg, shardset.shards[index], teachers, writer, ext)
+        writer.header["skipped"] = int(writer.header["skipped"]) + skipped
+        total += writer.flush_shard(index)["samples"]  # progress: finished shards survive an interrupt
+    doc = writer.finish()
     secs = time.perf_counter() - t0
     logger.info("labelled %d samples in %d shards -> %s (%.1fs)", total, len(todo), out, secs)
     return LabelResult(
@@ -212,13 +172,9 @@ def label(cfg: DistillConfig) -> LabelResult:
     )
 
 
-@click.command("label")
-@stage_options
-def label_command(profile: str, config_path: str | None, overrides: tuple[str, ...], work_dir: str | None) -> None:
+@stage_command("label", DistillConfig, "distill")
+def label_command(cfg: DistillConfig) -> None:
     """Cache the teacher's outputs next to a shard set (reads the distill config)."""
-    cfg = config_from_options(
-        DistillConfig, "distill", profile=profile, config_path=config_path, overrides=overrides, work_dir=work_dir
-    )
     r = label(cfg)
     click.echo(
         f"labels: {r.labels_dir}  teacher {r.teacher_id}  {r.samples} samples in {r.shards} shards  skipped {r.skipped}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import random
 from collections.abc import Iterator
@@ -16,9 +17,10 @@ import numpy as np
 import torch
 
 from d4ir_pipeline.common.images import decode_rgb
+from d4ir_pipeline.common.seeds import tuple_seed
 from d4ir_pipeline.errors import BadImageError, D4IRError
 from d4ir_pipeline.shardset.format import ShardInfo
-from d4ir_pipeline.shardset.reader import TarTruncated, iter_tar
+from d4ir_pipeline.shardset.reader import ShardReadError, iter_tar
 
 logger = logging.getLogger(__name__)
 
@@ -27,11 +29,6 @@ IMAGE_EXTS = ("degraded.png", "degraded.jpg", "degraded.jpeg", "degraded.webp")
 
 # ---------------------------------------------------------------------------------------
 # reading shards (raw bytes; no decoding)
-
-
-def _mix(*parts: int) -> int:
-    """A 64-bit seed from integers (stable across processes and Python versions)."""
-    return int.from_bytes(hashlib.sha256(repr(tuple(int(p) for p in parts)).encode()).digest()[:8], "little")
 
 
 def is_holdout(key: str, fraction: float) -> bool:
@@ -81,9 +78,8 @@ def shard_samples(shard: ShardInfo, label_path: Path | None, label_ext: str, sta
                         sample["__label__"] = pending[1][label_ext]
                     pending = None
             yield sample
-    except TarTruncated as e:
-        where = f"while reading key {e.key}" if e.key else "before the first sample"
-        stats.bad_sample(shard.name, e.key, f"corrupt or truncated tar {where} ({e.cause})")
+    except ShardReadError as e:
+        stats.bad_sample(shard.name, e.key, f"corrupt or truncated tar {e.where} ({e.why})")
         got += 1  # the partial sample is lost
     missing = shard.samples - got
     if missing > 0:
@@ -126,7 +122,7 @@ def epoch_shards(spec: StreamSpec, epoch: int, worker: int) -> list[ShardInfo]:
     rotates physical workers over logical ones).
     """
     order = list(spec.shards)
-    random.Random(_mix(spec.seed, epoch)).shuffle(order)
+    random.Random(tuple_seed(spec.seed, epoch)).shuffle(order)
     node = islice(order, spec.rank, None, spec.world)  # split_by_node
     return list(islice(node, worker, None, spec.workers))  # split_by_worker
 
@@ -181,6 +177,16 @@ def decode_label(data: bytes, ext: str, key: str) -> np.ndarray:
     return np.asarray(img)
 
 
+def sample_weather(sample: dict) -> str | None:
+    """The ``weather`` recorded in a sample's ``json`` (stage one writes it), or None."""
+    try:
+        meta = json.loads(sample.get("json", b"{}"))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    w = meta.get("weather") if isinstance(meta, dict) else None
+    return w if isinstance(w, str) and w else None
+
+
 def worker_batches(spec: StreamSpec, worker: int, epoch: int, index: int, stats: Stats) -> Iterator[dict]:
     """Infinite batches of one logical worker, starting at its cursor (epoch, index into the shuffled stream)."""
     import webdataset as wds
@@ -189,6 +195,7 @@ def worker_batches(spec: StreamSpec, worker: int, epoch: int, index: int, stats:
     xs: list[np.ndarray] = []
     ts: list[np.ndarray] = []
     keys: list[str] = []
+    weathers: list[str | None] = []
     while True:
         shards = epoch_shards(spec, epoch, worker)
 
@@ -199,7 +206,7 @@ def worker_batches(spec: StreamSpec, worker: int, epoch: int, index: int, stats:
                     if not is_holdout(sample["__key__"], spec.holdout):
                         yield sample
 
-        rng_buf = random.Random(_mix(spec.seed, epoch, spec.rank, worker, 1))
+        rng_buf = random.Random(tuple_seed(spec.seed, epoch, spec.rank, worker, 1))
         stream = wds.shuffle(spec.buffer, initial=min(spec.initial, spec.buffer), rng=rng_buf)(raw())
         usable = 0
         stats.muted = index > 0
@@ -217,6 +224,7 @@ def worker_batches(spec: StreamSpec, worker: int, epoch: int, index: int, stats:
             usable += 1
             xs.append(x)
             keys.append(sample["__key__"])
+            weathers.append(sample_weather(sample))
             if t is not None:
                 ts.append(t)
             if len(xs) == spec.batch_size:
@@ -224,10 +232,11 @@ def worker_batches(spec: StreamSpec, worker: int, epoch: int, index: int, stats:
                     "x": torch.from_numpy(np.stack(xs)),  # (B, 3, P, P) uint8
                     "t": torch.from_numpy(np.stack(ts)) if ts else None,  # (B, 3, P, P) uint8 / float16
                     "keys": keys,
+                    "weathers": weathers,  # from each sample's json (None: unknown); picks its teacher
                     "cursor": (worker, epoch, i + 1),
                     "stats": (worker, stats.good, stats.bad),
                 }
-                xs, ts, keys = [], [], []
+                xs, ts, keys, weathers = [], [], [], []
         stats.muted = False
         if usable == 0 and index == 0:
             names = [s.name for s in shards]

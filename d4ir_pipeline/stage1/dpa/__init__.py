@@ -1,1 +1,1 @@
-"""stage1.dpa."""
+"""The degradation-aware prompt adapter: config, networks, losses, data views, training loop, report."""

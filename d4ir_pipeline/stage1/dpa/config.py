@@ -20,14 +20,16 @@ class DPADataError(D4IRError):
 class DataSection:
     """The web-degraded images to train on."""
 
-    manifest: str = opt("{work}/data/manifests/web-degraded.jsonl", help="Manifest of the web-degraded images.")
-    root: str = opt("{work}/data", help="Image root the manifest's paths are relative to.")
+    manifest: str = opt("{data}/manifests/web-degraded.jsonl", help="Manifest of the web-degraded images.")
+    root: str = opt("{data}", help="Image root the manifest's paths are relative to.", affects_output=False)
     require_labels: bool = opt(
         True, help="Every image must carry a weather label and >= 2 weathers must be present (supervised contrast)."
     )
     max_images: int = opt(0, min=0, help="Use N evenly spaced images (0: all); for quick runs.")
     load_size: int = opt(512, min=16, help="Short side every image is resized to at load (then cropped).")
-    cache_images: bool = opt(True, help="Keep the loaded images in memory (fast; off for very large sets).")
+    cache_images: bool = opt(
+        True, help="Keep the loaded images in memory (fast; off for very large sets).", affects_output=False
+    )
     crop_zoom: tuple[float, float] = opt(
         (0.75, 1.5),
         min=0.1,
@@ -51,7 +53,7 @@ class SDSection:
     """The frozen Stable Diffusion whose UNet the tokens must make sense to."""
 
     model: str = opt("{work}/tiny-sd", help="diffusers SD folder or hub id; D is read from its UNet config.")
-    attention: str = opt("auto", choices=ATTENTION_BACKENDS, help="UNet attention backend.")
+    attention: str = opt("auto", choices=ATTENTION_BACKENDS, help="UNet attention backend.", affects_output=False)
     dtype: str = opt("float32", choices=DTYPES, help="dtype of the frozen SD weights (CUDA only).")
     resolution: int = opt(0, min=0, help="Pixel size of the diffusion-alignment crops; 0: the UNet's native size.")
 
@@ -61,7 +63,9 @@ class EncoderSection:
     """The image encoder E."""
 
     kind: str = opt("conv", choices=("clip", "conv"), help="clip: CLIP vision tower; conv: small CNN from scratch.")
-    clip_model: str = opt("openai/clip-vit-large-patch14", help="CLIP vision weights: local folder or hub id.")
+    clip_model: str = opt(
+        "openai/clip-vit-large-patch14", help="CLIP vision weights: local folder or hub id.", affects_output=False
+    )
     clip_projection: bool = opt(
         True, help="Use CLIPVisionModelWithProjection.image_embeds (as IP-Adapter) instead of the pooled output."
     )
@@ -118,13 +122,25 @@ class TrainSection:
     warmup_steps: int = opt(20, min=0, help="Linear warm-up steps.")
     grad_clip: float = opt(1.0, min=0.0, help="Clip the gradient norm (0: off).")
     seed: int = opt(0, min=0, help="Seeds weights, data order, crops and diffusion noise.")
-    device: str = opt("auto", help="auto | cpu | cuda[:N].")
+    device: str = opt("auto", help="auto | cpu | cuda[:N].", affects_output=False)
     amp: bool = opt(True, help="Automatic mixed precision on CUDA (ignored on the CPU).")
     amp_dtype: str = opt("bfloat16", choices=("bfloat16", "float16"), help="AMP dtype; float16 uses a GradScaler.")
-    checkpoint_every: int = opt(100, min=1, help="Save a resumable checkpoint every N steps (and at the end).")
-    keep_checkpoints: int = opt(2, min=1, help="Number of step checkpoints kept.")
-    log_every: int = opt(10, min=1, help="Write metrics.jsonl every N steps.")
-    resume: bool = opt(True, help="Continue from the last checkpoint in the output dir (false: start over).")
+    ckpt_every: int = opt(
+        100, min=1, help="Save a resumable checkpoint every N steps (and at the end).", affects_output=False
+    )
+    ckpt_keep: int = opt(2, min=1, help="Number of step checkpoints kept.", affects_output=False)
+    resume: bool = opt(
+        True, help="Continue from the last checkpoint in the output dir (false: start over).", affects_output=False
+    )
+
+
+@dataclass(frozen=True)
+class LogSection:
+    """Progress and metrics."""
+
+    every: int = opt(10, min=1, help="Write a metrics.jsonl line every N steps (and at the end).")
+    progress: bool = opt(True, help="tqdm progress bar (shown on a terminal).")
+    tensorboard: bool = opt(False, help="Also write TensorBoard event files to <output.dir>/tensorboard.")
 
 
 @dataclass(frozen=True)
@@ -134,13 +150,13 @@ class ReportSection:
     enabled: bool = opt(True, help="Write report.json after training.")
     test_manifests: tuple[str, ...] = opt(
         (
-            "{work}/data/manifests/test-rain.jsonl",
-            "{work}/data/manifests/test-haze.jsonl",
-            "{work}/data/manifests/test-snow.jsonl",
+            "{data}/manifests/test-rain.jsonl",
+            "{data}/manifests/test-haze.jsonl",
+            "{data}/manifests/test-snow.jsonl",
         ),
         help="Paired test sets; their inputs whose source photo is not in training are the held-out set.",
     )
-    test_root: str = opt("{work}/data", help="Image root of the test manifests.")
+    test_root: str = opt("{data}", help="Image root of the test manifests.")
     knn_k: int = opt(5, min=1, help="k of the cosine k-NN weather classifier (the headline accuracy).")
     plot: bool = opt(True, help="Write embeddings.png (2-D PCA of the embeddings, coloured by weather).")
 
@@ -149,7 +165,7 @@ class ReportSection:
 class OutputSection:
     """Where the stage writes."""
 
-    dir: str = opt("{work}/dpa", help="Output folder (weights, checkpoints, metrics, report).")
+    dir: str = opt("{dpa}", help="Output folder (weights, checkpoints, metrics, report).")
 
 
 @dataclass(frozen=True)
@@ -162,25 +178,10 @@ class DPAConfig:
     adapter: AdapterSection = field(default_factory=AdapterSection)
     loss: LossSection = field(default_factory=LossSection)
     train: TrainSection = field(default_factory=TrainSection)
-    report: ReportSection = field(default_factory=ReportSection)
-    output: OutputSection = field(default_factory=OutputSection)
-
-
-# keys that do not change the training trajectory: a resume may differ in these
-RESUME_NEUTRAL = (
-    "data.root",
-    "data.cache_images",
-    "sd.attention",
-    "encoder.clip_model",
-    "train.device",
-    "train.checkpoint_every",
-    "train.keep_checkpoints",
-    "train.log_every",
-    "train.resume",
-    "report",
-    "output",
-)
+    log: LogSection = field(default_factory=LogSection, metadata={"affects_output": False})
+    report: ReportSection = field(default_factory=ReportSection, metadata={"affects_output": False})
+    output: OutputSection = field(default_factory=OutputSection, metadata={"affects_output": False})
 
 
 def dpa_run_hash(cfg: DPAConfig) -> str:
-    return config_hash(cfg, exclude=RESUME_NEUTRAL)
+    return config_hash(cfg)  # its affects_output=False keys do not change the trajectory: a resume may differ

@@ -24,6 +24,14 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # --------------------------------------------------------------------------- models
 
 
+def hf_dtype_kwarg() -> str:
+    """transformers >= 4.56 takes ``dtype`` (``torch_dtype`` is deprecated in 5); older ones ``torch_dtype``."""
+    import transformers
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
 class ConvEncoder(nn.Module):
     """A small CNN trained from scratch: stride-2 stages, GroupNorm, avg+max pooling.
 
@@ -68,7 +76,10 @@ class CLIPEncoder(nn.Module):
 
         cls = CLIPVisionModelWithProjection if projection else CLIPVisionModel
         try:
-            self.clip = cls.from_pretrained(model)
+            # float32 whatever the folder stores: transformers 5 keeps a float16 folder's dtype, and
+            # unfrozen blocks must train in float32 (a float16 GradScaler refuses float16 gradients);
+            # on CUDA, AMP runs the matmuls in half precision anyway
+            self.clip = cls.from_pretrained(model, **{hf_dtype_kwarg(): torch.float32})
         except (OSError, ValueError) as e:
             raise D4IRError(
                 f"`encoder.clip_model` = {model!r}: {cls.__name__}.from_pretrained failed ({e}). Give a local "
