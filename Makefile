@@ -2,7 +2,9 @@
 # works from a fresh clone. Variables select the profile and models:
 #   make synthesize PROFILE=sd15 SD_MODEL=/models/sd15
 #   make distill STUDENT=nafnet_s
-#   make bench BENCH="--quick synthesize"   (--smoke: tiny sizes; names: dpa synthesize distill)
+#   make bench BENCH="--quick synthesize"   (--smoke: tiny sizes; names: dpa synthesize distill deploy)
+#   make export MODEL=runs/demo/distill/nafnet_s/student OUT=runs/demo/export/nafnet_s
+#   make restore IN=photos/ OUT=restored/ MODEL=runs/demo/export/nafnet_s/model.onnx
 PYTHON   ?= python3
 VENV     ?= .venv
 PROFILE  ?= demo
@@ -13,6 +15,9 @@ STUDENT  ?=
 SET      ?=
 QUICK    ?= --quick
 BENCH    ?=
+MODEL    ?= $(WORK)/distill/nafnet_s/student
+IN       ?=
+OUT      ?=
 
 
 BIN   := $(VENV)/bin
@@ -26,7 +31,7 @@ student_set = $(if $(STUDENT),--set student.name=$(STUDENT))
 extra_set   = $(foreach s,$(SET),--set $(s))
 common      = --profile $(PROFILE) --work-dir $(WORK)
 
-.PHONY: install test test-fast demo synthesize distill evaluate table bench bench-gpu lint clean teacher data tiny-sd dpa prompt-bank label demo-sd smoke-sd15 gpu-check
+.PHONY: install test test-fast demo synthesize distill evaluate table bench bench-gpu lint clean teacher data tiny-sd dpa prompt-bank label demo-sd smoke-sd15 gpu-check restore export
 
 install: $(STAMP)
 
@@ -35,7 +40,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --upgrade pip
 	# torch + torchvision in one resolve so the pair matches
 	$(BIN)/python -m pip install torch torchvision
-	$(BIN)/python -m pip install -e '.[dev]'
+	$(BIN)/python -m pip install -e '.[dev,export]'
 	touch $@
 
 test: $(STAMP)
@@ -82,6 +87,14 @@ teacher: $(STAMP)
 demo-sd: $(STAMP)
 	$(D4IR) demo-data --out runs/demo/data
 	$(D4IR) demo-sd --out d4ir_pipeline/demo/assets/demo_sd --work runs/demo/demo-sd.train --overwrite
+
+# ship a model: ONNX (fp32 / fp16 / int8) + pt2 + model card, verified (docs/DEPLOY.md)
+export: $(STAMP)
+	$(D4IR) export $(MODEL) --out $(or $(OUT),$(WORK)/export/$(notdir $(patsubst %/student,%,$(MODEL)))) $(extra_set)
+
+# run a model on an image, a folder tree or a manifest (exit code 1: some inputs skipped, see the summary)
+restore: $(STAMP)
+	$(D4IR) restore $(IN) --model $(MODEL) --out $(OUT) $(extra_set)
 
 table: $(STAMP)
 	$(D4IR) compare $(common) $(QUICK) $(sd_set) $(teacher_set) $(student_set) $(extra_set)

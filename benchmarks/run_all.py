@@ -1,6 +1,6 @@
 """Run every benchmark (``make bench``); each prints a ratio against a baseline from the same run.
 
-Usage: python benchmarks/run_all.py [--quick | --smoke] [NAME ...]   (NAME: dpa, synthesize, distill)
+Usage: python benchmarks/run_all.py [--quick | --smoke] [NAME ...]   (NAME: dpa, synthesize, distill, deploy)
 
 --smoke runs every benchmark at tiny sizes: the tests use it to check that the scripts
 still run against the current code; its ratios mean little.
@@ -22,6 +22,7 @@ BENCHES = {
     "dpa": "bench_dpa",
     "synthesize": "bench_synthesize",
     "distill": "bench_distill",
+    "deploy": "bench_deploy",
 }
 
 

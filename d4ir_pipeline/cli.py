@@ -72,6 +72,16 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "compare_command",
         "The paper's comparison table (baselines and ablations).",
     ),
+    "restore": (
+        "d4ir_pipeline.deploy.restore",
+        "restore_command",
+        "Restore an image, a folder or a manifest with a model.",
+    ),
+    "export": (
+        "d4ir_pipeline.deploy.export",
+        "export_command",
+        "Export a model to ONNX (fp32/fp16/int8) + pt2, verified.",
+    ),
 }
 
 

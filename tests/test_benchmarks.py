@@ -40,7 +40,7 @@ def test_run_all_smoke_produces_every_figure(tmp_path: Path) -> None:
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-4000:]
     res = json.loads(out.read_text())
-    assert set(res) == {"dpa", "synthesize", "distill"}
+    assert set(res) == {"dpa", "synthesize", "distill", "deploy"}
 
     assert res["dpa"]["steps"] == 2 and _positive(res["dpa"]["value"])
 
@@ -64,6 +64,27 @@ def test_run_all_smoke_produces_every_figure(tmp_path: Path) -> None:
         assert dis["peak_rss"][mode]["10x"]["samples"] == 10 * dis["peak_rss"][mode]["1x"]["samples"]
     lc = dis["label_cache"]
     assert lc["labelled_samples"] == 16 and _positive(lc["speedup_steady"]) and _positive(lc["speedup_wall"])
+
+    dep = res["deploy"]
+    arms = {"teacher", "restormer", "student", "student_ort_fp32", "student_ort_int8"}
+    assert {r["arm"] for r in dep["rows"]} == arms and len(dep["rows"]) == len(arms)
+    for r in dep["rows"]:
+        assert _positive(r["median_ms"]) and _positive(r["total_mib"]) and r["model_mib"] <= r["total_mib"], r
+    at = {r["arm"]: r for r in dep["rows"] if r["px"] == dep["ratios"]["px"]}
+    ratio, goals = dep["ratios"], dep["goals"]
+    ms, mib = {a: at[a]["median_ms"] for a in arms}, {a: at[a]["total_mib"] for a in arms}
+    assert ratio["ort_fp32_speedup_vs_eager"] == pytest.approx(ms["student"] / ms["student_ort_fp32"], rel=0.01)
+    assert ratio["speedup_vs_restormer_eager"] == pytest.approx(ms["restormer"] / ms["student"], rel=0.01)
+    assert ratio["memory_ratio_vs_restormer_eager"] == pytest.approx(mib["restormer"] / mib["student"], rel=0.01)
+    exp = dep["export"]["student"]
+    assert (
+        exp["max_abs_diff"] <= 1e-4 and math.isfinite(exp["int8_psnr_db"]) and exp["int8_method"].startswith("static")
+    )
+    assert goals["ort_fp32_2x_faster_than_eager"] == (ratio["ort_fp32_speedup_vs_eager"] >= 2.0)
+    assert goals["student_50x_faster_than_restormer"] == (ratio["speedup_vs_restormer_eager"] >= 50.0)
+    assert goals["student_10x_less_memory_than_restormer"] == (ratio["memory_ratio_vs_restormer_eager"] >= 10.0)
+    assert goals["int8_psnr_at_least_35db"] == (exp["int8_psnr_db"] >= 35.0)
+    assert math.isfinite(dep["int8_psnr_db_photo"])
 
 
 def test_run_all_rejects_unknown_names(tmp_path: Path) -> None:

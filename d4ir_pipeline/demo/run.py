@@ -1,6 +1,6 @@
 """``make demo``: every stage, in order, on the embedded demo data (CPU, no download).
 
-demo data -> DPA -> prompt bank -> CCD synthesis -> distillation -> evaluation.
+demo data -> DPA -> prompt bank -> CCD synthesis -> distillation -> evaluation -> export + restore.
 Each step is the same ``d4ir`` command a user would type, run in-process; each one
 resumes, so rerunning ``make demo`` after an interruption continues where it stopped.
 """
@@ -15,6 +15,7 @@ from pathlib import Path
 
 from d4ir_pipeline.cli import main as cli_main
 from d4ir_pipeline.common.runtime import setup_logging
+from d4ir_pipeline.deploy.demo import demo_paths, demo_step
 from d4ir_pipeline.errors import D4IRError
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     try:
         times = run_demo(args.work_dir, profile=args.profile, student=args.student)
+        # ship the student: export it, restore the test inputs with the exported model (d4ir_pipeline.deploy)
+        t0 = time.perf_counter()
+        shipped = demo_step(*demo_paths(args.work_dir, profile=args.profile, student=args.student))
+        times["deploy"] = time.perf_counter() - t0
     except D4IRError as e:
         raise SystemExit(f"error: {e}\nFinished steps are kept; rerun `make demo` to continue.") from None
     work = Path(args.work_dir)
@@ -84,8 +89,10 @@ def main() -> None:
         ("shards + shardset.json", "shards"),
         ("student checkpoints", "distill"),
         ("evaluation report", "eval"),
+        ("export + restored tests", "deploy"),
     ]:
         print(f"  {label:<26} {work / sub}")
+    print("\n" + "\n".join(shipped["lines"]))
 
 
 if __name__ == "__main__":
