@@ -277,3 +277,199 @@ def test_text_prompt_bank_matches_pipeline_text_encoding(tiny_sd_path, tmp_path)
     pipe = load_img2img_pipeline(str(tiny_sd_path), device="cpu", attention="sdpa")
     ref = encode_text(pipe, [prompts["rain"], prompts["snow"]])
     torch.testing.assert_close(tokens["tokens"], ref.float())
+
+
+# ---------------------------------------------------------------------------------------
+# seeds, the unsupervised rows, the spread marker
+
+
+LEARNED = ("data_kd", "web", "noise", "dfmc", "unpaired")
+
+
+def _seeded(env, demo_data_root, seeds):
+    """The test config with two seeds, the unsupervised rows on the demo's web images, tiny CycleGAN nets."""
+    import dataclasses
+
+    m = demo_data_root / "manifests"
+    return dataclasses.replace(
+        env,
+        rows=(*LEARNED, "prior"),
+        budget=dataclasses.replace(env.budget, seeds=seeds),
+        unpaired=dataclasses.replace(
+            env.unpaired,
+            clean_manifest=str(m / "web-clean.jsonl"),
+            clean_root=str(demo_data_root),
+            g_width=8,
+            g_blocks=1,
+            d_width=8,
+            d_layers=2,
+            pool_size=4,
+        ),
+        prior=dataclasses.replace(env.prior, patch=7, radius=8),
+    )
+
+
+def _record_seeds(monkeypatch) -> dict[str, list]:
+    """Wrap compare's training and packing entry points: each call records the seed it trains with."""
+    calls: dict[str, list] = {k: [] for k in ("distill", "dfmc", "unpaired", "noise", "pack")}
+    real = {n: getattr(compare_mod, n) for n in ("distill", "train_dfmc", "train_unpaired", "write_noise_shards")}
+    real["pack"] = compare_mod.pack_manifest_to_shards
+
+    def distill(cfg, **kw):
+        calls["distill"].append(cfg.train.seed)
+        return real["distill"](cfg, **kw)
+
+    def dfmc(*args, **kw):
+        calls["dfmc"].append(args[5])  # train_dfmc(teacher, spec, steps, batch, patch, seed, out, ...)
+        return real["train_dfmc"](*args, **kw)
+
+    def unpaired(*args, **kw):
+        calls["unpaired"].append(kw["config"].seed)
+        return real["train_unpaired"](*args, **kw)
+
+    def noise(*args, **kw):
+        calls["noise"].append(kw["seed"])
+        return real["write_noise_shards"](*args, **kw)
+
+    def pack(*args, **kw):
+        calls["pack"].append(args[0])
+        return real["pack"](*args, **kw)
+
+    for name, fn in (("distill", distill), ("train_dfmc", dfmc), ("train_unpaired", unpaired)):
+        monkeypatch.setattr(compare_mod, name, fn)
+    monkeypatch.setattr(compare_mod, "write_noise_shards", noise)
+    monkeypatch.setattr(compare_mod, "pack_manifest_to_shards", pack)
+    return calls
+
+
+@pytest.mark.slow
+def test_two_seeds_mean_std_unsupervised_rows_and_a_third_seed_trains_only_it(env, demo_data_root, monkeypatch):
+    from d4ir_pipeline.shardset.reader import read_shard
+
+    res = compare(_seeded(env, demo_data_root, (0, 1)))
+    by = {r.row: r for r in res.rows}
+    lines = {r.row: next(x for x in res.markdown.splitlines() if x.startswith(f"| {r.title} |")) for r in res.rows}
+    for name in LEARNED:
+        r = by[name]
+        assert r.status == "ok", (name, r.reason)
+        assert r.seeds == [0, 1] and set(r.per_seed) == {"0", "1"}
+        # mean ± std of PSNR and SSIM in each weather and the average; std is the sample std of the two seeds
+        assert lines[name].count(" ± ") == 2 * 4, lines[name]
+        a, b = (r.per_seed[s]["metrics"]["rain"]["psnr_y"] for s in ("0", "1"))
+        assert r.metrics["rain"]["psnr_y"] == pytest.approx((a + b) / 2)
+        assert r.std["rain"]["psnr_y"] == pytest.approx(abs(a - b) / math.sqrt(2))
+        assert a != b  # two seeds, two different students
+        assert r.per_seed["0"]["student_dir"] != r.per_seed["1"]["student_dir"]
+    assert by["unpaired"].group == by["prior"].group == "unsupervised"
+    assert by["unpaired"].params == by["data_kd"].params  # the restorer has the student's architecture
+    # the prior: haze only, "-" elsewhere and for the average; no seed, no spread
+    assert set(by["prior"].metrics) == {"haze"} and by["prior"].seeds == []
+    cells = [c.strip() for c in lines["prior"].strip("|").split("|")]
+    assert cells[1] == "-" and cells[3] == "-" and cells[4] == "-" and " / " in cells[2] and "±" not in cells[2]
+    assert " ± " not in lines["input"] and " ± " not in lines["teacher"]
+    assert "*unsupervised" in res.markdown and "seeds 0, 1" in res.markdown
+    doc = json.loads(res.table_json.read_text())
+    assert {r["row"]: r["group"] for r in doc["rows"]}["unpaired"] == "unsupervised"
+    assert set(doc["rows"][2]["per_seed"]) == {"0", "1"}
+    # a limited pack budget spreads over the sorted manifest: every weather is in the web and data-KD sets
+    for name in ("web", "data_kd"):
+        listing = json.loads((Path(by[name].shards) / "shardset.json").read_text())
+        metas = [
+            json.loads(f["json"])
+            for s in listing["shards"]
+            for f in read_shard(Path(by[name].shards) / s["name"]).values()
+        ]
+        assert {m["weather"] for m in metas} == {"rain", "haze", "snow"}, name
+
+    # one more seed: only seed 2 trains; the shard sets of data KD and web are reused
+    calls = _record_seeds(monkeypatch)
+    again = compare(_seeded(env, demo_data_root, (0, 1, 2)))
+    assert calls == {"distill": [2, 2, 2], "dfmc": [2], "unpaired": [2], "noise": [2], "pack": []}
+    for r in again.rows:
+        if r.row in LEARNED:
+            assert r.seeds == [0, 1, 2]
+            assert (
+                all(r.per_seed[s]["cached"]["distill"] for s in ("0", "1")) and not r.per_seed["2"]["cached"]["distill"]
+            )
+            assert r.per_seed["0"]["metrics"] == by[r.row].per_seed["0"]["metrics"]
+        else:
+            assert all(r.cached.values())
+
+
+def test_seeds_must_be_distinct(env):
+    with pytest.raises(compare_mod.D4IRError, match="distinct seeds"):
+        compare(env, seeds=(1, 1))
+
+
+def test_seeds_option_is_checked():
+    from click.testing import CliRunner
+
+    out = CliRunner().invoke(compare_mod.compare_command, ["--seeds", "0,x"])
+    assert out.exit_code == 2 and "comma-separated integers" in out.output
+
+
+def _row(name: str, per_seed: dict[int, tuple[float, float]]) -> RowResult:
+    """A row whose rain PSNR per seed is the first value and haze PSNR the second."""
+    from d4ir_pipeline.paper.table import aggregate, average
+
+    r = RowResult(name, name.upper(), "ok")
+    for seed, (rain, haze) in per_seed.items():
+        m = {"rain": {"psnr_y": rain, "ssim_y": 0.5}, "haze": {"psnr_y": haze, "ssim_y": 0.5}}
+        r.per_seed[str(seed)] = {"metrics": m, "average": average(m)}
+    aggregate(r)
+    return r
+
+
+def test_marker_where_d4ir_is_within_the_combined_std():
+    from d4ir_pipeline.paper.table import MARK, unresolved
+
+    header = {
+        "teacher": {"spec": {"name": "t"}, "path": "/t", "note": "n", "weights_sha256": "ab" * 32, "params": 10},
+        "student": {"spec": {"name": "s", "kwargs": {}}, "params": 5, "ratio": 0.5},
+        "sd": {"id": "x", "note": "toy"},
+        "budget": {"steps": 5, "batch": 2, "patch": 16, "seeds": [0, 1]},
+        "quick": False,
+        "y_channel": True,
+        "test_images": {"rain": 1, "haze": 1},
+    }
+    d4 = _row("d4ir", {0: (20.0, 15.0), 1: (22.0, 15.2)})  # rain 21 ± 1.41, haze 15.1 ± 0.14
+    near = _row("web", {0: (20.5, 18.0), 1: (21.5, 18.2)})  # rain within the spread, haze 3 dB away
+    marks = unresolved([d4, near], ("psnr_y", "ssim_y"))
+    assert marks["web"] == {"rain": ["psnr_y"]}  # SSIM: equal means, no spread -> resolved; haze: 3 dB apart
+    text = format_table(header, [d4, near], ["rain", "haze"])
+    web = next(x for x in text.splitlines() if x.startswith("| WEB |"))
+    assert f"21.00 ± 0.71{MARK}" in web and f"18.10 ± 0.14{MARK}" not in web and "18.10 ± 0.14" in web
+    assert "combined std" in text
+    # one seed of D4IR: no spread, no marker
+    single = _row("d4ir", {0: (20.0, 15.0)})
+    assert unresolved([single, near], ("psnr_y",)) == {}
+    assert MARK not in format_table({**header, "budget": {**header["budget"], "seeds": [0]}}, [single, near], ["rain"])
+
+
+@pytest.mark.slow
+def test_smoke_cli_two_seeds_prints_mean_std_and_a_third_seed_trains_only_it(tmp_path):
+    """`d4ir compare --profile smoke --quick --seeds 0,1`, then `--seeds 0,1,2`, in subprocesses."""
+    import subprocess
+    import sys
+
+    work = tmp_path / "work"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    rows = '["data_kd", "d4ir", "noise", "dfmc", "unpaired", "prior"]'
+    base = [sys.executable, "-m", "d4ir_pipeline.cli", "compare", "--profile", "smoke", "--quick"]
+    cmd = [*base, "--work-dir", str(work), "--set", f"rows={rows}"]
+    out = subprocess.run([*cmd, "--seeds", "0,1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    assert out.returncode == 0, out.stderr[-3000:]
+    doc = json.loads((work / "compare" / "table.json").read_text())
+    learned = [r for r in doc["rows"] if r["row"] in ("data_kd", "d4ir", "noise", "dfmc", "unpaired")]
+    assert len(learned) == 5 and all(r["status"] == "ok" and r["seeds"] == [0, 1] for r in learned), learned
+    for r in learned:  # every learned row prints mean ± std for PSNR and SSIM in each weather and the average
+        line = next(x for x in out.stdout.splitlines() if x.startswith(f"| {r['title']} |"))
+        assert line.count(" ± ") == 8, line
+    assert "*unsupervised" in out.stdout and "seeds 0, 1" in out.stdout
+    again = subprocess.run([*cmd, "--seeds", "0,1,2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    assert again.returncode == 0, again.stderr[-3000:]
+    doc = json.loads((work / "compare" / "table.json").read_text())
+    for r in doc["rows"]:
+        if r["row"] in ("data_kd", "d4ir", "noise", "dfmc", "unpaired"):
+            cached = {s: run["cached"]["distill"] for s, run in r["per_seed"].items()}
+            assert cached == {"0": True, "1": True, "2": False}, (r["row"], cached)

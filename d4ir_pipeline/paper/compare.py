@@ -1,31 +1,47 @@
 """The paper's comparison table in one command (`d4ir compare`, `make table`).
 
-For one teacher, one student architecture, one budget (steps, batch, patch) and one
-seed, every input source is distilled into the same student and evaluated on the same
-paired test sets:
+For one teacher, one student architecture, one budget (steps, batch, patch) and a list of
+seeds, every input source is distilled into the same student and evaluated on the same
+paired test sets, once per seed:
 
-    data_kd  the teacher's own paired training inputs, packed into shards (upper bound)
-    web      the web-collected degraded photos, packed into shards (domain shift)
-    d4ir     CCD synthesis under DPA prompt tokens (`d4ir synthesize`, the method)
-    sd_text  the same CCD under plain text prompts (ablation of the DPA)
-    noise    seeded random images (naive data-free lower bound)
-    dfmc     a generator trained jointly with the student (GAN-based data-free baseline)
+    distilled from the teacher (the same pixel loss against the frozen teacher):
+    data_kd   the teacher's own paired training inputs, packed into shards (upper bound)
+    web       the web-collected degraded photos, packed into shards (domain shift)
+    d4ir      CCD synthesis under DPA prompt tokens (`d4ir synthesize`, the method)
+    sd_text   the same CCD under plain text prompts (ablation of the DPA)
+    noise     seeded random images (naive data-free lower bound)
+    dfmc      a generator trained jointly with the student (GAN-based data-free baseline)
+    unsupervised (no teacher; the paper's "mainstream unsupervised methods"):
+    unpaired  CycleGAN-style: the student's architecture trained on the unpaired web-clean
+              and web-degraded images alone (paper/unpaired.py)
+    prior     dark-channel-prior dehazing with guided-filter refinement (paper/prior.py;
+              haze only, no training, no seed)
 
-plus the teacher itself and the degraded input as reference rows. Every row except
-DFMC becomes a shard set in the synthesis contract format, so ``distill`` streams each
-one unchanged. Recipe of :func:`compare`:
+plus the teacher itself and the degraded input as reference rows. Every distilled row
+except DFMC becomes a shard set in the synthesis contract format, so ``distill`` streams
+each one unchanged.
+
+Seeds (``[budget] seeds``, ``--seeds 0,1,2``): every learned row trains once per seed, and
+the seed is everything that row draws: the student's (init, data order, crops), the
+synthesis's (``ccd.seed``: D4IR, SD + text), the noise images', the generators' (DFMC,
+unpaired). The DPA and the prompt bank are upstream inputs, like the teacher: built once.
+The table shows the mean ± sample std over seeds and marks where D4IR's difference to a
+row is within the two rows' combined std. Recipe of :func:`compare`:
 
 1. load the synthesize / distill / evaluate configs of the same profile, and apply the
    budget, teacher and student of this config to them;
-2. (demo) build what is missing upstream: demo data, tiny SD, DPA + prompt bank;
-3. per row: build (or reuse) its shard set, distill (or reuse) the student, evaluate
-   (or reuse) it; a row whose inputs are missing is skipped with the reason;
+2. (demo) build what is missing upstream (demo data, tiny SD, DPA + prompt bank); load the
+   teacher and the test sets, once;
+3. the reference rows; per learned row and seed: build (or reuse) its shard set, train (or
+   reuse) the student, evaluate (or reuse) it; the prior row; a row whose inputs are missing
+   is skipped with the reason;
 4. write ``table.md``, ``table.json`` and the two figures under ``output.dir``.
 
-Cache: every shard set, distillation and evaluation lives under ``output.dir/cache``
-in a folder named by the hash of everything that determines it (config, input hashes,
-teacher identity, student spec, budget), so rows share work, a rerun repeats nothing
-and prints the same table, and changing one setting redoes only what depends on it.
+Cache: every shard set, training run and evaluation lives under ``output.dir/cache`` in a
+folder named by the hash of everything that determines it (config, input hashes, teacher
+identity, student spec, budget, seed), so rows share work, a rerun repeats nothing and
+prints the same table, a new seed trains only that seed, and changing one setting redoes
+only what depends on it.
 """
 
 from __future__ import annotations
@@ -37,6 +53,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,21 +61,20 @@ from typing import Any
 import click
 import numpy as np
 
-from d4ir_pipeline.cli import config_from_options, stage_options
-from d4ir_pipeline.cli import main as cli_main
+from d4ir_pipeline.cli import stage_command
 from d4ir_pipeline.common.images import decode_rgb, image_grid, save_png
-from d4ir_pipeline.common.io import (
-    atomic_write_bytes,
-    atomic_write_json,
-    atomic_write_jsonl,
-    atomic_write_text,
-    read_json,
-    sha256_bytes,
-    sha256_file,
-)
+from d4ir_pipeline.common.io import atomic_write_json, atomic_write_text, read_json, sha256_bytes, sha256_file
 from d4ir_pipeline.common.runtime import pick_device
-from d4ir_pipeline.config import config_to_dict, load_stage_config, opt, redefault
-from d4ir_pipeline.data.manifests import load_manifest, open_pair, open_rgb
+from d4ir_pipeline.config import (
+    config_hash,
+    config_to_dict,
+    load_config,
+    load_stage_config,
+    opt,
+    redefault,
+    stages_root,
+)
+from d4ir_pipeline.data.manifests import load_manifest, open_pair, open_rgb, write_manifest
 from d4ir_pipeline.demo.data import build_demo_data
 from d4ir_pipeline.demo.tiny_sd import write_tiny_sd
 from d4ir_pipeline.errors import BadImageError, D4IRError
@@ -67,22 +83,35 @@ from d4ir_pipeline.models.checkpoint import load_model
 from d4ir_pipeline.models.cost import count_params
 from d4ir_pipeline.paper.baselines import pack_manifest_to_shards, write_noise_shards
 from d4ir_pipeline.paper.dfmc import DFMCConfig, generator_samples, train_dfmc
+from d4ir_pipeline.paper.prior import WEATHERS as PRIOR_WEATHERS
+from d4ir_pipeline.paper.prior import DCPConfig, dehaze_model
 from d4ir_pipeline.paper.table import (
     ROW_TITLES,
     ROWS,
+    SHORT_TITLES,
     WEATHERS,
+    FigureModel,
     RowResult,
+    aggregate,
+    average,
     format_table,
+    restorations_figure,
     sd_description,
     teacher_description,
+    unresolved,
 )
+from d4ir_pipeline.paper.unpaired import UnpairedConfig, degrade, image_set, train_unpaired
 from d4ir_pipeline.shardset.format import SHARDSET_KIND, SHARDSET_NAME, read_listing
 from d4ir_pipeline.shardset.reader import iter_tar
-from d4ir_pipeline.stage1.prompt_bank import BANK_KIND, BANK_VERSION, BankConfig
+from d4ir_pipeline.stage1.ccd import prepare_image
+from d4ir_pipeline.stage1.dpa.config import DPAConfig
+from d4ir_pipeline.stage1.dpa.train import train_dpa
+from d4ir_pipeline.stage1.prompt_bank import BankConfig, PromptBank, build_prompt_bank
 from d4ir_pipeline.stage1.sd import SDLoadError, check_sd_source, model_id
-from d4ir_pipeline.stage1.synthesize import HASH_EXCLUDE, SynthesizeConfig, synthesize
+from d4ir_pipeline.stage1.synthesize import SynthesizeConfig, synthesize
 from d4ir_pipeline.stage2.distill import DistillConfig, distill
-from d4ir_pipeline.stage2.evaluate import FR_METRICS, EvalConfig, build_fr_metrics
+from d4ir_pipeline.stage2.evaluate import FR_METRICS, EvalConfig, build_fr_metrics, score_pairs
+from d4ir_pipeline.stage2.labels import label
 from d4ir_pipeline.stage2.teacher import load_teacher, teacher_forward, teacher_identity
 
 logger = logging.getLogger(__name__)
@@ -133,13 +162,20 @@ class StudentSection:
 class BudgetSection:
     """The training budget shared by every row (and the sizes of the generated inputs)."""
 
-    steps: int = opt(2000, help="student optimizer steps per row (DFMC: student steps too)", min=1)
+    steps: int = opt(2000, help="student optimizer steps per row (DFMC, unpaired: generator steps too)", min=1)
     batch: int = opt(8, help="crops per step", min=2)
     patch: int = opt(128, help="crop side for training (DFMC: generated image side, a multiple of 8)", min=8)
-    seed: int = opt(0, help="seeds the students, data order, crops, noise and the generator", min=0)
+    seeds: tuple[int, ...] = opt(
+        (0,),
+        help="one training run of every learned row per seed (the student's, the synthesis', the noise's, the "
+        "generators' seed); the table shows mean ± std over them",
+        min=0,
+    )
     warmup: int = opt(100, help="learning-rate warm-up steps (capped at a tenth of `steps`)", min=0)
     synth_images: int = opt(0, help="clean images used by CCD synthesis (0 = the synthesize config's)", min=0)
-    pack_images: int = opt(0, help="images packed for the data-KD and web rows (0 = all)", min=0)
+    pack_images: int = opt(
+        0, help="images packed for the data-KD and web rows, spread evenly over the sorted manifest (0 = all)", min=0
+    )
     noise_samples: int = opt(0, help="noise images (0 = as many as the D4IR shard set holds)", min=0)
     eval_images: int = opt(0, help="test images per weather (0 = all)", min=0)
     workers: int = opt(-1, help="data-loader workers for distillation (-1 = the distill config's)", min=-1)
@@ -150,12 +186,12 @@ class QuickSection(BudgetSection):
     """`--quick`: the budget that runs the whole demo table on 2 CPU cores in minutes.
 
     The same keys as [budget], meaning the same; only the defaults below are smaller
-    (batch and seed are [budget]'s).
+    (batch and seeds are [budget]'s).
     """
 
-    steps: int = redefault(BudgetSection, "steps", 300)
-    patch: int = redefault(BudgetSection, "patch", 48)
-    warmup: int = redefault(BudgetSection, "warmup", 20)
+    steps: int = redefault(BudgetSection, "steps", 150)
+    patch: int = redefault(BudgetSection, "patch", 32)
+    warmup: int = redefault(BudgetSection, "warmup", 15)
     synth_images: int = redefault(BudgetSection, "synth_images", 48)
     pack_images: int = redefault(BudgetSection, "pack_images", 96)
     noise_samples: int = redefault(BudgetSection, "noise_samples", 96)
@@ -219,6 +255,45 @@ class DFMCSection:
 
 
 @dataclass(frozen=True)
+class UnpairedSection:
+    """The CycleGAN-style unsupervised row (paper/unpaired.py): web-clean + web-degraded images, no teacher."""
+
+    clean_manifest: str = opt("", help="web-clean manifest; empty = the synthesize config's `data.manifest`")
+    clean_root: str = opt("", help="its image root; empty = the synthesize config's `data.root`")
+    size: int = opt(0, help="resize short side + centre crop both image sets to this (0 = as they are)", min=0)
+    conditioned: bool = opt(
+        True, help="condition the clean -> degraded generator and its discriminator on the weather label"
+    )
+    lr: float = opt(0.0, help="Adam learning rate of generators and discriminators (0 = the distill config's)", min=0.0)
+    cycle_weight: float = opt(10.0, help="weight of the cycle-consistency L1 (CycleGAN: 10)", min=0.0)
+    identity_weight: float = opt(
+        0.1,
+        help="identity L1 weight as a fraction of `cycle_weight` (CycleGAN: 0.5; 0.1 here: at 0.5 the restorer "
+        "stayed near the identity within a short budget on the procedural-haze test problem)",
+        min=0.0,
+    )
+    pool_size: int = opt(50, help="generated-image history shown to the discriminators (CycleGAN: 50; 0 = off)", min=0)
+    g_width: int = opt(32, help="channels of the clean -> degraded generator", min=4)
+    g_blocks: int = opt(4, help="residual blocks of the clean -> degraded generator", min=0)
+    d_width: int = opt(32, help="first-layer channels of the PatchGAN discriminators", min=4)
+    d_layers: int = opt(3, help="stride-2 layers of each PatchGAN", min=1)
+
+
+@dataclass(frozen=True)
+class PriorSection:
+    """The dark-channel-prior row (paper/prior.py, He et al. 2009 / 2010); haze only."""
+
+    patch: int = opt(15, help="dark-channel window side (the paper: 15)", min=1)
+    omega: float = opt(0.95, help="fraction of the haze removed (the paper: 0.95)", min=0.0, max=1.0)
+    top: float = opt(
+        0.001, help="brightest dark-channel fraction searched for the airlight (the paper: 0.1 %)", min=0.0
+    )
+    t0: float = opt(0.1, help="lower bound of the transmission (the paper: 0.1)", min=0.0, max=1.0)
+    radius: int = opt(60, help="guided-filter radius", min=1)
+    eps: float = opt(1e-3, help="guided-filter regularisation", min=0.0)
+
+
+@dataclass(frozen=True)
 class EvalSection:
     """Paired test sets, one per weather (laid out like Rain100L / SOTS / Snow100K)."""
 
@@ -241,6 +316,12 @@ class RuntimeSection:
     device: str = opt("auto", help="'auto' (cuda when available), 'cpu' or 'cuda[:N]' for evaluation, DFMC, figures")
     threads: int = opt(
         0, help="torch CPU threads (0 = torch's default); 1 avoids oversubscription on a busy CPU", min=0
+    )
+    teacher_labels: bool = opt(
+        True,
+        help="cache the teacher's outputs on each shard set once (`d4ir label`, the distill config's `labels.format`) "
+        "so every seed's student reads them instead of running the teacher each step; png labels are the teacher's "
+        "outputs rounded to 8 bits (distill `labels.use = 'off'` also turns this off)",
     )
 
 
@@ -276,6 +357,8 @@ class CompareConfig:
     sd_text: TextSection = field(default_factory=TextSection)
     noise: NoiseSection = field(default_factory=NoiseSection)
     dfmc: DFMCSection = field(default_factory=DFMCSection)
+    unpaired: UnpairedSection = field(default_factory=UnpairedSection)
+    prior: PriorSection = field(default_factory=PriorSection)
     eval: EvalSection = field(default_factory=EvalSection)
     prepare: PrepareSection = field(default_factory=PrepareSection)
     runtime: RuntimeSection = field(default_factory=RuntimeSection)
@@ -324,6 +407,18 @@ def _complete_shardset(path: Path) -> dict | None:
 
 
 @dataclass
+class _TestSet:
+    """The paired test images of every weather (loaded once)."""
+
+    weathers: list[str]
+    images: dict[str, list[tuple[str, np.ndarray, np.ndarray]]]  # weather -> [(id, input, target)] uint8 HWC
+    manifests: dict[str, str]
+    manifest_sha256: dict[str, str]
+    tile: int = 0  # teacher tiling on these images (0 = whole images)
+    tile_overlap: int = 32
+
+
+@dataclass
 class _Ctx:
     """Everything the rows share, built once."""
 
@@ -332,14 +427,19 @@ class _Ctx:
     quick: bool
     out: Path
     cache: Path
-    synth_cfg: Any  # shards.SynthesizeConfig | None
-    distill_cfg: Any  # distill.DistillConfig
-    teacher_ident: dict
+    synth_cfg: Any  # SynthesizeConfig | None (seed-free: `_synth_config` applies a seed)
+    distill_cfg: Any  # DistillConfig (seed-free: `_distill_row` applies a seed)
     student_spec: dict
     device: Any
-    sources: dict[str, Path] = field(default_factory=dict)  # row -> shard set (or DFMC run) folder
+    teacher_ident: dict = field(default_factory=dict)
+    teacher: Any = None  # the frozen teacher, loaded once per run
+    teacher_fn: Any = None  # (1, 3, H, W) -> (1, 3, H, W), tiled as the test sets ask
+    tests: _TestSet | None = None
+    sources: dict[tuple[str, int], Path] = field(default_factory=dict)  # (row, seed) -> shard set / run folder
+    figure: list[FigureModel] = field(default_factory=list)  # the first seed's models, in table order
     metrics: Any = None  # evaluate.build_fr_metrics(device), built on first use
     clean_records: dict | None = None  # web-clean manifest by id (input figure)
+    unpaired_sets: Any = None  # (clean, degraded) unpaired.ImageSet, loaded on first use
 
 
 # ---------------------------------------------------------------------------------------
@@ -348,7 +448,11 @@ class _Ctx:
 
 def _load_stage(cls: type, explicit: str, stage: str, cfg: CompareConfig) -> Any:
     """Another stage's config, exactly as its own command would load it (``explicit``: a file instead)."""
-    return load_stage_config(cls, stage, profile=cfg.stages.profile, config=explicit or None, work_dir=cfg.stages.work)
+    profile, work = cfg.stages.profile, cfg.stages.work
+    if explicit and not (stages_root() / profile).is_dir():
+        # an explicit file of a profile without a stages/ folder (tests, one-off configs): default [paths]
+        return load_config(cls, explicit, work_dir=work, profile=profile)
+    return load_stage_config(cls, stage, profile=profile, config=explicit or None, work_dir=work)
 
 
 def _distill_config(cfg: CompareConfig, budget: BudgetSection) -> Any:
@@ -370,15 +474,40 @@ def _distill_config(cfg: CompareConfig, budget: BudgetSection) -> Any:
     train = dataclasses.replace(
         d.train,
         steps=budget.steps,
-        seed=budget.seed,
         warmup_steps=min(budget.warmup, budget.steps // 10),
         ckpt_every=max(1, min(d.train.ckpt_every, budget.steps)),
     )
     return dataclasses.replace(d, teacher=teacher, student=student, data=data, train=train)
 
 
+def _synth_or_none(cfg: CompareConfig) -> Any:
+    """The profile's synthesize config (with this table's SD), or None: the SD rows are then skipped."""
+    try:
+        sc = _load_stage(SynthesizeConfig, cfg.stages.synthesize, "synthesize", cfg)
+    except D4IRError as e:
+        logger.warning("compare: no synthesize config (%s); the D4IR and SD + text rows will be skipped", e)
+        return None
+    return dataclasses.replace(sc, sd=dataclasses.replace(sc.sd, model=cfg.sd.model)) if cfg.sd.model else sc
+
+
+def _subset_manifest(ctx: _Ctx, manifest: str | os.PathLike, n: int) -> Path:
+    """``manifest`` itself, or (``n`` > 0 and fewer than it lists) ``n`` records spread evenly over its sorted ids.
+
+    "The first n" of an id-sorted manifest is one weather or one source photo (ids start with
+    them): an even spread keeps every weather and photo in a limited budget.
+    """
+    records = sorted(load_manifest(manifest), key=lambda r: r.id)
+    if not n or n >= len(records):
+        return Path(manifest)
+    picked = [records[(i * len(records)) // n] for i in range(n)]
+    out = ctx.cache / "manifests" / f"{Path(manifest).stem}-{n}-{sha256_file(manifest)[:12]}.jsonl"
+    if not out.is_file():
+        write_manifest(out, picked)
+    return out
+
+
 # ---------------------------------------------------------------------------------------
-# 2. upstream inputs the demo can build
+# 2. upstream inputs the demo can build, the teacher and the test sets
 
 
 def _prepare(ctx: _Ctx) -> None:
@@ -396,320 +525,38 @@ def _prepare(ctx: _Ctx) -> None:
     sd_path = Path(sc.sd.model).resolve()
     if cfg.prepare.tiny_sd and not sd_path.exists() and (sd_path == work or work in sd_path.parents):
         # only inside the work dir: a missing hub id or user path is reported, never replaced by a random model
-
         logger.info("compare: writing the tiny random SD to %s", sc.sd.model)
         write_tiny_sd(sc.sd.model)
     if cfg.prepare.prompt_bank and not (Path(sc.bank.dir) / "tokens.safetensors").is_file():
-        # the same commands a user types (each resumes), with this table's profile and work dir
-        logger.info("compare: the prompt bank %s is missing: running train-dpa and prompt-bank", sc.bank.dir)
-        for command, explicit in (("train-dpa", cfg.stages.dpa), ("prompt-bank", cfg.stages.prompt_bank)):
-            _run_command(command, explicit, cfg)
-        if not (Path(sc.bank.dir) / "tokens.safetensors").is_file():
-            written = Path(_load_stage(BankConfig, cfg.stages.prompt_bank, "prompt-bank", cfg).bank.out)
-            if not (written / "tokens.safetensors").is_file():
-                raise D4IRError(f"train-dpa + prompt-bank ran, but neither {sc.bank.dir} nor {written} holds a bank")
-            logger.warning(
-                "compare: the prompt-bank config writes %s but the synthesize config reads `bank.dir` = %s; using %s "
-                "(make the two agree so `make synthesize` finds it too)",
-                written,
-                sc.bank.dir,
-                written,
-            )
-            ctx.synth_cfg = dataclasses.replace(sc, bank=dataclasses.replace(sc.bank, dir=str(written)))
+        _build_prompt_bank(ctx)
 
 
-def _run_command(command: str, explicit: str, cfg: CompareConfig) -> None:
-    """Run one ``d4ir`` stage command in-process (as ``make demo`` does)."""
-
-    args = [command, "--profile", cfg.stages.profile, "--work-dir", cfg.stages.work]
-    if explicit:
-        args += ["--config", explicit]
-    logger.info("compare: $ d4ir %s", " ".join(args))
-    cli_main.main(args, prog_name="d4ir", standalone_mode=False)
-
-
-# ---------------------------------------------------------------------------------------
-# 3. sources: one shard set per row (cached by content hash)
-
-
-def _pack_source(ctx: _Ctx, row: str) -> Path:
-
-    sec: PackSection = getattr(ctx.cfg, row)
-    what = "the teacher's paired training data" if row == "data_kd" else "the web-collected degraded images"
-    if not sec.manifest:
-        raise SkipRow(f"`{row}.manifest` is empty: give the manifest of {what}")
-    manifest = Path(sec.manifest)
-    if not manifest.is_file():
-        raise SkipRow(f"`{row}.manifest` = {str(manifest)!r} does not exist ({what}; build it with `d4ir manifest`)")
-    if not Path(sec.root).is_dir():
-        raise SkipRow(f"`{row}.root` = {sec.root!r} does not exist (the images of {manifest})")
-    key = {"row": row, "manifest_sha256": sha256_file(manifest), "limit": ctx.budget.pack_images, "size": sec.size}
-    out = ctx.cache / "shards" / f"{row}-{_hash(key)}"
-    if _complete_shardset(out) is None:
-        pack_manifest_to_shards(
-            manifest,
-            sec.root,
-            out,
-            origin=row.replace("_", "-"),
-            limit=ctx.budget.pack_images,
-            size=sec.size,
-            min_shards=max(1, ctx.distill_cfg.data.num_workers),
+def _build_prompt_bank(ctx: _Ctx) -> None:
+    """Train the DPA and write the prompt bank with the profile's own configs (each stage resumes)."""
+    cfg, sc = ctx.cfg, ctx.synth_cfg
+    bank_cfg = _load_stage(BankConfig, cfg.stages.prompt_bank, "prompt-bank", cfg)
+    if Path(bank_cfg.bank.out).resolve() != Path(sc.bank.dir).resolve():
+        raise D4IRError(
+            f"the prompt-bank config writes `bank.out` = {bank_cfg.bank.out!r} but the synthesize config reads "
+            f"`bank.dir` = {sc.bank.dir!r}: make them the same folder (the `{{bank}}` path of the profile)"
         )
-    return out
+    logger.info("compare: the prompt bank %s is missing: training the DPA and writing the bank", sc.bank.dir)
+    train_dpa(_load_stage(DPAConfig, cfg.stages.dpa, "dpa", cfg))
+    build_prompt_bank(bank_cfg)
 
 
-def _synth_config(ctx: _Ctx, bank_dir: str | None = None, mix: dict | None = None) -> Any:
-    """The profile's synthesize config, limited to the budget's images, optionally on another bank."""
-    sc = ctx.synth_cfg
-    data = dataclasses.replace(sc.data, limit=ctx.budget.synth_images or sc.data.limit)
-    bank = sc.bank
-    if bank_dir is not None:
-        bank = dataclasses.replace(bank, dir=bank_dir, use="entry", mix=mix if mix is not None else bank.mix)
-    workers = max(1, ctx.distill_cfg.data.num_workers)
-    per = max(1, math.ceil(_synth_samples(sc, data.limit) / workers))
-    output = dataclasses.replace(sc.output, shard_size=min(sc.output.shard_size, per))
-    return dataclasses.replace(sc, data=data, bank=bank, output=output)
+def _load_teacher(ctx: _Ctx) -> None:
+    """The frozen teacher and its identity, once; ``teacher_fn`` tiles as the test sets ask."""
+    tc = ctx.distill_cfg.teacher
+    ctx.teacher_ident = teacher_identity(tc)
+    teacher, tdtype = load_teacher(tc, ctx.device)
+    tcfg = dataclasses.replace(tc, tile=ctx.tests.tile, tile_overlap=ctx.tests.tile_overlap)
+    ctx.teacher = teacher
 
+    def teacher_fn(x: Any) -> Any:  # (1, 3, H, W) -> (1, 3, H, W), tiled above `tile` px
+        return teacher_forward(teacher, x, tdtype, tcfg)
 
-def _synth_samples(sc: Any, limit: int) -> int:
-
-    n = len(load_manifest(sc.data.manifest))
-    return (min(n, limit) if limit else n) * sc.ccd.samples_per_image
-
-
-def _synth_key(sc: Any) -> dict:
-    """What determines a synthesis output: its config (less paths / speed knobs) and input hashes."""
-
-    d = config_to_dict(sc)
-    for dotted in HASH_EXCLUDE:
-        sec, k = dotted.split(".")
-        d.get(sec, {}).pop(k, None)
-    return {
-        "config": d,
-        "manifest_sha256": sha256_file(sc.data.manifest),
-        "bank_sha256": sha256_file(Path(sc.bank.dir) / "tokens.safetensors"),
-        "sd": model_id(sc.sd.model),
-    }
-
-
-def _run_synthesis(ctx: _Ctx, row: str, sc: Any) -> Path:
-
-    out = ctx.cache / "shards" / f"{row}-{_hash(_synth_key(sc))}"
-    if _complete_shardset(out) is None:
-        logger.info("compare: synthesising the %s shard set into %s", row, out)
-        res = synthesize(dataclasses.replace(sc, output=dataclasses.replace(sc.output, dir=str(out))))
-        if not res.complete:
-            raise D4IRError(f"synthesis into {out} did not complete; rerun `d4ir compare` to resume it")
-    return out
-
-
-def _check_sd(ctx: _Ctx) -> None:
-    if ctx.synth_cfg is None:
-        raise SkipRow("no synthesize config for this profile (stages/<profile>/synthesize.toml)")
-
-    try:
-        check_sd_source(ctx.synth_cfg.sd.model)
-    except SDLoadError as e:
-        raise SkipRow(f"{e} (run `make tiny-sd` for the demo, or pass SD_MODEL=/path/to/sd15)") from e
-    if not Path(ctx.synth_cfg.data.manifest).is_file():
-        raise SkipRow(f"synthesize `data.manifest` = {ctx.synth_cfg.data.manifest!r} (web-clean images) does not exist")
-
-
-def _d4ir_source(ctx: _Ctx) -> Path:
-    _check_sd(ctx)
-    bank = Path(ctx.synth_cfg.bank.dir)
-    if not (bank / "tokens.safetensors").is_file():
-        raise SkipRow(f"prompt bank {str(bank)!r} is missing: run `make dpa prompt-bank` (train-dpa, prompt-bank)")
-    return _run_synthesis(ctx, "d4ir", _synth_config(ctx))
-
-
-def _sd_text_source(ctx: _Ctx) -> Path:
-    _check_sd(ctx)
-    sc = ctx.synth_cfg
-    if not sc.sd.text_encoder:
-        raise SkipRow("the synthesize config loads SD without its text encoder (`sd.text_encoder` = false)")
-    prompts = dict(ctx.cfg.sd_text.prompts)
-    if not prompts:
-        raise SkipRow("`sd_text.prompts` is empty")
-
-    bank_dir = ctx.cache / "text-bank" / _hash({"sd": model_id(sc.sd.model), "prompts": prompts})
-    if not (bank_dir / "tokens.safetensors").is_file():
-        write_text_prompt_bank(sc.sd.model, prompts, bank_dir)
-    mix = {w: v for w, v in sc.bank.mix.items() if w in prompts} if sc.bank.mix else {}
-    return _run_synthesis(ctx, "sd_text", _synth_config(ctx, str(bank_dir), mix))
-
-
-def _noise_source(ctx: _Ctx) -> Path:
-
-    n = ctx.budget.noise_samples
-    if not n:
-        d4 = ctx.sources.get("d4ir")
-        doc = _complete_shardset(d4) if d4 is not None else None
-        if doc is None:
-            raise SkipRow("`noise_samples` = 0 asks for as many samples as the D4IR row, which did not run")
-        n = int(doc["num_samples"])
-    side = ctx.cfg.noise.size or (ctx.synth_cfg.data.resolution if ctx.synth_cfg is not None else ctx.budget.patch)
-    side = max(side, ctx.budget.patch)
-    key = {"kind": ctx.cfg.noise.kind, "n": n, "side": side, "seed": ctx.budget.seed}
-    out = ctx.cache / "shards" / f"noise-{_hash(key)}"
-    if _complete_shardset(out) is None:
-        write_noise_shards(
-            out,
-            num=n,
-            size=(side, side),
-            kind=ctx.cfg.noise.kind,
-            seed=ctx.budget.seed,
-            min_shards=max(1, ctx.distill_cfg.data.num_workers),
-        )
-    return out
-
-
-def write_text_prompt_bank(sd_model: str, prompts: dict[str, str], out: str | os.PathLike) -> Path:
-    """A prompt bank (prompts.py format) whose entries are the SD text encoder's embeddings of ``prompts``.
-
-    One entry per weather, K = 77 tokens (the whole CLIP context, as plain text-to-image
-    SD uses it), so CCD's unconditional branch (the empty prompt's first K states) is
-    standard classifier-free guidance: this is img2img with a text prompt, no DPA.
-    """
-    import torch
-    from safetensors.torch import save
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    # 1. only the tokenizer and text encoder are needed (no UNet / VAE in memory)
-    check_sd_source(sd_model)
-    weathers = sorted(prompts)
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(sd_model, subfolder="tokenizer")
-        encoder = CLIPTextModel.from_pretrained(sd_model, subfolder="text_encoder").eval()
-    except OSError as e:
-        raise SkipRow(f"`sd.model` = {sd_model!r}: no usable tokenizer/ + text_encoder/ ({e})") from e
-    # 2. the same call as diffusers' pipeline: padded to 77 tokens, last hidden state
-    tok = tokenizer(
-        [prompts[w] for w in weathers],
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    )
-    with torch.no_grad():
-        emb = encoder(tok.input_ids)[0].float().contiguous()  # (W, 77, D)
-    out = Path(out)
-    data = save({"tokens": emb.clone(), "centroids": emb.clone()})
-    atomic_write_jsonl(
-        out / "index.jsonl",
-        [
-            {"row": i, "id": f"text/{w}", "sha256": sha256_bytes(prompts[w].encode()), "weather": w, "text": prompts[w]}
-            for i, w in enumerate(weathers)
-        ],
-    )
-    atomic_write_json(
-        out / "bank.json",
-        {
-            "weathers": weathers,
-            "K": int(emb.shape[1]),
-            "D": int(emb.shape[2]),
-            "adapter_sha256": None,
-            "sd_model": model_id(sd_model),
-            "created": "text-prompts",
-            "kind": BANK_KIND,
-            "version": BANK_VERSION,
-            "source": "text-prompts",
-            "prompts": prompts,
-            "num_rows": len(weathers),
-        },
-    )
-    atomic_write_bytes(out / "tokens.safetensors", data)  # last: its presence marks a complete bank
-    return out
-
-
-# ---------------------------------------------------------------------------------------
-# 4. students: distillation (or DFMC), cached
-
-
-def _distill_row(ctx: _Ctx, row: str, shards: Path) -> tuple[Path, bool]:
-    """Distil the row's student from ``shards``; returns (student dir, cached)."""
-
-    dc = ctx.distill_cfg
-    cfg_d = config_to_dict(dc)
-    # what does not change the trained student: paths, device, logging, checkpoints, label cache, checks
-    for sec in ("out", "log", "labels", "val"):
-        cfg_d.pop(sec, None)
-    for sec, k in (
-        ("data", "shards"),
-        ("data", "verify"),
-        ("train", "device"),
-        ("train", "ckpt_every"),
-        ("train", "ckpt_keep"),
-    ):
-        cfg_d[sec].pop(k, None)
-    key = {
-        "config": cfg_d,
-        "shardset_sha256": sha256_file(shards / "shardset.json"),
-        "teacher": ctx.teacher_ident["id"],
-    }
-    out = ctx.cache / "runs" / f"{row}-{_hash(key)}"
-    run_cfg = dataclasses.replace(
-        dc,
-        out=str(out),
-        data=dataclasses.replace(dc.data, shards=str(shards)),
-        log=dataclasses.replace(dc.log, progress=True),
-    )
-    done = out / "student" / "result.json"
-    student_dir = out / "student" / "student"
-    if done.is_file() and (student_dir / "model.json").is_file() and read_json(done).get("steps") == dc.train.steps:
-        return student_dir, True
-    res = distill(run_cfg)
-    return Path(res.student_dir), False
-
-
-def _dfmc_row(ctx: _Ctx) -> tuple[Path, bool]:
-
-    b, d = ctx.budget, ctx.cfg.dfmc
-    if b.patch % 8:
-        raise SkipRow(f"DFMC generates patch x patch images: `budget.patch` = {b.patch} must be a multiple of 8")
-    dcfg = DFMCConfig(
-        z_dim=d.z_dim,
-        g_width=d.g_width,
-        g_lr=d.g_lr,
-        s_lr=d.s_lr or ctx.distill_cfg.train.lr,
-        adv_weight=d.adv_weight,
-        contrast_weight=d.contrast_weight,
-        contrast_tau=d.contrast_tau,
-        contrast_sigma=d.contrast_sigma,
-        grad_clip=ctx.distill_cfg.train.grad_clip or 1.0,
-    )
-    key = {
-        "teacher": ctx.teacher_ident["id"],
-        "student": ctx.student_spec,
-        "dfmc": dataclasses.asdict(dcfg),
-        "budget": [b.steps, b.batch, b.patch, b.seed],
-    }
-    out = ctx.cache / "dfmc" / f"dfmc-{_hash(key)}"
-    ctx.sources["dfmc"] = out
-    if (out / "student" / "model.json").is_file() and (out / "dfmc.json").is_file():
-        return out / "student", True
-    teacher, _ = load_teacher(ctx.distill_cfg.teacher, ctx.device)
-    teacher = teacher.float()
-    student_dir = train_dfmc(
-        teacher, ctx.student_spec, b.steps, b.batch, b.patch, b.seed, out, config=dcfg, device=ctx.device
-    )
-    return student_dir, False
-
-
-# ---------------------------------------------------------------------------------------
-# 5. evaluation (cached per model and test set)
-
-
-@dataclass
-class _TestSet:
-    """The paired test images of every weather (loaded once)."""
-
-    weathers: list[str]
-    images: dict[str, list[tuple[str, np.ndarray, np.ndarray]]]  # weather -> [(id, input, target)] uint8 HWC
-    manifests: dict[str, str]
-    manifest_sha256: dict[str, str]
-    tile: int = 0  # teacher tiling on these images (0 = whole images)
-    tile_overlap: int = 32
+    ctx.teacher_fn = teacher_fn
 
 
 @dataclass(frozen=True)
@@ -734,7 +581,6 @@ def _test_sources(cfg: CompareConfig) -> _TestSources:
 
 
 def _load_testset(cfg: CompareConfig, budget: BudgetSection) -> _TestSet:
-
     src = _test_sources(cfg)
     manifests = src.manifests
     images: dict[str, list] = {}
@@ -743,13 +589,8 @@ def _load_testset(cfg: CompareConfig, budget: BudgetSection) -> _TestSet:
         if not Path(path).is_file():
             logger.warning("compare: test manifest %s for %s does not exist; that weather is left out", path, weather)
             continue
-        recs = sorted(load_manifest(path), key=lambda r: r.id)
-        if budget.eval_images:
-            recs = recs[: budget.eval_images]
-        pairs = []
-        for r in recs:
-            inp, tgt = open_pair(src.roots[weather], r)
-            pairs.append((r.id, np.asarray(inp, dtype=np.uint8), np.asarray(tgt, dtype=np.uint8)))
+        recs = sorted(load_manifest(path), key=lambda r: r.id)[: budget.eval_images or None]
+        pairs = [(r.id, *(np.asarray(im, dtype=np.uint8) for im in open_pair(src.roots[weather], r))) for r in recs]
         images[weather] = pairs
         shas[weather] = sha256_file(path)
     if not images:
@@ -758,320 +599,642 @@ def _load_testset(cfg: CompareConfig, budget: BudgetSection) -> _TestSet:
     return _TestSet(order, images, {w: manifests[w] for w in order}, shas, src.tile, src.tile_overlap)
 
 
-def _tensor(img: np.ndarray, device: Any) -> Any:
-    import torch
-
-    return (
-        torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)[None].to(device).float() / 255.0
-    )  # (1, 3, H, W)
-
-
-def _run_model(model: Any, img: np.ndarray, device: Any) -> np.ndarray:
-    """One image (H, W, 3) uint8 through a restoration model -> (H, W, 3) uint8 (clamped, rounded: as saved)."""
-    import torch
-
-    with torch.no_grad():
-        y = model(_tensor(img, device)).float().clamp(0, 1)  # (1, 3, H, W)
-    return (y[0].permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8)
-
-
-def _evaluate(ctx: _Ctx, name: str, model_key: str, model: Any | None, tests: _TestSet) -> tuple[dict, bool]:
-    """Per-weather mean PSNR / SSIM (Y and RGB, evaluate.py's pyiqa metrics) of ``model``; None = the input.
-
-    Cached under ``cache/eval`` by (model weights, test manifests, image count).
-    """
-
-    key = {"model": model_key, "tests": tests.manifest_sha256, "n": ctx.budget.eval_images, "metrics": FR_METRICS}
-    path = ctx.cache / "eval" / f"{name}-{_hash(key)}.json"
-    if path.is_file():
-        return read_json(path)["metrics"], True
-    if ctx.metrics is None:
-        ctx.metrics = build_fr_metrics(ctx.device)
-    import torch
-
-    metrics: dict[str, dict[str, float]] = {}
-    for w in tests.weathers:
-        vals: dict[str, list[float]] = {c: [] for c in ctx.metrics}
-        for _id, inp, tgt in tests.images[w]:
-            out = inp if model is None else _run_model(model, inp, ctx.device)
-            x, y = _tensor(out, ctx.device), _tensor(tgt, ctx.device)
-            with torch.no_grad():
-                for col, metric in ctx.metrics.items():
-                    vals[col].append(float(metric(x, y).reshape(-1)[0]))
-        metrics[w] = {c: float(np.mean(v)) for c, v in vals.items()}
-        metrics[w]["images"] = len(tests.images[w])
-    atomic_write_json(path, {"key": key, "metrics": metrics})
-    return metrics, False
-
-
-def _average(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
-    """Mean over weathers of each metric column."""
-    if not metrics:
-        return {}
-    cols = [c for c in next(iter(metrics.values())) if c != "images"]
-    return {c: float(np.mean([v[c] for v in metrics.values()])) for c in cols}
-
-
 # ---------------------------------------------------------------------------------------
-# the stage
+# 3. sources: one shard set per row and seed (cached by content hash)
 
 
-SOURCES = {
-    "data_kd": lambda ctx: _pack_source(ctx, "data_kd"),
-    "web": lambda ctx: _pack_source(ctx, "web"),
+def _pack_source(ctx: _Ctx, row: str, seed: int) -> Path:
+    """The row's manifest packed into a shard set; the same for every seed (only the student's seed differs)."""
+    sec: PackSection = getattr(ctx.cfg, row)
+    what = "the teacher's paired training data" if row == "data_kd" else "the web-collected degraded images"
+    if not sec.manifest:
+        raise SkipRow(f"`{row}.manifest` is empty: give the manifest of {what}")
+    manifest = Path(sec.manifest)
+    if not manifest.is_file():
+        raise SkipRow(f"`{row}.manifest` = {str(manifest)!r} does not exist ({what}; build it with `d4ir manifest`)")
+    if not Path(sec.root).is_dir():
+        raise SkipRow(f"`{row}.root` = {sec.root!r} does not exist (the images of {manifest})")
+    subset = _subset_manifest(ctx, manifest, ctx.budget.pack_images)
+    key = {"row": row, "manifest_sha256": sha256_file(subset), "size": sec.size}
+    out = ctx.cache / "shards" / f"{row}-{_hash(key)}"
+    if _complete_shardset(out) is None:
+        pack_manifest_to_shards(
+            subset,
+            sec.root,
+            out,
+            origin=row.replace("_", "-"),
+            size=sec.size,
+            min_shards=max(1, ctx.distill_cfg.data.num_workers),
+        )
+    return out
+
+
+def _synth_config(ctx: _Ctx, seed: int, bank_dir: str | None = None, mix: dict | None = None) -> Any:
+    """The profile's synthesize config at ``seed``, on the budget's images, optionally on another bank."""
+    sc = ctx.synth_cfg
+    manifest = _subset_manifest(ctx, sc.data.manifest, ctx.budget.synth_images or sc.data.limit)
+    data = dataclasses.replace(sc.data, manifest=str(manifest), limit=0)
+    bank = sc.bank
+    if bank_dir is not None:
+        bank = dataclasses.replace(bank, dir=bank_dir, use="entry", mix=mix if mix is not None else bank.mix)
+    workers = max(1, ctx.distill_cfg.data.num_workers)
+    per = max(1, math.ceil(len(load_manifest(manifest)) * sc.ccd.samples_per_image / workers))
+    output = dataclasses.replace(sc.output, shard_size=min(sc.output.shard_size, per))
+    ccd = dataclasses.replace(sc.ccd, seed=seed)
+    return dataclasses.replace(sc, data=data, bank=bank, output=output, ccd=ccd)
+
+
+def _synth_key(sc: Any) -> dict:
+    """What determines a synthesis output: its config hash (less paths / speed knobs) and input hashes."""
+    return {
+        "config": config_hash(sc),  # without its affects_output=False keys (paths, speed knobs)
+        "manifest_sha256": sha256_file(sc.data.manifest),
+        "bank_sha256": sha256_file(Path(sc.bank.dir) / "tokens.safetensors"),
+        "sd": model_id(sc.sd.model),
+    }
+
+
+def _run_synthesis(ctx: _Ctx, row: str, sc: Any) -> Path:
+    out = ctx.cache / "shards" / f"{row}-{_hash(_synth_key(sc))}"
+    if _complete_shardset(out) is None:
+        logger.info("compare: synthesising the %s shard set (seed %d) into %s", row, sc.ccd.seed, out)
+        res = synthesize(dataclasses.replace(sc, output=dataclasses.replace(sc.output, dir=str(out))))
+        if not res.complete:
+            raise D4IRError(f"synthesis into {out} did not complete; rerun `d4ir compare` to resume it")
+    return out
+
+
+def _check_sd(ctx: _Ctx) -> None:
+    if ctx.synth_cfg is None:
+        raise SkipRow("no synthesize config for this profile (stages/<profile>/synthesize.toml)")
+    try:
+        check_sd_source(ctx.synth_cfg.sd.model)
+    except SDLoadError as e:
+        raise SkipRow(f"{e} (run `make tiny-sd` for the demo, or pass SD_MODEL=/path/to/sd15)") from e
+    if not Path(ctx.synth_cfg.data.manifest).is_file():
+        raise SkipRow(f"synthesize `data.manifest` = {ctx.synth_cfg.data.manifest!r} (web-clean images) does not exist")
+
+
+def _d4ir_source(ctx: _Ctx, seed: int) -> Path:
+    _check_sd(ctx)
+    bank = Path(ctx.synth_cfg.bank.dir)
+    if not (bank / "tokens.safetensors").is_file():
+        raise SkipRow(f"prompt bank {str(bank)!r} is missing: run `make dpa prompt-bank` (train-dpa, prompt-bank)")
+    return _run_synthesis(ctx, "d4ir", _synth_config(ctx, seed))
+
+
+def _sd_text_source(ctx: _Ctx, seed: int) -> Path:
+    _check_sd(ctx)
+    sc = ctx.synth_cfg
+    if not sc.sd.text_encoder:
+        raise SkipRow("the synthesize config loads SD without its text encoder (`sd.text_encoder` = false)")
+    prompts = dict(ctx.cfg.sd_text.prompts)
+    if not prompts:
+        raise SkipRow("`sd_text.prompts` is empty")
+    bank_dir = ctx.cache / "text-bank" / _hash({"sd": model_id(sc.sd.model), "prompts": prompts})
+    if not (bank_dir / "tokens.safetensors").is_file():
+        write_text_prompt_bank(sc.sd.model, prompts, bank_dir)
+    mix = {w: v for w, v in sc.bank.mix.items() if w in prompts} if sc.bank.mix else {}
+    return _run_synthesis(ctx, "sd_text", _synth_config(ctx, seed, str(bank_dir), mix))
+
+
+def _noise_source(ctx: _Ctx, seed: int) -> Path:
+    n = ctx.budget.noise_samples
+    if not n:
+        d4 = ctx.sources.get(("d4ir", seed))
+        doc = _complete_shardset(d4) if d4 is not None else None
+        if doc is None:
+            raise SkipRow("`noise_samples` = 0 asks for as many samples as the D4IR row, which did not run")
+        n = int(doc["num_samples"])
+    side = ctx.cfg.noise.size or (ctx.synth_cfg.data.resolution if ctx.synth_cfg is not None else ctx.budget.patch)
+    side = max(side, ctx.budget.patch)
+    key = {"kind": ctx.cfg.noise.kind, "n": n, "side": side, "seed": seed}
+    out = ctx.cache / "shards" / f"noise-{_hash(key)}"
+    if _complete_shardset(out) is None:
+        write_noise_shards(
+            out,
+            num=n,
+            size=(side, side),
+            kind=ctx.cfg.noise.kind,
+            seed=seed,
+            min_shards=max(1, ctx.distill_cfg.data.num_workers),
+        )
+    return out
+
+
+def write_text_prompt_bank(sd_model: str, prompts: dict[str, str], out: str | os.PathLike) -> Path:
+    """A prompt bank (stage1/prompt_bank format) whose entries are the SD text encoder's embeddings of ``prompts``.
+
+    One entry per weather, K = 77 tokens (the whole CLIP context, as plain text-to-image
+    SD uses it), so CCD's unconditional branch (the empty prompt's first K states) is
+    standard classifier-free guidance: this is img2img with a text prompt, no DPA.
+    """
+    import torch
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    # 1. only the tokenizer and text encoder are needed (no UNet / VAE in memory)
+    check_sd_source(sd_model)
+    weathers = sorted(prompts)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(sd_model, subfolder="tokenizer")
+        encoder = CLIPTextModel.from_pretrained(sd_model, subfolder="text_encoder").eval()
+    except OSError as e:
+        raise SkipRow(f"`sd.model` = {sd_model!r}: no usable tokenizer/ + text_encoder/ ({e})") from e
+    # 2. the same call as diffusers' pipeline: padded to 77 tokens, last hidden state
+    tok = tokenizer(
+        [prompts[w] for w in weathers],
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        emb = encoder(tok.input_ids)[0].float().contiguous()  # (W, 77, D)
+    # 3. the bank's one writer; one entry per weather, so each entry is its weather's centroid
+    rows = [
+        {"id": f"text/{w}", "sha256": sha256_bytes(prompts[w].encode()), "weather": w, "text": prompts[w]}
+        for w in weathers
+    ]
+    meta = {
+        "adapter_sha256": None,
+        "sd_model": model_id(sd_model),
+        "created": "text-prompts",
+        "source": "text-prompts",
+        "prompts": prompts,
+    }
+    PromptBank.write(out, emb, rows, meta=meta)
+    return Path(out)
+
+
+SOURCES: dict[str, Callable[[_Ctx, int], Path]] = {
+    "data_kd": lambda ctx, seed: _pack_source(ctx, "data_kd", seed),
+    "web": lambda ctx, seed: _pack_source(ctx, "web", seed),
     "d4ir": _d4ir_source,
     "sd_text": _sd_text_source,
     "noise": _noise_source,
 }
 
 
-def compare(cfg: CompareConfig, quick: bool = False) -> CompareResult:
-    """Distil and evaluate one student per input source; write the table, JSON and figures."""
+# ---------------------------------------------------------------------------------------
+# 4. students: distillation, DFMC or the unpaired restorer, cached per seed
 
-    t_start = time.perf_counter()
-    if cfg.runtime.threads:
-        import torch
 
-        torch.set_num_threads(cfg.runtime.threads)
-    budget = cfg.quick if quick else cfg.budget
-    out = Path(cfg.output.dir)
-    # 1. the other stages' configs under this table's teacher, student and budget
-    distill_cfg = _distill_config(cfg, budget)
-    try:
-        synth_cfg = _load_stage(SynthesizeConfig, cfg.stages.synthesize, "synthesize", cfg)
-        if cfg.sd.model:
-            synth_cfg = dataclasses.replace(synth_cfg, sd=dataclasses.replace(synth_cfg.sd, model=cfg.sd.model))
-    except D4IRError as e:
-        logger.warning("compare: no synthesize config (%s); the D4IR and SD + text rows will be skipped", e)
-        synth_cfg = None
-    student_spec = {"name": distill_cfg.student.name, "kwargs": dict(distill_cfg.student.kwargs)}
-    ctx = _Ctx(
-        cfg=cfg,
-        budget=budget,
-        quick=quick,
-        out=out,
-        cache=out / "cache",
-        synth_cfg=synth_cfg,
-        distill_cfg=distill_cfg,
-        teacher_ident={},
-        student_spec=student_spec,
-        device=pick_device(cfg.runtime.device),
+def _distill_row(ctx: _Ctx, row: str, shards: Path, seed: int) -> tuple[Path, bool]:
+    """Distil the row's student from ``shards`` at ``seed``; returns (student dir, cached)."""
+    base = ctx.distill_cfg
+    dc = dataclasses.replace(base, train=dataclasses.replace(base.train, seed=seed))
+    use_labels = ctx.cfg.runtime.teacher_labels and dc.labels.use != "off"
+    key = {
+        # what does not change the trained student is left out: the resume-free keys, the paths
+        "config": config_hash(dc, exclude=("out", "data.shards")),  # and the affects_output=False keys
+        "shardset_sha256": sha256_file(shards / "shardset.json"),
+        "teacher": ctx.teacher_ident["id"],
+        "targets": f"labels-{dc.labels.format}" if use_labels else "teacher",
+    }
+    out = ctx.cache / "runs" / f"{row}-{_hash(key)}"
+    run_cfg = dataclasses.replace(
+        dc,
+        out=str(out),
+        data=dataclasses.replace(dc.data, shards=str(shards)),
+        log=dataclasses.replace(dc.log, progress=True),
     )
-    # 2. upstream inputs (demo), teacher and test sets
-    _prepare(ctx)
-    ctx.teacher_ident = teacher_identity(distill_cfg.teacher)
-    teacher, tdtype = load_teacher(distill_cfg.teacher, ctx.device)
-    tests = _load_testset(cfg, budget)
-    tcfg = dataclasses.replace(distill_cfg.teacher, tile=tests.tile, tile_overlap=tests.tile_overlap)
+    done = out / "student" / "result.json"
+    student_dir = out / "student" / "student"
+    if done.is_file() and (student_dir / "model.json").is_file() and read_json(done).get("steps") == dc.train.steps:
+        return student_dir, True
+    if use_labels:  # the teacher once over the shard set (shared by every seed); distill reads its outputs
+        label(run_cfg)
+    res = distill(run_cfg)
+    return Path(res.student_dir), False
 
-    def teacher_fn(x: Any) -> Any:  # (1, 3, H, W) -> (1, 3, H, W), tiled above `tile` px
-        return teacher_forward(teacher, x, tdtype, tcfg)
 
-    student_params = count_params(build_model(student_spec["name"], **student_spec["kwargs"]))
-    teacher_params = count_params(teacher)
+def _dfmc_row(ctx: _Ctx, seed: int) -> tuple[Path, bool]:
+    b, d = ctx.budget, ctx.cfg.dfmc
+    if b.patch % 8:
+        raise SkipRow(f"DFMC generates patch x patch images: `budget.patch` = {b.patch} must be a multiple of 8")
+    dcfg = DFMCConfig(
+        z_dim=d.z_dim,
+        g_width=d.g_width,
+        g_lr=d.g_lr,
+        s_lr=d.s_lr or ctx.distill_cfg.train.lr,
+        adv_weight=d.adv_weight,
+        contrast_weight=d.contrast_weight,
+        contrast_tau=d.contrast_tau,
+        contrast_sigma=d.contrast_sigma,
+        grad_clip=ctx.distill_cfg.train.grad_clip or 1.0,
+    )
+    key = {
+        "teacher": ctx.teacher_ident["id"],
+        "student": ctx.student_spec,
+        "dfmc": dataclasses.asdict(dcfg),
+        "budget": [b.steps, b.batch, b.patch, seed],
+    }
+    out = ctx.cache / "dfmc" / f"dfmc-{_hash(key)}"
+    ctx.sources[("dfmc", seed)] = out
+    if (out / "student" / "model.json").is_file() and (out / "dfmc.json").is_file():
+        return out / "student", True
+    student_dir = train_dfmc(
+        _float_teacher(ctx), ctx.student_spec, b.steps, b.batch, b.patch, seed, out, config=dcfg, device=ctx.device
+    )
+    return student_dir, False
 
-    # 3. reference rows, then one student per source
-    results: list[RowResult] = []
-    models_for_figure: list[tuple[str, Any]] = []
-    teacher_key = f"{ctx.teacher_ident['id']}-tile{tests.tile}-{tests.tile_overlap}"
-    for name, model, key in (("input", None, "identity"), ("teacher", teacher_fn, teacher_key)):
+
+def _float_teacher(ctx: _Ctx) -> Any:
+    """The teacher in float32 for DFMC's gradients (a copy when it runs in half precision; never a reload)."""
+    import copy
+
+    import torch
+
+    if all(p.dtype == torch.float32 for p in ctx.teacher.parameters()):
+        return ctx.teacher
+    return copy.deepcopy(ctx.teacher).float()
+
+
+def _unpaired_sets(ctx: _Ctx) -> tuple[Any, Any]:
+    """The web-clean and web-degraded images of the unpaired row (the budget's subsets, as the other rows see)."""
+    if ctx.unpaired_sets is not None:
+        return ctx.unpaired_sets
+    u, sc, web = ctx.cfg.unpaired, ctx.synth_cfg, ctx.cfg.web
+    clean_m = u.clean_manifest or (sc.data.manifest if sc is not None else "")
+    clean_root = u.clean_root or (sc.data.root if sc is not None else "")
+    if not clean_m or not Path(clean_m).is_file():
+        raise SkipRow(f"web-clean manifest {clean_m!r} does not exist (`unpaired.clean_manifest` or synthesize's)")
+    if not web.manifest or not Path(web.manifest).is_file():
+        raise SkipRow(f"`web.manifest` = {web.manifest!r} (the web-degraded images) does not exist")
+    n_clean = ctx.budget.synth_images or (sc.data.limit if sc is not None else 0)
+    clean = image_set(_subset_manifest(ctx, clean_m, n_clean), clean_root, size=u.size)
+    degraded = image_set(_subset_manifest(ctx, web.manifest, ctx.budget.pack_images), web.root, size=u.size)
+    ctx.unpaired_sets = clean, degraded
+    return ctx.unpaired_sets
+
+
+def _unpaired_row(ctx: _Ctx, seed: int) -> tuple[Path, bool]:
+    clean, degraded = _unpaired_sets(ctx)
+    b, u, tr = ctx.budget, ctx.cfg.unpaired, ctx.distill_cfg.train
+    ucfg = UnpairedConfig(
+        steps=b.steps,
+        batch=b.batch,
+        patch=b.patch,
+        seed=seed,
+        lr=u.lr or tr.lr,
+        warmup=min(b.warmup, b.steps // 10),
+        min_lr_ratio=tr.min_lr_ratio,
+        cycle_weight=u.cycle_weight,
+        identity_weight=u.identity_weight,
+        pool_size=u.pool_size,
+        conditioned=u.conditioned,
+        g_width=u.g_width,
+        g_blocks=u.g_blocks,
+        d_width=u.d_width,
+        d_layers=u.d_layers,
+        checkpoint_every=max(1, min(tr.ckpt_every, b.steps)),
+    )
+    run = {k: v for k, v in dataclasses.asdict(ucfg).items() if k != "checkpoint_every"}
+    key = {"student": ctx.student_spec, "unpaired": run, "clean": clean.digest, "degraded": degraded.digest}
+    out = ctx.cache / "unpaired" / f"unpaired-{_hash(key)}"
+    ctx.sources[("unpaired", seed)] = out
+    if (out / "student" / "model.json").is_file():
+        return out / "student", True
+    return train_unpaired(clean, degraded, ctx.student_spec, out, config=ucfg, device=ctx.device), False
+
+
+RUNS: dict[str, Callable[[_Ctx, int], tuple[Path, bool]]] = {"dfmc": _dfmc_row, "unpaired": _unpaired_row}
+
+
+# ---------------------------------------------------------------------------------------
+# 5. evaluation (cached per model and test set)
+
+
+def _evaluate(
+    ctx: _Ctx, name: str, model_key: str, model: Any | None, weathers: list[str] | None = None
+) -> tuple[dict, bool]:
+    """Per-weather mean PSNR / SSIM (Y and RGB, evaluate's pyiqa metrics) of ``model``; None = the input.
+
+    Scored by ``evaluate.score_pairs``; cached under ``cache/eval`` by (model weights, test manifests, image count).
+    """
+    tests = ctx.tests
+    weathers = weathers or tests.weathers
+    key = {"model": model_key, "tests": tests.manifest_sha256, "n": ctx.budget.eval_images, "metrics": FR_METRICS}
+    if weathers != tests.weathers:
+        key["weathers"] = weathers
+    path = ctx.cache / "eval" / f"{name}-{_hash(key)}.json"
+    if path.is_file():
+        return read_json(path)["metrics"], True
+    if ctx.metrics is None:
+        ctx.metrics = build_fr_metrics(ctx.device)
+    metrics: dict[str, dict[str, float]] = {}
+    for w in weathers:
+        scored = [sp.scores[name] for sp in score_pairs({name: model}, tests.images[w], ctx.metrics, device=ctx.device)]
+        metrics[w] = {c: float(np.mean([s[c] for s in scored])) for c in ctx.metrics}
+        metrics[w]["images"] = len(scored)
+    atomic_write_json(path, {"key": key, "metrics": metrics})
+    return metrics, False
+
+
+def _run_model(model: Any, img: np.ndarray, device: Any) -> np.ndarray:
+    """One image (H, W, 3) uint8 through a restoration model -> (H, W, 3) uint8 (clamped, rounded: as saved)."""
+    import torch
+
+    x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)[None].to(device).float() / 255.0
+    with torch.no_grad():
+        y = model(x).float().clamp(0, 1)  # (1, 3, H, W)
+    return (y[0].permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8)
+
+
+def _figure_model(ctx: _Ctx, label: str, model: Any, weathers: tuple[str, ...] | None = None) -> None:
+    ctx.figure.append((label, lambda img: _run_model(model, img, ctx.device), weathers))
+
+
+# ---------------------------------------------------------------------------------------
+# 6. rows
+
+
+def _reference_rows(ctx: _Ctx, teacher_params: int) -> list[RowResult]:
+    """The degraded input and the teacher, scored once (they do not depend on a seed)."""
+    teacher_key = f"{ctx.teacher_ident['id']}-tile{ctx.tests.tile}-{ctx.tests.tile_overlap}"
+    rows = []
+    for name, model, key in (("input", None, "identity"), ("teacher", ctx.teacher_fn, teacher_key)):
         t0 = time.perf_counter()
-        metrics, cached = _evaluate(ctx, name, key, model, tests)
-        results.append(
+        metrics, cached = _evaluate(ctx, name, key, model)
+        rows.append(
             RowResult(
                 row=name,
                 title=ROW_TITLES[name],
                 status="ok",
                 metrics=metrics,
-                average=_average(metrics),
+                average=average(metrics),
                 params=teacher_params if model is not None else None,
                 seconds={"eval": 0.0 if cached else round(time.perf_counter() - t0, 2)},
                 cached={"eval": cached},
             )
         )
-    models_for_figure.append(("teacher", teacher_fn))
-    for row in cfg.rows:
-        r = RowResult(row=row, title=ROW_TITLES[row], status="ok")
+    _figure_model(ctx, SHORT_TITLES["teacher"], ctx.teacher_fn)
+    return rows
+
+
+def _train_seed(ctx: _Ctx, row: str, seed: int) -> dict:
+    """Source + student of ``row`` at ``seed`` (built or reused): student dir, shard set, timings, cache hits."""
+    t0 = time.perf_counter()
+    if row in RUNS:  # DFMC and the unpaired restorer train their own inputs: no shard set
+        student_dir, cached = RUNS[row](ctx, seed)
+        seconds = {"source+distill": 0.0 if cached else round(time.perf_counter() - t0, 2)}
+        samples = sum(len(s) for s in ctx.unpaired_sets) if row == "unpaired" else None
+        return {"student_dir": student_dir, "seconds": seconds, "cached": {"distill": cached}, "samples": samples}
+    shards = SOURCES[row](ctx, seed)
+    ctx.sources[(row, seed)] = shards
+    t1 = time.perf_counter()
+    student_dir, cached = _distill_row(ctx, row, shards, seed)
+    seconds = {"source": round(t1 - t0, 2), "distill": 0.0 if cached else round(time.perf_counter() - t1, 2)}
+    samples = int(read_json(shards / SHARDSET_NAME)["num_samples"])
+    return {"student_dir": student_dir, "shards": shards, "seconds": seconds, "cached": {"distill": cached},
+            "samples": samples}  # fmt: skip
+
+
+def _learned_row(ctx: _Ctx, row: str) -> RowResult:
+    """One training run (or cache hit) and evaluation per seed, then mean ± std over the seeds."""
+    r = RowResult(row=row, title=ROW_TITLES[row], status="ok")
+    for i, seed in enumerate(ctx.budget.seeds):
         try:
-            t0 = time.perf_counter()
-            if row == "dfmc":
-                student_dir, cached = _dfmc_row(ctx)
-                r.seconds["source+distill"] = 0.0 if cached else round(time.perf_counter() - t0, 2)
-                r.cached["distill"] = cached
-            else:
-                shards = SOURCES[row](ctx)
-                ctx.sources[row] = shards
-                r.shards = str(shards)
-                r.samples = int(read_json(shards / "shardset.json")["num_samples"])
-                r.seconds["source"] = round(time.perf_counter() - t0, 2)
-                t1 = time.perf_counter()
-                student_dir, cached = _distill_row(ctx, row, shards)
-                r.seconds["distill"] = 0.0 if cached else round(time.perf_counter() - t1, 2)
-                r.cached["distill"] = cached
+            run = _train_seed(ctx, row, seed)
         except SkipRow as e:
             r.status, r.reason = "skipped", str(e)
             logger.warning("compare: row %r skipped: %s", row, e)
-            results.append(r)
-            continue
-        student = load_model(student_dir, device=ctx.device)
-        t2 = time.perf_counter()
-        r.metrics, cached = _evaluate(ctx, row, sha256_file(Path(student_dir) / "model.safetensors"), student, tests)
-        r.seconds["eval"] = 0.0 if cached else round(time.perf_counter() - t2, 2)
-        r.cached["eval"] = cached
-        r.average = _average(r.metrics)
-        r.params = count_params(student)
-        r.student_dir = str(student_dir)
-        results.append(r)
-        models_for_figure.append((ROW_TITLES[row].split(" (")[0], student))
+            return r
+        student = load_model(run["student_dir"], device=ctx.device)
+        t0 = time.perf_counter()
+        weights = sha256_file(Path(run["student_dir"]) / "model.safetensors")
+        metrics, cached = _evaluate(ctx, row, weights, student)
+        run["seconds"]["eval"] = 0.0 if cached else round(time.perf_counter() - t0, 2)
+        run["cached"]["eval"] = cached
+        r.per_seed[str(seed)] = {**run, "metrics": metrics, "average": average(metrics)}
+        if i == 0:
+            r.params, r.samples, r.student_dir = count_params(student), run["samples"], str(run["student_dir"])
+            r.shards = str(run["shards"]) if "shards" in run else None
+            _figure_model(ctx, SHORT_TITLES[row], student)
+    for run in r.per_seed.values():
+        for k, v in run["seconds"].items():
+            r.seconds[k] = round(r.seconds.get(k, 0.0) + v, 2)
+        for k, v in run["cached"].items():
+            r.cached[k] = r.cached.get(k, True) and v
+    aggregate(r)
+    return r
 
+
+def _prior_row(ctx: _Ctx) -> RowResult:
+    """Dark channel prior on the weathers it addresses (haze); "-" elsewhere. No training, no seed."""
+    r = RowResult(row="prior", title=ROW_TITLES["prior"], status="ok")
+    weathers = [w for w in ctx.tests.weathers if w in PRIOR_WEATHERS]
+    if not weathers:
+        r.status, r.reason = "skipped", f"the prior addresses {list(PRIOR_WEATHERS)} only and no such test set is given"
+        return r
+    dcp = DCPConfig(**dataclasses.asdict(ctx.cfg.prior))
+    model = dehaze_model(dcp)
+    t0 = time.perf_counter()
+    r.metrics, cached = _evaluate(ctx, "prior", _hash({"dcp": dataclasses.asdict(dcp), "version": 1}), model, weathers)
+    r.seconds, r.cached = {"eval": 0.0 if cached else round(time.perf_counter() - t0, 2)}, {"eval": cached}
+    _figure_model(ctx, SHORT_TITLES["prior"], model, tuple(weathers))
+    return r
+
+
+# ---------------------------------------------------------------------------------------
+# the stage
+
+
+def compare(cfg: CompareConfig, quick: bool = False, seeds: tuple[int, ...] | None = None) -> CompareResult:
+    """Train and evaluate one student per input source and seed; write the table, JSON and figures."""
+    t_start = time.perf_counter()
+    if cfg.runtime.threads:
+        import torch
+
+        torch.set_num_threads(cfg.runtime.threads)
+    # 1. the other stages' configs under this table's teacher, student and budget
+    budget = cfg.quick if quick else cfg.budget
+    budget = dataclasses.replace(budget, seeds=tuple(seeds)) if seeds is not None else budget
+    if not budget.seeds or len(set(budget.seeds)) != len(budget.seeds):
+        raise D4IRError(f"`seeds` = {list(budget.seeds)}: give one or more distinct seeds (e.g. --seeds 0,1,2)")
+    distill_cfg = _distill_config(cfg, budget)
+    ctx = _Ctx(
+        cfg=cfg,
+        budget=budget,
+        quick=quick,
+        out=Path(cfg.output.dir),
+        cache=Path(cfg.output.dir) / "cache",
+        synth_cfg=_synth_or_none(cfg),
+        distill_cfg=distill_cfg,
+        student_spec={"name": distill_cfg.student.name, "kwargs": dict(distill_cfg.student.kwargs)},
+        device=pick_device(cfg.runtime.device),
+    )
+    # 2. upstream inputs (demo), test sets, the teacher (once)
+    _prepare(ctx)
+    ctx.tests = _load_testset(cfg, budget)
+    _load_teacher(ctx)
+    teacher_params = count_params(ctx.teacher)
+    # 3. reference rows, the learned rows (per seed), the prior
+    results = _reference_rows(ctx, teacher_params)
+    for row in cfg.rows:
+        results.append(_prior_row(ctx) if row == "prior" else _learned_row(ctx, row))
     # 4. outputs
+    student_params = count_params(build_model(ctx.student_spec["name"], **ctx.student_spec["kwargs"]))
     header = {
         "teacher": {**teacher_description(ctx.teacher_ident), "params": teacher_params},
-        "student": {"spec": student_spec, "params": student_params, "ratio": student_params / max(1, teacher_params)},
-        "sd": sd_description(synth_cfg),
+        "student": {
+            "spec": ctx.student_spec,
+            "params": student_params,
+            "ratio": student_params / max(1, teacher_params),
+        },
+        "sd": sd_description(ctx.synth_cfg),
         "budget": dataclasses.asdict(budget),
         "quick": quick,
         "y_channel": cfg.eval.y_channel,
-        "test_images": {w: len(tests.images[w]) for w in tests.weathers},
-        "test_manifests": tests.manifests,
+        "test_images": {w: len(ctx.tests.images[w]) for w in ctx.tests.weathers},
+        "test_manifests": ctx.tests.manifests,
     }
-    markdown = format_table(header, results, tests.weathers)
-    out.mkdir(parents=True, exist_ok=True)
-    table_md = atomic_write_text(out / "table.md", markdown)
+    return _write_outputs(ctx, header, results, t_start)
+
+
+def _write_outputs(ctx: _Ctx, header: dict, results: list[RowResult], t_start: float) -> CompareResult:
+    """table.md, the two figures and table.json (numbers, per-seed runs, timings, the config)."""
+    weathers = ctx.tests.weathers
+    markdown = format_table(header, results, weathers)
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    table_md = atomic_write_text(ctx.out / "table.md", markdown)
     figures = {}
-    fig = _inputs_figure(ctx, out / "inputs.png")
+    fig = _inputs_figure(ctx, ctx.out / "inputs.png")
     if fig is not None:
         figures["inputs"] = fig
-    figures["restorations"] = _restorations_figure(ctx, tests, models_for_figure, out / "restorations.png")
+    picks = [(w, inp, tgt) for w in weathers for _, inp, tgt in ctx.tests.images[w][: ctx.cfg.eval.figure_images]]
+    figures["restorations"] = restorations_figure(picks, ctx.figure, ctx.out / "restorations.png")
     seconds = round(time.perf_counter() - t_start, 2)
-    table_json = atomic_write_json(
-        out / "table.json",
-        {
-            "header": header,
-            "weathers": tests.weathers,
-            "rows": [dataclasses.asdict(r) for r in results],
-            "figures": {k: str(v) for k, v in figures.items()},
-            "seconds": seconds,
-            "config": config_to_dict(cfg),
-        },
-    )
-    return CompareResult(out, table_md, table_json, figures, results, header, markdown, seconds)
+    cols = ("psnr_y", "ssim_y") if header["y_channel"] else ("psnr_rgb", "ssim_rgb")
+    doc = {
+        "header": header,
+        "weathers": weathers,
+        "rows": [dataclasses.asdict(r) for r in results],
+        "within_spread_of_d4ir": unresolved(results, cols),
+        "figures": {k: str(v) for k, v in figures.items()},
+        "seconds": seconds,
+        "config": config_to_dict(ctx.cfg),
+    }
+    table_json = atomic_write_json(ctx.out / "table.json", doc)
+    return CompareResult(ctx.out, table_md, table_json, figures, results, header, markdown, seconds)
 
 
-@click.command("compare")
-@stage_options
+def _parse_seeds(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        seeds = tuple(int(s) for s in value.split(",") if s.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected comma-separated integers such as 0,1,2") from None
+    if not seeds or min(seeds) < 0:
+        raise click.BadParameter(f"{value!r}: expected one or more seeds >= 0, such as 0,1,2")
+    return seeds
+
+
+@stage_command("compare", CompareConfig)
 @click.option("--quick", is_flag=True, help="Use the [quick] budget (the whole demo table on 2 CPU cores in minutes).")
-def compare_command(
-    profile: str, config_path: str | None, overrides: tuple[str, ...], work_dir: str | None, quick: bool
-) -> None:
-    """The paper's comparison: data KD, web data, D4IR, SD + text, noise and GAN rows, one student each."""
-    cfg = config_from_options(
-        CompareConfig, "compare", profile=profile, config_path=config_path, overrides=overrides, work_dir=work_dir
-    )
-    res = compare(cfg, quick=quick)
+@click.option(
+    "--seeds",
+    default=None,
+    callback=_parse_seeds,
+    metavar="0,1,2",
+    help="Train every learned row once per seed (replaces the budget's `seeds`); cached seeds are reused.",
+)
+def compare_command(cfg: CompareConfig, quick: bool, seeds: tuple[int, ...] | None) -> None:
+    """The paper's comparison: distilled rows (data KD, web, D4IR, SD + text, noise, GAN) and unsupervised ones."""
+    res = compare(cfg, quick=quick, seeds=seeds)
     click.echo(res.markdown)
     click.echo(f"table: {res.table_md}  json: {res.table_json}  figures: {', '.join(map(str, res.figures.values()))}")
     click.echo(f"({res.seconds:.0f} s)")
 
 
+# ---------------------------------------------------------------------------------------
+# 7. the inputs figure
+
+
 def _shard_samples(shards: Path, n: int, *, keys: list[str] | None = None) -> dict[str, dict[str, bytes]]:
     """Up to ``n`` samples (key -> {ext: bytes}) of a shard set, in manifest order, or the given keys."""
-
     _, listed = read_listing(shards / SHARDSET_NAME, SHARDSET_KIND)
     out: dict[str, dict[str, bytes]] = {}
     for s in listed:
         for k, files in iter_tar(s.path):
             if keys is None or k in keys:
                 out[k] = files
-            if keys is None and len(out) >= n:
-                return out
-        if keys is not None and len(out) == len(keys):
+        if len(out) >= (n if keys is None else len(keys)):
             break
-    return out
-
-
-def _decode(data: bytes) -> np.ndarray:
-
-    return np.asarray(decode_rgb(data)[0], dtype=np.uint8)
+    if keys is not None:
+        return {k: out[k] for k in keys if k in out}
+    return dict(list(out.items())[:n])
 
 
 def _image_of(files: dict[str, bytes], prefix: str = "degraded.") -> np.ndarray | None:
     ext = next((e for e in files if e.startswith(prefix)), None)
-    return _decode(files[ext]) if ext else None
+    return np.asarray(decode_rgb(files[ext])[0], dtype=np.uint8) if ext else None
+
+
+_LAST_UV = 1.0 - 1e-9  # a crop position in [0, 1) that ccd.prepare_image maps to the last pixel offset
 
 
 def _clean_crop(ctx: _Ctx, meta: dict) -> np.ndarray | None:
-    """The clean crop a synthetic sample was made from (resize short side, then its recorded crop box)."""
-    from PIL import Image
-
+    """The clean crop a synthetic sample was made from: ccd.prepare_image at its recorded crop box."""
     sc = ctx.synth_cfg
     if ctx.clean_records is None:
         ctx.clean_records = {r.id: r for r in load_manifest(sc.data.manifest)}
     rec = ctx.clean_records.get(meta.get("source_id"))
-    box = meta.get("crop_box")
-    if rec is None or not box:
+    box = tuple(meta.get("crop_box") or ())
+    if rec is None or len(box) != 4:
         return None
     try:
         img = open_rgb(sc.data.root, rec)
     except BadImageError:
         return None
     res = sc.data.resolution
-    scale = res / min(img.size)
-    size = (max(res, round(img.width * scale)), max(res, round(img.height * scale)))  # as ccd.prepare_image
-    if size != img.size:
-        img = img.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-    return np.asarray(img.crop(tuple(box)), dtype=np.uint8)
+    # the last crop position (u, v -> 1) is (resized width - res, resized height - res): it turns the box into u, v
+    _, last = prepare_image(img, res, "random", _LAST_UV, _LAST_UV)
+    u, v = (box[0] + 0.5) / (last[0] + 1), (box[1] + 0.5) / (last[1] + 1)
+    crop, got = prepare_image(img, res, "random", u, v)
+    return np.asarray(crop, dtype=np.uint8) if got == box else None
+
+
+def _synthetic_rows(ctx: _Ctx, n: int, seed: int) -> tuple[list, list[str], list[str] | None]:
+    """Clean source / SD + text / D4IR / CycleGAN F rows on the SAME clean crops (D4IR's keys and weathers)."""
+    d4, sdt = ctx.sources.get(("d4ir", seed)), ctx.sources.get(("sd_text", seed))
+    if d4 is None:
+        return [], [], None
+    first = _shard_samples(d4, n)
+    metas = [json.loads(f["json"]) for f in first.values()]
+    weathers = [str(m.get("weather")) for m in metas]
+    clean = [_image_of(f, "clean.") for f in first.values()]
+    if any(c is None for c in clean):  # not kept in the shards: cut again from the web-clean image
+        clean = [_clean_crop(ctx, m) for m in metas]
+    rows, labels = [clean], ["clean source"]
+    if sdt is not None:
+        rows.append([_image_of(f) for f in _shard_samples(sdt, n, keys=list(first)).values()])
+        labels.append(SHORT_TITLES["sd_text"])
+    rows.append([_image_of(f) for f in first.values()])
+    labels.append(SHORT_TITLES["d4ir"])
+    run = ctx.sources.get(("unpaired", seed))
+    if run is not None and (run / "degrader.json").is_file() and all(c is not None for c in clean):
+        rows.append(degrade(run, clean, weathers))
+        labels.append("CycleGAN F(clean)")
+    return rows, labels, weathers
 
 
 def _inputs_figure(ctx: _Ctx, path: Path) -> Path | None:
-    """A grid of training inputs per source; D4IR and SD + text share source images (same keys)."""
-
-    n = ctx.cfg.eval.figure_samples
-    rows, labels = [], []
-    d4, sdt = ctx.sources.get("d4ir"), ctx.sources.get("sd_text")
-    keys: list[str] | None = None
-    col_labels = None
-    if d4 is not None:
-        first = _shard_samples(d4, n)
-        keys = list(first)
-        col_labels = [str(json.loads(f["json"]).get("weather")) for f in first.values()]  # D4IR's weather per column
-        clean = [_image_of(f, "clean.") for f in first.values()]
-        if any(c is None for c in clean):  # not kept in the shards: cut again from the web-clean image
-            clean = [_clean_crop(ctx, json.loads(f["json"])) for f in first.values()]
-        rows.append(clean)
-        labels.append("clean source")
-    for row in ("sd_text", "d4ir"):
-        src = ctx.sources.get(row)
-        if src is None:
-            continue
-        got = _shard_samples(src, n, keys=keys) if keys and src == sdt else _shard_samples(src, n)
-        ordered = [got[k] for k in keys if k in got] if keys and src == sdt else list(got.values())
-        rows.append([_image_of(f) for f in ordered])
-        labels.append(ROW_TITLES[row].split(" (")[0])
-    if ctx.sources.get("dfmc") is not None and (ctx.sources["dfmc"] / "generator.json").is_file():
-        rows.append(generator_samples(ctx.sources["dfmc"], n, seed=ctx.budget.seed))
-        labels.append("GAN (DFMC)")
+    """A grid of training inputs per source (the first seed's); the SD rows and CycleGAN share clean crops."""
+    n, seed = ctx.cfg.eval.figure_samples, ctx.budget.seeds[0]
+    rows, labels, col_labels = _synthetic_rows(ctx, n, seed)
+    dfmc = ctx.sources.get(("dfmc", seed))
+    if dfmc is not None and (dfmc / "generator.json").is_file():
+        rows.append(generator_samples(dfmc, n, seed=seed))
+        labels.append(SHORT_TITLES["dfmc"])
     for row in ("noise", "web", "data_kd"):
-        src = ctx.sources.get(row)
+        src = ctx.sources.get((row, seed))
         if src is not None:
             rows.append([_image_of(f) for f in _shard_samples(src, n).values()])
-            labels.append(ROW_TITLES[row].split(" (")[0])
+            labels.append(SHORT_TITLES[row])
     if not rows:
         return None
     cell = max(64, min(160, ctx.synth_cfg.data.resolution if ctx.synth_cfg is not None else 96))
     save_png(path, image_grid(rows, cell=cell, labels=labels, col_labels=col_labels))
-    return path
-
-
-def _restorations_figure(ctx: _Ctx, tests: _TestSet, models: list[tuple[str, Any]], path: Path) -> Path:
-    """A grid: columns are test images (per weather), rows are input, target, teacher and each row's student."""
-
-    picks = [(w, item) for w in tests.weathers for item in tests.images[w][: ctx.cfg.eval.figure_images]]
-    rows = [[inp for _, (_, inp, _) in picks], [tgt for _, (_, _, tgt) in picks]]
-    labels = ["input", "target"]
-    for name, model in models:
-        rows.append([_run_model(model, inp, ctx.device) for _, (_, inp, _) in picks])
-        labels.append(name)
-    cols = [w for w, _ in picks]
-    save_png(path, image_grid(rows, cell=128, labels=labels, col_labels=cols))
     return path

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -260,6 +261,63 @@ def _to_image(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr)
 
 
+ModelFn = Callable[[torch.Tensor], torch.Tensor]  # (1, 3, H, W) in [0, 1] -> (1, 3, H, W)
+
+
+@dataclass
+class ScoredPair:
+    """One test pair after :func:`score_pairs`: every model's 8-bit output and its scores."""
+
+    id: Any
+    input: torch.Tensor  # (1, 3, H, W) in [0, 1]
+    target: torch.Tensor  # (1, 3, H, W)
+    outputs: dict[str, torch.Tensor]  # model -> (1, 3, H, W), clamped and rounded to 8 bits
+    scores: dict[str, dict[str, float]]  # model -> metric column -> value
+
+
+def _as_tensor(img: Any, device: Any) -> torch.Tensor:
+    if isinstance(img, torch.Tensor):
+        return img.to(device).float()
+    if isinstance(img, Image.Image):
+        return _to_tensor(img, device)
+    arr = np.asarray(img, dtype=np.uint8)  # (H, W, 3)
+    return torch.from_numpy(np.array(arr)).permute(2, 0, 1)[None].to(device).float().div_(255.0)
+
+
+def score_pairs(
+    models: Mapping[str, ModelFn | None],
+    pairs: Iterable[tuple[Any, Any, Any]],
+    metrics: Mapping[str, Any],
+    *,
+    no_reference: Mapping[str, Any] | None = None,
+    device: Any = "cpu",
+) -> Iterator[ScoredPair]:
+    """Run every model on each ``(id, input, target)`` pair and score its 8-bit output against the target.
+
+    The one scoring loop of ``evaluate`` and ``compare``. A model ``None`` scores the input
+    itself (the floor). Inputs are PIL images, (H, W, 3) uint8 arrays or (1, 3, H, W)
+    tensors; pairs stream (one is held at a time), so a large test set never sits in memory.
+    """
+    for pid, inp, tgt in pairs:
+        x, y = _as_tensor(inp, device), _as_tensor(tgt, device)  # (1, 3, H, W)
+        outputs: dict[str, torch.Tensor] = {}
+        scores: dict[str, dict[str, float]] = {}
+        for name, fn in models.items():
+            out = x if fn is None else _model_output(fn, x, name, pid)
+            outputs[name] = out
+            scores[name] = {col: _score(m, out, y) for col, m in metrics.items()}
+            scores[name].update({col: _score(m, out) for col, m in (no_reference or {}).items()})
+        yield ScoredPair(pid, x, y, outputs, scores)
+
+
+def _model_output(fn: ModelFn, x: torch.Tensor, name: str, pid: Any) -> torch.Tensor:
+    with torch.no_grad():
+        raw = fn(x)
+    if raw.shape != x.shape:
+        raise D4IRError(f"model `{name}` returned {tuple(raw.shape)} for test image {pid} of {tuple(x.shape)}")
+    return _quantize(raw)
+
+
 # ---------------------------------------------------------------------------------------
 # report
 
@@ -368,10 +426,26 @@ def _cpu_copy(model: torch.nn.Module) -> torch.nn.Module:
 # the stage
 
 
-def evaluate(cfg: EvalConfig) -> EvalResult:
-    """Score input, teacher and student on every paired set; write CSV, JSON, markdown, contact sheet."""
+def _pairs(
+    cfg: EvalConfig, sets: dict[str, list], skipped: list[dict]
+) -> Iterator[tuple[Any, Image.Image, Image.Image]]:
+    """((weather, record), input, target) of every readable test pair; unreadable ones go to ``skipped``."""
     from tqdm import tqdm
 
+    for weather, records in sets.items():
+        root = cfg.data.roots.get(weather, cfg.data.root)
+        for rec in tqdm(records, desc=f"evaluate {weather}", unit="img"):
+            try:
+                inp_img, tgt_img = open_pair(root, rec, check_hash=cfg.data.check_hash)
+            except BadImageError as e:
+                logger.warning("%s: skipped %s (%s: %s)", weather, rec.id, e.reason, e)
+                skipped.append({"weather": weather, "id": rec.id, "reason": e.reason, "message": str(e)})
+                continue
+            yield (weather, rec), inp_img, tgt_img
+
+
+def evaluate(cfg: EvalConfig) -> EvalResult:
+    """Score input, teacher and student on every paired set; write CSV, JSON, markdown, contact sheet."""
     # 1. inputs
     if not cfg.data.manifests:
         raise D4IRError("`data.manifests` is empty: give weather -> paired manifest (docs/EVALUATION.md)")
@@ -402,44 +476,21 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     skipped_images: list[dict] = []
     sheet_rows: list[tuple[str, list[Image.Image]]] = []
     vs_teacher: dict[str, list[float]] = {}
-    for weather, records in sets.items():
-        root = cfg.data.roots.get(weather, cfg.data.root)
-        for i, rec in enumerate(tqdm(records, desc=f"evaluate {weather}", unit="img")):
-            try:
-                inp_img, tgt_img = open_pair(root, rec, check_hash=cfg.data.check_hash)
-            except BadImageError as e:
-                logger.warning("%s: skipped %s (%s: %s)", weather, rec.id, e.reason, e)
-                skipped_images.append({"weather": weather, "id": rec.id, "reason": e.reason, "message": str(e)})
-                continue
-            x, y = _to_tensor(inp_img, device), _to_tensor(tgt_img, device)  # (1, 3, H, W)
-            t_out = _quantize(teacher_forward(teacher, x, tdtype, cfg.teacher))
-            with torch.no_grad():
-                s_raw = student(x)
-            if s_raw.shape != x.shape:
-                raise D4IRError(f"student {sdir} returned {tuple(s_raw.shape)} for {rec.id} of {tuple(x.shape)}")
-            s_out = _quantize(s_raw)
-            outputs = {"input": x, "teacher": t_out, "student": s_out}
-            for model, img in outputs.items():
-                row: dict[str, Any] = {
-                    "weather": weather,
-                    "id": rec.id,
-                    "model": model,
-                    "width": x.shape[-1],
-                    "height": x.shape[-2],
-                }
-                for col, metric in fr.items():
-                    row[col] = _score(metric, img, y)
-                for col, metric in nr.items():
-                    row[col] = _score(metric, img)
-                rows.append(row)
-            vs_teacher.setdefault(weather, []).append(_score(fr["psnr_y"], s_out, t_out))
-            if i < cfg.report.contact_per_weather:
-                sheet_rows.append(
-                    (
-                        rec.id if weather in rec.id else f"{weather}/{rec.id}",
-                        [inp_img, _to_image(t_out), _to_image(s_out), tgt_img],
-                    )
-                )
+    models: dict[str, ModelFn | None] = {
+        "input": None,
+        "teacher": lambda x: teacher_forward(teacher, x, tdtype, cfg.teacher),
+        "student": student,
+    }
+    shown: dict[str, int] = {}
+    for sp in score_pairs(models, _pairs(cfg, sets, skipped_images), fr, no_reference=nr, device=device):
+        weather, rec = sp.id
+        size = {"width": sp.input.shape[-1], "height": sp.input.shape[-2]}
+        rows += [{"weather": weather, "id": rec.id, "model": m, **size, **sp.scores[m]} for m in MODELS]
+        vs_teacher.setdefault(weather, []).append(_score(fr["psnr_y"], sp.outputs["student"], sp.outputs["teacher"]))
+        if shown.get(weather, 0) < cfg.report.contact_per_weather:
+            shown[weather] = shown.get(weather, 0) + 1
+            name = rec.id if weather in rec.id else f"{weather}/{rec.id}"
+            sheet_rows.append((name, [_to_image(sp.outputs[m]) for m in MODELS] + [_to_image(sp.target)]))
 
     # 4. cost
     cost = {
