@@ -54,6 +54,8 @@ RENAMED: dict[str, str] = {
     "train.checkpoint_every": "train.ckpt_every",  # dpa, teacher
     "train.keep_checkpoints": "train.ckpt_keep",  # dpa
     "train.log_every": "log.every",  # dpa, teacher
+    "budget.seed": "budget.seeds",  # compare: a list now, e.g. seeds = [0, 1, 2]
+    "quick.seed": "quick.seeds",  # compare
 }
 
 
@@ -188,7 +190,7 @@ def _check_range(value: Any, meta: dict, where: str) -> None:
 
 def _unknown(key: str, allowed: Sequence[str], where: str) -> ConfigError:
     if key in RENAMED:
-        return ConfigError(f"{where}: `{key}` was renamed; did you mean `{RENAMED[key]}`? (same meaning, new name)")
+        return ConfigError(f"{where}: `{key}` was renamed; did you mean `{RENAMED[key]}`?")
     hint = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
     dym = f" Did you mean `{hint[0]}`?" if hint else ""
     return ConfigError(f"{where}: unknown key `{key}`.{dym} Allowed here: {sorted(allowed)}")

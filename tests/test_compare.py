@@ -186,12 +186,12 @@ def test_quick_budget_and_missing_inputs_are_skipped(env, tmp_path):
     assert "(--quick): 2 steps" in res.markdown
 
 
-def test_format_table_is_deterministic_and_lists_skips():
+def test_format_table_lists_rows_and_skips():
     header = {
         "teacher": {"spec": {"name": "t"}, "path": "/t", "note": "n", "weights_sha256": "ab" * 32, "params": 2_000_000},
         "student": {"spec": {"name": "s", "kwargs": {"width": 8}}, "params": 20_000, "ratio": 0.01},
         "sd": {"id": "tiny", "note": "TINY RANDOM SD"},
-        "budget": {"steps": 5, "batch": 2, "patch": 16, "seed": 0},
+        "budget": {"steps": 5, "batch": 2, "patch": 16, "seeds": [0]},
         "quick": True,
         "y_channel": True,
         "test_images": {"rain": 3},
@@ -208,7 +208,6 @@ def test_format_table_is_deterministic_and_lists_skips():
         RowResult("noise", "Noise", "skipped", reason="no inputs"),
     ]
     text = format_table(header, rows, ["rain"])
-    assert text == format_table(header, rows, ["rain"])
     assert "| Teacher | 30.00 / 0.9000 | 30.00 / 0.9000 | 2.00M | - |" in text
     assert "- Noise: no inputs" in text and "TINY RANDOM SD" in text
 
@@ -401,6 +400,13 @@ def test_seeds_must_be_distinct(env):
         compare(env, seeds=(1, 1))
 
 
+def test_the_old_single_seed_key_names_its_new_list_form():
+    from d4ir_pipeline.config import ConfigError, load_stage_config
+
+    with pytest.raises(ConfigError, match=r"`budget\.seed` was renamed; did you mean `budget\.seeds`"):
+        load_stage_config(CompareConfig, "compare", profile="smoke", overrides=["budget.seed=1"])
+
+
 def test_seeds_option_is_checked():
     from click.testing import CliRunner
 
@@ -473,3 +479,29 @@ def test_smoke_cli_two_seeds_prints_mean_std_and_a_third_seed_trains_only_it(tmp
         if r["row"] in ("data_kd", "d4ir", "noise", "dfmc", "unpaired"):
             cached = {s: run["cached"]["distill"] for s, run in r["per_seed"].items()}
             assert cached == {"0": True, "1": True, "2": False}, (r["row"], cached)
+
+
+def test_teacher_by_weather_scores_each_test_set_with_its_weathers_teacher(env, tmp_path):
+    import dataclasses
+
+    torch.manual_seed(3)
+    rain_teacher = save_model(build_model("unet_s", base=8, depth=1), tmp_path / "rain-teacher")
+    base = Path(env.stages.distill).read_text(encoding="utf-8")
+    tomls = {
+        "both": base.replace("[student]", f'[teacher.by_weather.rain]\ncheckpoint = "{rain_teacher}"\n[student]'),
+        "rain": base.replace(str(tmp_path / "teacher"), str(rain_teacher)),
+        "default": base,
+    }
+    runs = {}
+    for name, text in tomls.items():
+        stages = dataclasses.replace(env.stages, distill=str(_write(tmp_path / f"distill-{name}.toml", text)))
+        out = dataclasses.replace(env.output, dir=str(tmp_path / f"compare-{name}"))
+        runs[name] = {
+            r.row: r for r in compare(dataclasses.replace(env, rows=("dfmc",), stages=stages, output=out)).rows
+        }
+    both, rain, default = (runs[k]["teacher"].metrics for k in ("both", "rain", "default"))
+    assert both["rain"] == rain["rain"] and both["haze"] == default["haze"] and both["snow"] == default["snow"]
+    assert rain["rain"] != default["rain"]  # the two teachers really differ
+    assert runs["both"]["teacher"].params == runs["rain"]["teacher"].params + runs["default"]["teacher"].params
+    dfmc = runs["both"]["dfmc"]
+    assert dfmc.status == "skipped" and "by_weather" in dfmc.reason

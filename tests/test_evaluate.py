@@ -180,3 +180,24 @@ def test_bad_test_image_is_skipped_and_listed(setup: Path) -> None:
     res = evaluate(cfg_of(setup, report__contact_per_weather="0"))
     assert [s["id"] for s in res.summary["skipped_images"]] == ["test/rain/im-1"]
     assert res.summary["per_weather"]["rain"]["student"]["n"] == 1
+
+
+def test_each_test_set_is_restored_by_its_weathers_teacher(setup: Path) -> None:
+    torch.manual_seed(7)
+    save_model(build_model(TEACHER, width=8, layers=2), setup / "rain-teacher")
+
+    def teacher_rows(res) -> dict[tuple[str, str], float]:
+        rows = csv.DictReader(res.per_image_csv.open())
+        return {(r["weather"], r["id"]): float(r["psnr_rgb"]) for r in rows if r["model"] == "teacher"}
+
+    both = teacher_rows(
+        evaluate(cfg_of(setup, teacher__by_weather=f"{{rain = {{checkpoint = '{setup / 'rain-teacher'}'}}}}"))
+    )
+    default = teacher_rows(evaluate(cfg_of(setup, out=f"'{setup / 'eval-default'}'")))
+    rain = teacher_rows(
+        evaluate(cfg_of(setup, out=f"'{setup / 'eval-rain'}'", teacher__checkpoint=f"'{setup / 'rain-teacher'}'"))
+    )
+    assert len(both) == 4
+    for (w, i), v in both.items():
+        assert v == (rain if w == "rain" else default)[(w, i)], (w, i)
+    assert any(rain[k] != default[k] for k in rain if k[0] == "rain")  # the two teachers really differ

@@ -68,11 +68,9 @@ from d4ir_pipeline.common.runtime import pick_device
 from d4ir_pipeline.config import (
     config_hash,
     config_to_dict,
-    load_config,
     load_stage_config,
     opt,
     redefault,
-    stages_root,
 )
 from d4ir_pipeline.data.manifests import load_manifest, open_pair, open_rgb, write_manifest
 from d4ir_pipeline.demo.data import build_demo_data
@@ -112,7 +110,7 @@ from d4ir_pipeline.stage1.synthesize import SynthesizeConfig, synthesize
 from d4ir_pipeline.stage2.distill import DistillConfig, distill
 from d4ir_pipeline.stage2.evaluate import FR_METRICS, EvalConfig, build_fr_metrics, score_pairs
 from d4ir_pipeline.stage2.labels import label
-from d4ir_pipeline.stage2.teacher import load_teacher, teacher_forward, teacher_identity
+from d4ir_pipeline.stage2.teacher import Teachers, teacher_identity, with_tiling
 
 logger = logging.getLogger(__name__)
 
@@ -432,8 +430,7 @@ class _Ctx:
     student_spec: dict
     device: Any
     teacher_ident: dict = field(default_factory=dict)
-    teacher: Any = None  # the frozen teacher, loaded once per run
-    teacher_fn: Any = None  # (1, 3, H, W) -> (1, 3, H, W), tiled as the test sets ask
+    teachers: Teachers | None = None  # the frozen teacher(s), loaded once per run, tiled as the test sets ask
     tests: _TestSet | None = None
     sources: dict[tuple[str, int], Path] = field(default_factory=dict)  # (row, seed) -> shard set / run folder
     figure: list[FigureModel] = field(default_factory=list)  # the first seed's models, in table order
@@ -448,11 +445,7 @@ class _Ctx:
 
 def _load_stage(cls: type, explicit: str, stage: str, cfg: CompareConfig) -> Any:
     """Another stage's config, exactly as its own command would load it (``explicit``: a file instead)."""
-    profile, work = cfg.stages.profile, cfg.stages.work
-    if explicit and not (stages_root() / profile).is_dir():
-        # an explicit file of a profile without a stages/ folder (tests, one-off configs): default [paths]
-        return load_config(cls, explicit, work_dir=work, profile=profile)
-    return load_stage_config(cls, stage, profile=profile, config=explicit or None, work_dir=work)
+    return load_stage_config(cls, stage, profile=cfg.stages.profile, config=explicit or None, work_dir=cfg.stages.work)
 
 
 def _distill_config(cfg: CompareConfig, budget: BudgetSection) -> Any:
@@ -546,17 +539,15 @@ def _build_prompt_bank(ctx: _Ctx) -> None:
 
 
 def _load_teacher(ctx: _Ctx) -> None:
-    """The frozen teacher and its identity, once; ``teacher_fn`` tiles as the test sets ask."""
+    """The frozen teacher(s) and identity, once, tiled as the test sets ask (one per weather with `by_weather`)."""
     tc = ctx.distill_cfg.teacher
     ctx.teacher_ident = teacher_identity(tc)
-    teacher, tdtype = load_teacher(tc, ctx.device)
-    tcfg = dataclasses.replace(tc, tile=ctx.tests.tile, tile_overlap=ctx.tests.tile_overlap)
-    ctx.teacher = teacher
+    ctx.teachers = Teachers(with_tiling(tc, ctx.tests.tile, ctx.tests.tile_overlap), ctx.device)
 
-    def teacher_fn(x: Any) -> Any:  # (1, 3, H, W) -> (1, 3, H, W), tiled above `tile` px
-        return teacher_forward(teacher, x, tdtype, tcfg)
 
-    ctx.teacher_fn = teacher_fn
+def _for_weather(model: Any, weather: str) -> Any:
+    """The model function for test images of ``weather``: the teacher of that weather, else ``model`` itself."""
+    return model.for_weather(weather) if isinstance(model, Teachers) else model
 
 
 @dataclass(frozen=True)
@@ -810,6 +801,8 @@ def _distill_row(ctx: _Ctx, row: str, shards: Path, seed: int) -> tuple[Path, bo
 
 def _dfmc_row(ctx: _Ctx, seed: int) -> tuple[Path, bool]:
     b, d = ctx.budget, ctx.cfg.dfmc
+    if ctx.distill_cfg.teacher.by_weather:
+        raise SkipRow("DFMC inverts one teacher; `teacher.by_weather` gives one per weather (run it per teacher)")
     if b.patch % 8:
         raise SkipRow(f"DFMC generates patch x patch images: `budget.patch` = {b.patch} must be a multiple of 8")
     dcfg = DFMCConfig(
@@ -845,9 +838,10 @@ def _float_teacher(ctx: _Ctx) -> Any:
 
     import torch
 
-    if all(p.dtype == torch.float32 for p in ctx.teacher.parameters()):
-        return ctx.teacher
-    return copy.deepcopy(ctx.teacher).float()
+    teacher, _ = ctx.teachers.model()
+    if all(p.dtype == torch.float32 for p in teacher.parameters()):
+        return teacher
+    return copy.deepcopy(teacher).float()
 
 
 def _unpaired_sets(ctx: _Ctx) -> tuple[Any, Any]:
@@ -924,7 +918,8 @@ def _evaluate(
         ctx.metrics = build_fr_metrics(ctx.device)
     metrics: dict[str, dict[str, float]] = {}
     for w in weathers:
-        scored = [sp.scores[name] for sp in score_pairs({name: model}, tests.images[w], ctx.metrics, device=ctx.device)]
+        fn = {name: _for_weather(model, w)}
+        scored = [sp.scores[name] for sp in score_pairs(fn, tests.images[w], ctx.metrics, device=ctx.device)]
         metrics[w] = {c: float(np.mean([s[c] for s in scored])) for c in ctx.metrics}
         metrics[w]["images"] = len(scored)
     atomic_write_json(path, {"key": key, "metrics": metrics})
@@ -942,7 +937,7 @@ def _run_model(model: Any, img: np.ndarray, device: Any) -> np.ndarray:
 
 
 def _figure_model(ctx: _Ctx, label: str, model: Any, weathers: tuple[str, ...] | None = None) -> None:
-    ctx.figure.append((label, lambda img: _run_model(model, img, ctx.device), weathers))
+    ctx.figure.append((label, lambda img, w: _run_model(_for_weather(model, w), img, ctx.device), weathers))
 
 
 # ---------------------------------------------------------------------------------------
@@ -953,7 +948,7 @@ def _reference_rows(ctx: _Ctx, teacher_params: int) -> list[RowResult]:
     """The degraded input and the teacher, scored once (they do not depend on a seed)."""
     teacher_key = f"{ctx.teacher_ident['id']}-tile{ctx.tests.tile}-{ctx.tests.tile_overlap}"
     rows = []
-    for name, model, key in (("input", None, "identity"), ("teacher", ctx.teacher_fn, teacher_key)):
+    for name, model, key in (("input", None, "identity"), ("teacher", ctx.teachers, teacher_key)):
         t0 = time.perf_counter()
         metrics, cached = _evaluate(ctx, name, key, model)
         rows.append(
@@ -968,7 +963,7 @@ def _reference_rows(ctx: _Ctx, teacher_params: int) -> list[RowResult]:
                 cached={"eval": cached},
             )
         )
-    _figure_model(ctx, SHORT_TITLES["teacher"], ctx.teacher_fn)
+    _figure_model(ctx, SHORT_TITLES["teacher"], ctx.teachers)
     return rows
 
 
@@ -1068,7 +1063,7 @@ def compare(cfg: CompareConfig, quick: bool = False, seeds: tuple[int, ...] | No
     _prepare(ctx)
     ctx.tests = _load_testset(cfg, budget)
     _load_teacher(ctx)
-    teacher_params = count_params(ctx.teacher)
+    teacher_params = sum(count_params(m) for m in ctx.teachers.all_models())
     # 3. reference rows, the learned rows (per seed), the prior
     results = _reference_rows(ctx, teacher_params)
     for row in cfg.rows:

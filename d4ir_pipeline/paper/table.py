@@ -14,6 +14,7 @@ import numpy as np
 from d4ir_pipeline.common.images import image_grid, save_png
 from d4ir_pipeline.models import reference_teacher_path
 from d4ir_pipeline.stage1.sd import SDLoadError, model_id
+from d4ir_pipeline.stage2.teacher import teacher_name
 
 # ---------------------------------------------------------------------------------------
 # rows
@@ -175,6 +176,15 @@ def teacher_description(ident: dict) -> dict:
     path = Path(ident["path"])
     ref = path.resolve() == reference_teacher_path().resolve()
     note = "the embedded demo's reference teacher (trained on the demo's paired data)" if ref else "user teacher"
+    if "by_weather" in ident:  # one teacher per weather: the default one's weights, each weather's spec
+        return {
+            "id": ident["id"],
+            "path": str(path),
+            "spec": {**ident["default"]["spec"], "name": teacher_name(ident)},
+            "weights_sha256": ident["default"]["weights_sha256"],
+            "by_weather": {w: {"path": p["path"], "spec": p["spec"]} for w, p in ident["by_weather"].items()},
+            "note": f"{note}, with one teacher per weather ({', '.join(ident['by_weather'])})",
+        }
     return {
         "id": ident["id"],
         "path": str(path),
@@ -265,7 +275,8 @@ def format_table(header: dict, rows: list[RowResult], weathers: list[str]) -> st
     return "\n".join(lines) + "\n"
 
 
-FigureModel = tuple[str, Callable[[np.ndarray], np.ndarray], tuple[str, ...] | None]  # label, run, weathers (None: all)
+# label, run (image, its weather) -> image, weathers it restores (None: all)
+FigureModel = tuple[str, Callable[[np.ndarray, str], np.ndarray], tuple[str, ...] | None]
 
 
 def restorations_figure(picks: list[tuple[str, np.ndarray, np.ndarray]], models: list[FigureModel], path: Path) -> Path:
@@ -276,7 +287,7 @@ def restorations_figure(picks: list[tuple[str, np.ndarray, np.ndarray]], models:
     rows = [[inp for _, inp, _ in picks], [tgt for _, _, tgt in picks]]
     labels = ["input", "target"]
     for label, run, weathers in models:
-        rows.append([run(inp) if weathers is None or w in weathers else inp for w, inp, _ in picks])
+        rows.append([run(inp, w) if weathers is None or w in weathers else inp for w, inp, _ in picks])
         labels.append(label)
     save_png(path, image_grid(rows, cell=128, labels=labels, col_labels=[w for w, _, _ in picks]))
     return path

@@ -36,7 +36,7 @@ from d4ir_pipeline.common.images import IMAGE_FORMATS, encode_image
 from d4ir_pipeline.common.io import atomic_write_bytes, read_json, sha256_file
 from d4ir_pipeline.common.runtime import DTYPES, package_versions, pick_dtype
 from d4ir_pipeline.common.train import MetricsLog
-from d4ir_pipeline.config import config_hash, config_to_dict, neutral_keys, opt
+from d4ir_pipeline.config import config_hash, config_to_dict, opt
 from d4ir_pipeline.data.manifests import load_manifest, open_rgb
 from d4ir_pipeline.errors import BadImageError, D4IRError
 from d4ir_pipeline.shardset.format import SHARDSET_KIND, SHARDSET_NAME, check_output_dir, shard_name
@@ -198,10 +198,6 @@ class SynthesizeConfig:
     ccd: CCDSection = field(default_factory=CCDSection)
     output: OutputSection = field(default_factory=OutputSection)
     runtime: RuntimeSection = field(default_factory=RuntimeSection)
-
-
-# derived from the marks (compare's cache key uses it)
-HASH_EXCLUDE = neutral_keys(SynthesizeConfig)
 
 
 # ---------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from d4ir_pipeline.errors import BadImageError, D4IRError
 from d4ir_pipeline.models.checkpoint import load_model
 from d4ir_pipeline.models.cost import count_macs, count_params, format_count, measure_latency
 from d4ir_pipeline.stage2.config import StudentConfig, student_tag
-from d4ir_pipeline.stage2.teacher import TeacherConfig, load_teacher, teacher_forward, teacher_identity
+from d4ir_pipeline.stage2.teacher import TeacherConfig, Teachers, teacher_identity, teacher_name
 
 logger = logging.getLogger(__name__)
 
@@ -444,6 +444,22 @@ def _pairs(
             yield (weather, rec), inp_img, tgt_img
 
 
+def _score_sets(
+    cfg: EvalConfig,
+    sets: dict[str, list],
+    teachers: Teachers,
+    student: ModelFn,
+    fr: Mapping[str, Any],
+    nr: Mapping[str, Any],
+    skipped: list[dict],
+    device: Any,
+) -> Iterator[ScoredPair]:
+    """``score_pairs`` over each weather's test set, with that weather's teacher."""
+    for weather, records in sets.items():
+        models = {"input": None, "teacher": teachers.for_weather(weather), "student": student}
+        yield from score_pairs(models, _pairs(cfg, {weather: records}, skipped), fr, no_reference=nr, device=device)
+
+
 def evaluate(cfg: EvalConfig) -> EvalResult:
     """Score input, teacher and student on every paired set; write CSV, JSON, markdown, contact sheet."""
     # 1. inputs
@@ -464,7 +480,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     device = pick_device(cfg.device)
 
     # 2. models and metrics
-    teacher, tdtype = load_teacher(cfg.teacher, device)
+    teachers = Teachers(cfg.teacher, device)  # one per weather with `teacher.by_weather`
     tident = teacher_identity(cfg.teacher)
     student, sdir = load_student(cfg, device)
     fr = build_fr_metrics(device, cfg.metrics.crop_border)
@@ -476,13 +492,8 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     skipped_images: list[dict] = []
     sheet_rows: list[tuple[str, list[Image.Image]]] = []
     vs_teacher: dict[str, list[float]] = {}
-    models: dict[str, ModelFn | None] = {
-        "input": None,
-        "teacher": lambda x: teacher_forward(teacher, x, tdtype, cfg.teacher),
-        "student": student,
-    }
     shown: dict[str, int] = {}
-    for sp in score_pairs(models, _pairs(cfg, sets, skipped_images), fr, no_reference=nr, device=device):
+    for sp in _score_sets(cfg, sets, teachers, student, fr, nr, skipped_images, device):
         weather, rec = sp.id
         size = {"width": sp.input.shape[-1], "height": sp.input.shape[-2]}
         rows += [{"weather": weather, "id": rec.id, "model": m, **size, **sp.scores[m]} for m in MODELS]
@@ -493,9 +504,10 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
             sheet_rows.append((name, [_to_image(sp.outputs[m]) for m in MODELS] + [_to_image(sp.target)]))
 
     # 4. cost
+    teacher, tdtype = teachers.model()  # the default teacher (with `by_weather`: the one of other weathers)
     cost = {
         "size": cfg.cost.size,
-        "teacher": _cost(teacher, tident["spec"]["name"], cfg.cost, device, tdtype),
+        "teacher": _cost(teacher, teacher_name(tident), cfg.cost, device, tdtype),
         "student": _cost(student, cfg.student.name, cfg.cost, device, torch.float32),
     }
 
@@ -513,7 +525,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         if vs_teacher.get(weather):
             per_weather[weather]["student"]["student_psnr_y_vs_teacher"] = float(np.mean(vs_teacher[weather]))
     summary = {
-        "teacher": {"name": tident["spec"]["name"], "checkpoint": tident["path"], "id": tident["id"]},
+        "teacher": {"name": teacher_name(tident), "checkpoint": tident["path"], "id": tident["id"]},
         "student": {"name": cfg.student.name, "checkpoint": str(sdir)},
         "metrics": {c: {"pyiqa": n, **kw} for c, (n, kw) in FR_METRICS.items()},
         "no_reference": list(nr),

@@ -120,6 +120,20 @@ def teacher_identity(cfg: TeacherConfig) -> dict:
     return _single_identity(cfg)
 
 
+def teacher_name(ident: dict) -> str:
+    """Architecture name(s) of a ``teacher_identity``: ``restormer`` or ``nafnet; rain: drsformer, ...``."""
+    if "by_weather" not in ident:
+        return ident["spec"]["name"]
+    parts = [f"{w}: {p['spec']['name']}" for w, p in ident["by_weather"].items()]
+    return "; ".join([ident["default"]["spec"]["name"], *parts])
+
+
+def with_tiling(cfg: TeacherConfig, tile: int, overlap: int) -> TeacherConfig:
+    """``cfg`` (and each of its weathers' teachers) tiled above ``tile`` px with ``overlap`` px."""
+    by_weather = {w: dataclasses.replace(s, tile=tile, tile_overlap=overlap) for w, s in cfg.by_weather.items()}
+    return dataclasses.replace(cfg, tile=tile, tile_overlap=overlap, by_weather=by_weather)
+
+
 def _single_identity(cfg: TeacherConfig) -> dict:
     path, weights, spec = _teacher_source(cfg)
     wsha = sha256_file(weights)
@@ -220,6 +234,21 @@ class Teachers:
             self._loaded[which] = (self._waiting.pop(which).to(device=self.device, dtype=dtype), dtype, spec)
         return self._loaded[which]
 
+    def model(self, weather: str | None = None) -> tuple[Any, Any]:
+        """(model, dtype) of the teacher that samples of ``weather`` reach (moved to the device)."""
+        model, dtype, _ = self._get(self.spec_for(weather)[0])
+        return model, dtype
+
+    def all_models(self) -> list[Any]:
+        """Every teacher of this config: the default one first, then each weather's (loaded or not)."""
+        return [self._loaded[None][0]] + [
+            self._loaded[w][0] if w in self._loaded else self._waiting[w] for w in sorted(self.cfg.by_weather)
+        ]
+
+    def for_weather(self, weather: str) -> Any:
+        """A one-argument model function (B, 3, H, W) -> (B, 3, H, W) for images of ``weather``."""
+        return lambda x: self(x, [weather] * x.shape[0])
+
     def __call__(self, x: Any, weathers: Any = None) -> Any:
         """Teacher outputs float32 (B, 3, H, W) in [0, 1] for ``x`` (B, 3, H, W); ``weathers``: one per sample or None."""
         names = list(weathers) if weathers is not None else [None] * x.shape[0]
@@ -229,7 +258,8 @@ class Teachers:
         if len(groups) == 1:
             ((which, _),) = groups.items()
             model, dtype, spec = self._get(which)
-            return teacher_forward(model, x, dtype, spec, weather=names)
+            one = names[0] if len(set(names)) == 1 else names  # one weather per batch: tiling allows it
+            return teacher_forward(model, x, dtype, spec, weather=one)
         out = None
         for which, idx in groups.items():
             model, dtype, spec = self._get(which)
