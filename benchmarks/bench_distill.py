@@ -64,7 +64,7 @@ def config(tmp: Path, shards: Path, teacher: Path, student: str, skw: str, tag: 
     from d4ir_pipeline.stage2.distill import DistillConfig
 
     over = {
-        "out": f"'{tmp / 'distill'}'",
+        "output.dir": f"'{tmp / 'distill'}'",
         "data.shards": f"'{shards}'",
         "teacher.checkpoint": f"'{teacher}'",
         "student.name": f"'{student}'",
@@ -75,7 +75,7 @@ def config(tmp: Path, shards: Path, teacher: Path, student: str, skw: str, tag: 
         "log.every": "1",
         "log.progress": "false",
         "train.ckpt_every": "100000",
-        "train.device": "'cpu'",
+        "runtime.device": "'cpu'",
     }
     over.update({k.replace("__", "."): str(v) for k, v in extra.items()})
     return load_config(DistillConfig, None, [f"{k}={v}" for k, v in over.items()])

@@ -56,6 +56,15 @@ RENAMED: dict[str, str] = {
     "train.log_every": "log.every",  # dpa, teacher
     "budget.seed": "budget.seeds",  # compare: a list now, e.g. seeds = [0, 1, 2]
     "quick.seed": "quick.seeds",  # compare
+    # one name per idea: every stage writes to `output.dir` and computes on `runtime.device`
+    "out": "output.dir",  # distill, evaluate
+    "bank.out": "output.dir",  # prompt-bank
+    "out.dir": "output.dir",  # train-teacher
+    "out.publish_dir": "output.publish_dir",  # train-teacher
+    "out.command": "output.command",  # train-teacher
+    "device": "runtime.device",  # evaluate
+    "train.device": "runtime.device",  # distill, train-dpa
+    "bank.device": "runtime.device",  # prompt-bank
 }
 
 
@@ -188,9 +197,11 @@ def _check_range(value: Any, meta: dict, where: str) -> None:
             raise ConfigError(f"{where} = {v!r}: must be <= {hi}")
 
 
-def _unknown(key: str, allowed: Sequence[str], where: str) -> ConfigError:
-    if key in RENAMED:
-        return ConfigError(f"{where}: `{key}` was renamed; did you mean `{RENAMED[key]}`?")
+def _unknown(key: str, allowed: Sequence[str], where: str, below: Sequence[str] = ()) -> ConfigError:
+    """``key`` is not a field here; ``below``: the keys given under it (``[out] dir = ...``, ``out.dir=...``)."""
+    for old in [f"{key}.{b}" for b in below] + [key]:  # the most specific rename first
+        if old in RENAMED:
+            return ConfigError(f"{where}: `{old}` was renamed; did you mean `{RENAMED[old]}`?")
     hint = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
     dym = f" Did you mean `{hint[0]}`?" if hint else ""
     return ConfigError(f"{where}: unknown key `{key}`.{dym} Allowed here: {sorted(allowed)}")
@@ -211,7 +222,8 @@ def _check_keys(cls: type, data: dict, file: str, prefix: str = "") -> None:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in data.items():
         if key not in fields:
-            raise _unknown(prefix + key, [prefix + k for k in fields], file)
+            below = list(value) if isinstance(value, dict) else []
+            raise _unknown(prefix + key, [prefix + k for k in fields], file, below)
         section, table = hints[key] if dataclasses.is_dataclass(hints[key]) else None, _section_table(hints[key])
         if section or table:
             if not isinstance(value, dict):
@@ -310,7 +322,8 @@ def _apply_override(data: dict, path: list[str], value: Any, cls: type, origin: 
         fields = {f.name: f for f in dataclasses.fields(node_cls)}
         if part not in fields:
             prefix = "".join(p + "." for p in path[:i])
-            raise _unknown(prefix + part, [prefix + k for k in fields], origin)
+            below = [".".join(path[i + 1 :])] if i + 1 < len(path) else []
+            raise _unknown(prefix + part, [prefix + k for k in fields], origin, below)
         if i == len(path) - 1:
             node[part] = value
             return

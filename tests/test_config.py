@@ -236,3 +236,36 @@ def test_a_plain_table_value_is_replaced_by_the_profile_not_merged(tmp_path, mon
     small = load_stage_config(Cfg, "m", profile="small").train
     assert small.mix == {"snow": 3.0}  # replaced whole, not merged with the base's weights
     assert small.steps == 7  # while the section itself still merges key by key
+
+
+@pytest.mark.parametrize(
+    ("stage", "old", "new"),
+    [
+        ("distill", "out='x'", "output.dir"),
+        ("distill", "train.device='cpu'", "runtime.device"),
+        ("evaluate", "device='cpu'", "runtime.device"),
+        ("prompt-bank", "bank.out='x'", "output.dir"),
+        ("train-dpa", "train.device='cpu'", "runtime.device"),
+        ("teacher", "out.dir='x'", "output.dir"),
+    ],
+)
+def test_every_stage_names_its_output_folder_and_device_alike(stage, old, new):
+    import importlib
+
+    from d4ir_pipeline.configdoc import STAGES
+
+    module, name = STAGES["dpa" if stage == "train-dpa" else stage]
+    cls = getattr(importlib.import_module(module), name)
+    key = old.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"`{key}` was renamed; did you mean `{new}`"):
+        load_stage_config(cls, "dpa" if stage == "train-dpa" else stage, profile="demo", overrides=[old])
+    cfg = load_stage_config(cls, "dpa" if stage == "train-dpa" else stage, profile="demo", overrides=[f"{new}='cpu'"])
+    section, field_name = new.split(".")
+    assert getattr(getattr(cfg, section), field_name) == "cpu"
+
+
+def test_a_renamed_table_names_the_new_key_of_what_it_holds(tmp_path):
+    from d4ir_pipeline.demo.reference_teacher import TeacherConfig
+
+    with pytest.raises(ConfigError, match=r"`out\.publish_dir` was renamed; did you mean `output\.publish_dir`"):
+        load_config(TeacherConfig, write(tmp_path, '[out]\npublish_dir = "x"\n'))

@@ -48,7 +48,7 @@ def make_teacher(path: Path, spec: str = TEACHER, **kw) -> Path:
 
 def overrides(tmp: Path, **extra) -> list[str]:
     base = {
-        "out": f"'{tmp / 'distill'}'",
+        "output.dir": f"'{tmp / 'distill'}'",
         "data.shards": f"'{tmp / 'shards'}'",
         "teacher.checkpoint": f"'{tmp / 'teacher'}'",
         "student.name": "'rescnn'",
@@ -186,7 +186,7 @@ def test_sigkill_resume_matches_uninterrupted(setup: Path) -> None:
 def test_ddp_two_ranks_disjoint_samples(setup: Path) -> None:
     cfg_file = setup / "empty.toml"
     cfg_file.write_text("")
-    over = overrides(setup, train__steps=3, log__sample_keys="true", train__device="'cpu'")
+    over = overrides(setup, train__steps=3, log__sample_keys="true", runtime__device="'cpu'")
     cmd = [
         sys.executable,
         "-m",

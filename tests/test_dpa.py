@@ -66,7 +66,7 @@ def _small(work: Path, manifest: Path, root: Path, *extra: str) -> DPAConfig:
 def demo_run(tmp_path_factory, demo_data_root, tiny_sd_path):
     """The demo config, CPU, seed 0, trained once for the module (about a minute on one core)."""
     work = _work(tmp_path_factory.mktemp("dpa-demo") / "w", demo_data_root, tiny_sd_path)
-    cfg = _cfg("demo", work, "train.device=cpu")
+    cfg = _cfg("demo", work, "runtime.device=cpu")
     return cfg, train_dpa(cfg)  # one torch thread (conftest): the bar's setting ("one core")
 
 

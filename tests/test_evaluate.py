@@ -90,9 +90,9 @@ def setup(tmp_path: Path) -> Path:
 
 def cfg_of(tmp: Path, **extra: str) -> EvalConfig:
     over = {
-        "out": f"'{tmp / 'eval'}'",
+        "output.dir": f"'{tmp / 'eval'}'",
         "distill_out": f"'{tmp / 'distill'}'",
-        "device": "'cpu'",
+        "runtime.device": "'cpu'",
         "teacher.checkpoint": f"'{tmp / 'teacher'}'",
         "student.name": "'rescnn'",
         "data.root": f"'{tmp / 'data'}'",
@@ -193,9 +193,11 @@ def test_each_test_set_is_restored_by_its_weathers_teacher(setup: Path) -> None:
     both = teacher_rows(
         evaluate(cfg_of(setup, teacher__by_weather=f"{{rain = {{checkpoint = '{setup / 'rain-teacher'}'}}}}"))
     )
-    default = teacher_rows(evaluate(cfg_of(setup, out=f"'{setup / 'eval-default'}'")))
+    default = teacher_rows(evaluate(cfg_of(setup, output__dir=f"'{setup / 'eval-default'}'")))
     rain = teacher_rows(
-        evaluate(cfg_of(setup, out=f"'{setup / 'eval-rain'}'", teacher__checkpoint=f"'{setup / 'rain-teacher'}'"))
+        evaluate(
+            cfg_of(setup, output__dir=f"'{setup / 'eval-rain'}'", teacher__checkpoint=f"'{setup / 'rain-teacher'}'")
+        )
     )
     assert len(both) == 4
     for (w, i), v in both.items():

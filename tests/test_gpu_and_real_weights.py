@@ -34,8 +34,8 @@ def test_distill_on_cuda_with_amp_and_a_half_precision_teacher(tmp_path, amp):
         f"teacher.checkpoint={str(tmp_path / 'teacher')!r}",
         "teacher.dtype='float16'",
     ]
-    sets += ["data.patch=32", "data.batch_size=4", "data.num_workers=1", "train.steps=6", "train.device='cuda'"]
-    sets += [f"train.amp={amp!r}", "log.progress=false", f"out={str(tmp_path / 'runs')!r}", "val.samples=2"]
+    sets += ["data.patch=32", "data.batch_size=4", "data.num_workers=1", "train.steps=6", "runtime.device='cuda'"]
+    sets += [f"train.amp={amp!r}", "log.progress=false", f"output.dir={str(tmp_path / 'runs')!r}", "val.samples=2"]
     res = distill(load_config(DistillConfig, None, sets))
     assert res.steps == 6 and res.final_loss is not None and torch.isfinite(torch.tensor(res.final_loss))
     assert res.val_psnr is None or res.val_psnr > 0

@@ -105,7 +105,7 @@ def test_bank_skips_unreadable_images_and_rebuilds_atomically(trained, demo_data
     manifest = write_manifest(tmp_path / "m.jsonl", recs)
     out = tmp_path / "bank"
     overrides = (f"bank.manifest={json.dumps(str(manifest))}", f"bank.root={json.dumps(str(root))}",
-                 f"bank.out={json.dumps(str(out))}")  # fmt: skip
+                 f"output.dir={json.dumps(str(out))}")  # fmt: skip
     res = build_prompt_bank(_bank_cfg(trained, *overrides))
     assert res.num_rows == len(recs) - 1 and sum(res.skipped.values()) == 1
     bank = PromptBank.load(out)

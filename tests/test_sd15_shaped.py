@@ -322,7 +322,7 @@ def test_gpu_check_plan_and_arguments(tmp_path):
     run = steps["torchrun"]
     assert "--nproc_per_node=1" in run and run[run.index("d4ir_pipeline.cli") + 1 : run.index("d4ir_pipeline.cli") + 4] == [
         "distill", "--profile", "sd15"]  # fmt: skip
-    assert "train.steps=5" in run and 'train.device="cuda"' in run
+    assert "train.steps=5" in run and 'runtime.device="cuda"' in run
     assert sum(gc.LIMITS_S.values()) <= 8 * 60
     assert list(dict(gc.plan(gc.parse_args(["--skip", "bench", "torchrun"])))) == ["smoke"]
     for bad in (["--bench-repeats", "0"], ["--skip", "nothing"]):

@@ -83,11 +83,11 @@ def test_publish_only_when_the_bar_is_met(tmp_path, demo_data_root):
                 demo_data_root,
                 *sets,
                 "eval.min_gain_db=100.0",
-                f"out.publish_dir={json.dumps(str(pub))}",
+                f"output.publish_dir={json.dumps(str(pub))}",
             )
         )
     assert not (pub / "model.json").exists()
-    res = train_teacher(_cfg(tmp_path / "w", demo_data_root, *sets, f"out.publish_dir={json.dumps(str(pub))}"))
+    res = train_teacher(_cfg(tmp_path / "w", demo_data_root, *sets, f"output.publish_dir={json.dumps(str(pub))}"))
     assert res.published_to == pub
     readme = (pub / "README.md").read_text()
     assert "d4ir train-teacher --profile smoke" in readme and "| rain | 2 |" in readme

@@ -147,7 +147,7 @@ def test_distill_passes_each_samples_weather_to_the_teachers(tmp_path, monkeypat
     monkeypatch.setattr(distill_mod, "Teachers", Spy)
     sets = [f"data.shards={str(shards)!r}", "data.patch=16", "data.batch_size=4", "data.num_workers=0"]
     sets += ["data.holdout_fraction=0", "train.steps=3", "log.progress=false", "labels.use='off'", "val.samples=0"]
-    sets += [f"out={str(tmp_path / 'runs')!r}", "log.sample_keys=true"]
+    sets += [f"output.dir={str(tmp_path / 'runs')!r}", "log.sample_keys=true"]
     cfg = dataclasses.replace(load_config(DistillConfig, None, sets), teacher=_by_weather(tmp_path))
     res = distill_mod.distill(cfg)
     assert res.steps == 3 and len(seen) == 3

@@ -5,7 +5,7 @@ network (``demo_teacher``, a compact NAFNet) with L1 on the demo's paired
 teacher-train manifest (rain, haze and snow), on the CPU, seeded and deterministic,
 checkpointing every N steps (rerun to resume). It then scores the teacher and the
 identity (degraded input vs target) on the paired test manifests with PSNR / SSIM
-and, when ``out.publish_dir`` is set and every weather beats the identity by
+and, when ``output.publish_dir`` is set and every weather beats the identity by
 ``eval.min_gain_db``, writes the model and a README with the measured numbers there
 (the committed ``d4ir_pipeline/demo/assets/reference_teacher``).
 """
@@ -95,7 +95,7 @@ class TrainSection:
     threads: int = opt(2, help="torch CPU threads; fixed so reruns give the same weights.", min=1)
     ckpt_every: int = opt(250, help="Save a resumable checkpoint every N steps.", min=1, affects_output=False)
     ckpt_keep: int = opt(
-        2, help="Checkpoints kept in <out.dir>/ckpt (older ones are deleted).", min=1, affects_output=False
+        2, help="Checkpoints kept in <output.dir>/ckpt (older ones are deleted).", min=1, affects_output=False
     )
     stop_after: int = opt(
         0, help="Stop this run after N new steps (0 = run to the end); rerun resumes.", min=0, affects_output=False
@@ -108,7 +108,7 @@ class LogSection:
 
     every: int = opt(25, help="Append a metrics.jsonl line every N steps.", min=1)
     progress: bool = opt(True, help="tqdm progress bar.")
-    tensorboard: bool = opt(False, help="Also write TensorBoard event files to <out.dir>/tensorboard.")
+    tensorboard: bool = opt(False, help="Also write TensorBoard event files to <output.dir>/tensorboard.")
 
 
 @dataclass(frozen=True)
@@ -120,10 +120,12 @@ class EvalSection:
 
 
 @dataclass(frozen=True)
-class OutSection:
+class OutputSection:
     """Where the run and (optionally) the published teacher go."""
 
-    dir: str = opt("{work}/teacher", help="Run folder: ckpt/, metrics.jsonl, model/, report.json.")
+    dir: str = opt(
+        "{work}/teacher", help="Run folder: ckpt/, metrics.jsonl, model/, report.json.", affects_output=False
+    )
     publish_dir: str = opt("", help="If set, copy the model + a README here when the bar is met.", affects_output=False)
     command: str = opt(
         "d4ir train-teacher --profile {profile}",
@@ -141,7 +143,7 @@ class TeacherConfig:
     train: TrainSection = field(default_factory=TrainSection)
     log: LogSection = field(default_factory=LogSection, metadata={"affects_output": False})
     eval: EvalSection = field(default_factory=EvalSection)
-    out: OutSection = field(default_factory=OutSection)
+    output: OutputSection = field(default_factory=OutputSection)
 
 
 @dataclass
@@ -272,7 +274,7 @@ def evaluate_pairs(model: torch.nn.Module, pairs: list[dict]) -> dict[str, dict[
 
 def train_teacher(cfg: TeacherConfig) -> TeacherResult:
     """Train (or resume), evaluate and optionally publish the demo teacher."""
-    clock, tc, out = _Clock(), cfg.train, Path(cfg.out.dir)
+    clock, tc, out = _Clock(), cfg.train, Path(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
     if tc.exposure[0] > tc.exposure[1]:
         raise ConfigError(f"`train.exposure` = {list(tc.exposure)}: expected [low, high] with low <= high")
@@ -367,7 +369,7 @@ def _resume_state(run: _Run, chash: str, clock: _Clock, out: Path) -> int:
     if ck.state.get("config_hash") != chash:
         raise D4IRError(
             f"{ck.path} was written with a different config (hash {str(ck.state.get('config_hash'))[:12]} vs "
-            f"{chash[:12]}); use another `out.dir` or delete {out} to start over"
+            f"{chash[:12]}); use another `output.dir` or delete {out} to start over"
         )
     run.model.load_state_dict(ck.weights("model"))
     run.optim.load_state_dict(ck.state["optimizer"])
@@ -455,17 +457,17 @@ def _evaluate(cfg: TeacherConfig, model: torch.nn.Module, out: Path, chash: str,
 
 
 def _publish(cfg: TeacherConfig, model: torch.nn.Module, report: dict, out: Path) -> Path | None:
-    """Copy the model and a README to ``out.publish_dir`` when it is set and the bar is met (refused otherwise)."""
-    if not cfg.out.publish_dir:
+    """Copy the model and a README to ``output.publish_dir`` when it is set and the bar is met (refused otherwise)."""
+    if not cfg.output.publish_dir:
         return None
     if not report["passed"]:
         raise TeacherBarError(
             "teacher does not beat the identity by "
             f"{cfg.eval.min_gain_db} dB on every weather: "
             + ", ".join(f"{w} {m['gain_db']:+.2f} dB" for w, m in sorted(report["metrics"].items()))
-            + f"; not publishing to {cfg.out.publish_dir} (see {out / 'report.json'})"
+            + f"; not publishing to {cfg.output.publish_dir} (see {out / 'report.json'})"
         )
-    published = Path(cfg.out.publish_dir)
+    published = Path(cfg.output.publish_dir)
     save_model(model, published, extra={"train": report})
     atomic_write_text(published / "README.md", _readme(cfg, report, published))
     return published
@@ -512,7 +514,7 @@ Files: `model.safetensors` (sha256 `{sha256_file(weights)}`), `model.json`
 ```
 make teacher
 # = d4ir demo-data --out runs/demo/data
-#   {cfg.out.command}
+#   {cfg.output.command}
 ```
 
 {report["steps"]} steps with {report["threads"]} CPU thread(s): {report["train_cpu_s"] / 60:.1f} CPU-minutes

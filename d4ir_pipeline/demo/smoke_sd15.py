@@ -155,7 +155,7 @@ def stage_overrides(s: SmokeSettings) -> dict[str, list[str]]:
             f"train.steps={s.dpa_steps}",
             f"train.batch_size={s.dpa_batch}",
             "train.warmup_steps=0",
-            f"train.device={_q(dev)}",
+            f"runtime.device={_q(dev)}",
             f"train.seed={s.seed}",
             "loss.diffusion_batch=1",
             "loss.cache_latents=false",  # one 512 px VAE encode per step instead of one per image up front
@@ -166,7 +166,7 @@ def stage_overrides(s: SmokeSettings) -> dict[str, list[str]]:
         "prompt-bank": [
             f"bank.manifest={_q(m / 'web-degraded.jsonl')}",
             f"bank.root={_q(d / 'web-degraded')}",
-            f"bank.device={_q(dev)}",
+            f"runtime.device={_q(dev)}",
         ],
         "synthesize": [
             f"sd.model={_q(p['sd'])}",
@@ -190,7 +190,7 @@ def stage_overrides(s: SmokeSettings) -> dict[str, list[str]]:
             f"train.steps={s.distill_steps}",
             "train.warmup_steps=0",
             f"train.ckpt_every={s.distill_steps}",
-            f"train.device={_q(dev)}",
+            f"runtime.device={_q(dev)}",
             f"data.batch_size={s.distill_batch}",
             f"data.patch={s.distill_patch}",
             "data.num_workers=1",
@@ -203,7 +203,7 @@ def stage_overrides(s: SmokeSettings) -> dict[str, list[str]]:
         ],
         "evaluate": [
             *teacher,
-            f"device={_q(dev)}",
+            f"runtime.device={_q(dev)}",
             f"data.manifests={_q({w: str(m / f'test-{w}.jsonl') for w in WEATHERS})}",
             f"data.roots={_q({w: str(d / 'test' / w) for w in WEATHERS})}",
             f"data.root={_q(d / 'test')}",

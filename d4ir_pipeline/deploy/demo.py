@@ -38,7 +38,7 @@ def demo_paths(work: str | Path, *, profile: str = "demo", student: str | None =
     over = (f"student.name={student!r}",) if student else ()
     dcfg = load_stage_config(DistillConfig, "distill", profile=profile, overrides=over, work_dir=str(work))
     ecfg = load_stage_config(EvalConfig, "evaluate", profile=profile, work_dir=str(work))
-    student_dir = Path(dcfg.out) / student_tag(dcfg.student) / "student"
+    student_dir = Path(dcfg.output.dir) / student_tag(dcfg.student) / "student"
     return student_dir, list(ecfg.data.manifests.values()), work / "deploy", Path(ecfg.data.root)
 
 

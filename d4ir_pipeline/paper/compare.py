@@ -528,9 +528,9 @@ def _build_prompt_bank(ctx: _Ctx) -> None:
     """Train the DPA and write the prompt bank with the profile's own configs (each stage resumes)."""
     cfg, sc = ctx.cfg, ctx.synth_cfg
     bank_cfg = _load_stage(BankConfig, cfg.stages.prompt_bank, "prompt-bank", cfg)
-    if Path(bank_cfg.bank.out).resolve() != Path(sc.bank.dir).resolve():
+    if Path(bank_cfg.output.dir).resolve() != Path(sc.bank.dir).resolve():
         raise D4IRError(
-            f"the prompt-bank config writes `bank.out` = {bank_cfg.bank.out!r} but the synthesize config reads "
+            f"the prompt-bank config writes `output.dir` = {bank_cfg.output.dir!r} but the synthesize config reads "
             f"`bank.dir` = {sc.bank.dir!r}: make them the same folder (the `{{bank}}` path of the profile)"
         )
     logger.info("compare: the prompt bank %s is missing: training the DPA and writing the bank", sc.bank.dir)
@@ -777,7 +777,7 @@ def _distill_row(ctx: _Ctx, row: str, shards: Path, seed: int) -> tuple[Path, bo
     use_labels = ctx.cfg.runtime.teacher_labels and dc.labels.use != "off"
     key = {
         # what does not change the trained student is left out: the resume-free keys, the paths
-        "config": config_hash(dc, exclude=("out", "data.shards")),  # and the affects_output=False keys
+        "config": config_hash(dc, exclude=("data.shards",)),  # and the affects_output=False keys (output.dir)
         "shardset_sha256": sha256_file(shards / "shardset.json"),
         "teacher": ctx.teacher_ident["id"],
         "targets": f"labels-{dc.labels.format}" if use_labels else "teacher",
@@ -785,7 +785,7 @@ def _distill_row(ctx: _Ctx, row: str, shards: Path, seed: int) -> tuple[Path, bo
     out = ctx.cache / "runs" / f"{row}-{_hash(key)}"
     run_cfg = dataclasses.replace(
         dc,
-        out=str(out),
+        output=dataclasses.replace(dc.output, dir=str(out)),
         data=dataclasses.replace(dc.data, shards=str(shards)),
         log=dataclasses.replace(dc.log, progress=True),
     )

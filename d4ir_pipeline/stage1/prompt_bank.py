@@ -57,10 +57,22 @@ class BankSection:
     dpa_dir: str = opt("{dpa}", help="Output folder of `d4ir train-dpa` (dpa.json + dpa.safetensors).")
     manifest: str = opt("{data}/manifests/web-degraded.jsonl", help="The web-degraded images to encode.")
     root: str = opt("{data}", help="Image root of the manifest.")
-    out: str = opt("{bank}", help="Bank folder (replaced atomically).")
-    device: str = opt("auto", help="auto | cpu | cuda[:N].")
     batch_size: int = opt(64, min=1, help="Images encoded per forward pass.")
     overwrite: bool = opt(False, help="Rebuild even when the bank matches the adapter and the manifest.")
+
+
+@dataclass(frozen=True)
+class OutputSection:
+    """Where the bank goes."""
+
+    dir: str = opt("{bank}", help="Bank folder (replaced atomically).")
+
+
+@dataclass(frozen=True)
+class RuntimeSection:
+    """Where the encoder runs."""
+
+    device: str = opt("auto", help="auto | cpu | cuda[:N].")
 
 
 @dataclass(frozen=True)
@@ -68,6 +80,8 @@ class BankConfig:
     """Config of `d4ir prompt-bank` (stages/<profile>/prompt-bank.toml)."""
 
     bank: BankSection = field(default_factory=BankSection)
+    output: OutputSection = field(default_factory=OutputSection)
+    runtime: RuntimeSection = field(default_factory=RuntimeSection)
 
 
 @dataclass
@@ -212,7 +226,7 @@ def _bank_is_current(out: Path, adapter_sha: str, manifest_sha: str) -> bool:
 def build_prompt_bank(cfg: BankConfig) -> BankResult:
     """Encode every web-degraded image with the trained DPA into the prompt bank folder."""
     b = cfg.bank
-    out = Path(b.out)
+    out = Path(cfg.output.dir)
     # 1. check inputs (before loading anything heavy)
     weights = Path(b.dpa_dir) / "dpa.safetensors"
     dpa_meta_p = Path(b.dpa_dir) / "dpa.json"
@@ -230,7 +244,7 @@ def build_prompt_bank(cfg: BankConfig) -> BankResult:
                           adapter_sha, dict(bank.meta.get("skipped", {})), up_to_date=True)  # fmt: skip
 
     # 3. encode
-    device = pick_device(b.device)
+    device = pick_device(cfg.runtime.device)
     model, dpa_meta = load_dpa(b.dpa_dir, device=device)
     load_size = int(dpa_meta["spec"]["load_size"])
     kept, chunks, skipped = [], [], Counter()

@@ -90,7 +90,6 @@ class TrainConfig:
         "bf16", help="mixed precision for the student on CUDA (the CPU runs float32)", choices=("off", "bf16", "fp16")
     )
     seed: int = opt(0, help="seeds the student's init, shard order, shuffles and crops", min=0)
-    device: str = opt("auto", help="'auto' (cuda when available), 'cpu' or 'cuda[:N]'", affects_output=False)
     ckpt_every: int = opt(
         250, help="checkpoint every N steps (rerunning resumes from the latest)", min=1, affects_output=False
     )
@@ -108,7 +107,7 @@ class LogConfig:
     )
     tensorboard: bool = opt(
         False,
-        help="also write TensorBoard event files to <out>/<student tag>/tensorboard (rank 0)",
+        help="also write TensorBoard event files to <output.dir>/<student tag>/tensorboard (rank 0)",
         affects_output=False,
     )
 
@@ -123,10 +122,25 @@ class ValConfig:
 
 
 @dataclass(frozen=True)
+class OutputConfig:
+    """Where the runs go."""
+
+    dir: str = opt("{distill}", help="runs go to <output.dir>/<student tag>/")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where the run computes."""
+
+    device: str = opt("auto", help="'auto' (cuda when available; cuda:LOCAL_RANK under torchrun), 'cpu' or 'cuda[:N]'")
+
+
+@dataclass(frozen=True)
 class DistillConfig:
     """`d4ir distill` / `d4ir label` (stages/<profile>/distill.toml)."""
 
-    out: str = opt("{distill}", help="runs go to <out>/<student tag>/")
+    output: OutputConfig = field(default_factory=OutputConfig, metadata={"affects_output": False})
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig, metadata={"affects_output": False})
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)

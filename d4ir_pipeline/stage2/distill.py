@@ -167,7 +167,7 @@ def distill(
 
     ``batch_source`` replaces the shard stream (benchmarks compare against in-memory data).
     """
-    dist = init_process_group(cfg.train.device)
+    dist = init_process_group(cfg.runtime.device)
     threads_restore = None
     try:
         device, threads_restore = _device(cfg, dist, in_memory=batch_source is not None)
@@ -252,10 +252,10 @@ class _Run:
 
 def _device(cfg: DistillConfig, dist: Dist, *, in_memory: bool) -> tuple[torch.device, int | None]:
     """This rank's device; on the CPU the torch threads are capped so decoding workers fit (old count returned)."""
-    if dist.world > 1 and torch.cuda.is_available() and cfg.train.device != "cpu":
+    if dist.world > 1 and torch.cuda.is_available() and cfg.runtime.device != "cpu":
         device = torch.device("cuda", dist.local_rank)
     else:
-        device = pick_device(cfg.train.device)
+        device = pick_device(cfg.runtime.device)
     if device.type != "cpu":
         return device, None
     busy = cfg.data.num_workers if not in_memory else 0  # training threads + decoding workers must fit the cores
@@ -277,7 +277,7 @@ def _open_run(cfg: DistillConfig, dist: Dist) -> _Run:
             "synthesize more, smaller shards."
         )
     ident = teacher_identity(cfg.teacher)
-    out = Path(cfg.out) / student_tag(cfg.student)
+    out = Path(cfg.output.dir) / student_tag(cfg.student)
     ckpts = CheckpointDir(out / "ckpt", keep=cfg.train.ckpt_keep)
     chash = config_hash(cfg)
     run_path = out / "run.json"

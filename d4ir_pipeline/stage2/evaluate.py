@@ -38,7 +38,7 @@ from d4ir_pipeline.data.manifests import load_manifest, open_pair
 from d4ir_pipeline.errors import BadImageError, D4IRError
 from d4ir_pipeline.models.checkpoint import load_model
 from d4ir_pipeline.models.cost import count_macs, count_params, format_count, measure_latency
-from d4ir_pipeline.stage2.config import StudentConfig, student_tag
+from d4ir_pipeline.stage2.config import RuntimeConfig, StudentConfig, student_tag
 from d4ir_pipeline.stage2.teacher import TeacherConfig, Teachers, teacher_identity, teacher_name
 
 logger = logging.getLogger(__name__)
@@ -116,12 +116,19 @@ class ReportConfig:
 
 
 @dataclass(frozen=True)
+class EvalOutputConfig:
+    """Where the reports go."""
+
+    dir: str = opt("{work}/eval", help="reports go to <output.dir>/<student tag>/")
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """`d4ir evaluate` (stages/<profile>/evaluate.toml)."""
 
-    out: str = opt("{work}/eval", help="reports go to <out>/<student tag>/")
-    distill_out: str = opt("{distill}", help="where `d4ir distill` wrote its runs")
-    device: str = opt("auto", help="'auto' (cuda when available), 'cpu' or 'cuda[:N]'")
+    output: EvalOutputConfig = field(default_factory=EvalOutputConfig, metadata={"affects_output": False})
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig, metadata={"affects_output": False})
+    distill_out: str = opt("{distill}", help="where `d4ir distill` wrote its runs (its `output.dir`)")
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: EvalStudentConfig = field(default_factory=EvalStudentConfig)
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
@@ -477,7 +484,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         if not records:
             raise D4IRError(f"`data.manifests.{weather}` = {path!r} has no records")
         sets[weather] = records[: cfg.data.max_images] if cfg.data.max_images else records
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.runtime.device)
 
     # 2. models and metrics
     teachers = Teachers(cfg.teacher, device)  # one per weather with `teacher.by_weather`
@@ -487,7 +494,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     nr, skipped_metrics = _nr_metrics(cfg.metrics.no_reference, device)
 
     # 3. score every image
-    out = Path(cfg.out) / student_tag(StudentConfig(name=cfg.student.name, tag=cfg.student.tag))
+    out = Path(cfg.output.dir) / student_tag(StudentConfig(name=cfg.student.name, tag=cfg.student.tag))
     rows: list[dict] = []
     skipped_images: list[dict] = []
     sheet_rows: list[tuple[str, list[Image.Image]]] = []

@@ -158,7 +158,7 @@ def label(cfg: DistillConfig) -> LabelResult:
             out, ident["id"], len(doc["shards"]), sum(s["samples"] for s in doc["shards"]), doc["skipped"], 0.0
         )
     # 3. teacher(s): each sample's weather picks its teacher
-    teachers = Teachers(cfg.teacher, pick_device(cfg.train.device))
+    teachers = Teachers(cfg.teacher, pick_device(cfg.runtime.device))
     total = 0
     for index in tqdm(todo, desc="label", unit="shard", disable=not cfg.log.progress):
         skipped = _label_shard(cfg, shardset.shards[index], teachers, writer, ext)

@@ -122,7 +122,6 @@ class TrainSection:
     warmup_steps: int = opt(20, min=0, help="Linear warm-up steps.")
     grad_clip: float = opt(1.0, min=0.0, help="Clip the gradient norm (0: off).")
     seed: int = opt(0, min=0, help="Seeds weights, data order, crops and diffusion noise.")
-    device: str = opt("auto", help="auto | cpu | cuda[:N].", affects_output=False)
     amp: bool = opt(True, help="Automatic mixed precision on CUDA (ignored on the CPU).")
     amp_dtype: str = opt("bfloat16", choices=("bfloat16", "float16"), help="AMP dtype; float16 uses a GradScaler.")
     ckpt_every: int = opt(
@@ -162,6 +161,13 @@ class ReportSection:
 
 
 @dataclass(frozen=True)
+class RuntimeSection:
+    """Where the stage computes."""
+
+    device: str = opt("auto", help="auto | cpu | cuda[:N].", affects_output=False)
+
+
+@dataclass(frozen=True)
 class OutputSection:
     """Where the stage writes."""
 
@@ -181,6 +187,7 @@ class DPAConfig:
     log: LogSection = field(default_factory=LogSection, metadata={"affects_output": False})
     report: ReportSection = field(default_factory=ReportSection, metadata={"affects_output": False})
     output: OutputSection = field(default_factory=OutputSection, metadata={"affects_output": False})
+    runtime: RuntimeSection = field(default_factory=RuntimeSection, metadata={"affects_output": False})
 
 
 def dpa_run_hash(cfg: DPAConfig) -> str:

@@ -129,7 +129,7 @@ def train_dpa(cfg: DPAConfig) -> DPAResult:
     ckpts = CheckpointDir(out / "checkpoints", keep=cfg.train.ckpt_keep)
     if not cfg.train.resume and out.exists():
         _start_over(out)
-    device = pick_device(cfg.train.device)
+    device = pick_device(cfg.runtime.device)
     seed_everything(cfg.train.seed)
     if _finished(cfg, out, run_hash):
         logger.info("DPA already trained (%d steps) in %s; rerunning the report only", cfg.train.steps, out)
