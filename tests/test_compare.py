@@ -42,7 +42,8 @@ def env(tmp_path, demo_data_root):
     distill_toml = _write(
         tmp_path / "distill.toml",
         f"""
-out = "{{work}}/distill"
+[output]
+dir = "{{work}}/distill"
 [teacher]
 checkpoint = "{teacher}"
 [student]
