@@ -148,9 +148,10 @@ def _validate(m: _Models, cfg: DistillConfig, samples: list) -> float | None:
     vals = []
     with torch.no_grad():
         for _key, x, t, weather in samples:
-            xt = torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)[None].to(device).float() / 255.0
+            # np.array copies: a decoded label may be a read-only view, which torch.from_numpy warns about
+            xt = torch.from_numpy(np.array(x)).permute(2, 0, 1)[None].to(device).float() / 255.0
             if t is not None:
-                tt = torch.from_numpy(np.ascontiguousarray(t)).permute(2, 0, 1)[None].to(device).float()
+                tt = torch.from_numpy(np.array(t)).permute(2, 0, 1)[None].to(device).float()
                 tt = tt / 255.0 if t.dtype == np.uint8 else tt
             else:
                 tt = m.teacher(xt, [weather])
