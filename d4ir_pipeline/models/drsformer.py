@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .restormer import Downsample, LayerNorm, OverlapPatchEmbed, Upsample, check_heads
+from .restormer import LayerNorm, OverlapPatchEmbed, add_levels, decode, encode
 from .tiling import crop_to, pad_to_multiple
 
 __all__ = ["DRSformer", "TopKAttention", "MixedScaleFeedForward"]
@@ -201,10 +201,6 @@ class MEFC(nn.Module):
         return self.layers[1](x, weights)
 
 
-def _stage(n: int, dim: int, heads: int, ffn: float, bias: bool, ln: str) -> nn.Sequential:
-    return nn.Sequential(*[SparseBlock(dim, heads, ffn, bias, ln) for _ in range(n)])
-
-
 class DRSformer(nn.Module):
     """Restormer-shaped encoder-decoder of sparse transformer blocks with MEFC before and after."""
 
@@ -223,31 +219,12 @@ class DRSformer(nn.Module):
         mefc: bool = True,
     ):
         super().__init__()
-        if len(num_blocks) != 4 or len(heads) != 4:
-            raise ValueError(f"`num_blocks` and `heads` need 4 entries, got {list(num_blocks)} and {list(heads)}")
         ln, ffn = LayerNorm_type, ffn_expansion_factor
-        for i, (c, hd) in enumerate(zip((dim, dim * 2, dim * 4, dim * 8), heads, strict=True)):
-            check_heads(f"DRSformer level {i + 1}", c, hd)
-        check_heads("DRSformer decoder level 1", dim * 2, heads[0])
         self.patch_embed = OverlapPatchEmbed(inp_channels, dim)
         self.mefc = mefc
         if mefc:
             self.encoder_level0 = MEFC(dim)
-        self.encoder_level1 = _stage(num_blocks[0], dim, heads[0], ffn, bias, ln)
-        self.down1_2 = Downsample(dim)
-        self.encoder_level2 = _stage(num_blocks[1], dim * 2, heads[1], ffn, bias, ln)
-        self.down2_3 = Downsample(dim * 2)
-        self.encoder_level3 = _stage(num_blocks[2], dim * 4, heads[2], ffn, bias, ln)
-        self.down3_4 = Downsample(dim * 4)
-        self.latent = _stage(num_blocks[3], dim * 8, heads[3], ffn, bias, ln)
-        self.up4_3 = Upsample(dim * 8)
-        self.reduce_chan_level3 = nn.Conv2d(dim * 8, dim * 4, kernel_size=1, bias=bias)
-        self.decoder_level3 = _stage(num_blocks[2], dim * 4, heads[2], ffn, bias, ln)
-        self.up3_2 = Upsample(dim * 4)
-        self.reduce_chan_level2 = nn.Conv2d(dim * 4, dim * 2, kernel_size=1, bias=bias)
-        self.decoder_level2 = _stage(num_blocks[1], dim * 2, heads[1], ffn, bias, ln)
-        self.up2_1 = Upsample(dim * 2)
-        self.decoder_level1 = _stage(num_blocks[0], dim * 2, heads[0], ffn, bias, ln)
+        add_levels(self, "DRSformer", SparseBlock, dim, num_blocks, heads, ffn, bias, ln)
         if mefc:
             self.refinement = MEFC(dim * 2)
         self.output = nn.Conv2d(dim * 2, out_channels, kernel_size=3, padding=1, bias=bias)
@@ -256,13 +233,8 @@ class DRSformer(nn.Module):
     def forward(self, inp_img: Tensor) -> Tensor:
         x, size = pad_to_multiple(inp_img, self.multiple)  # (B, 3, H8, W8)
         e1 = self.patch_embed(x)  # (B, dim, H8, W8)
-        e1 = self.encoder_level1(self.encoder_level0(e1) if self.mefc else e1)
-        e2 = self.encoder_level2(self.down1_2(e1))
-        e3 = self.encoder_level3(self.down2_3(e2))
-        lat = self.latent(self.down3_4(e3))  # (B, 8dim, H8/8, W8/8)
-        d3 = self.decoder_level3(self.reduce_chan_level3(torch.cat([self.up4_3(lat), e3], 1)))
-        d2 = self.decoder_level2(self.reduce_chan_level2(torch.cat([self.up3_2(d3), e2], 1)))
-        d1 = self.decoder_level1(torch.cat([self.up2_1(d2), e1], 1))  # (B, 2dim, H8, W8)
+        e1, e2, e3, lat = encode(self, self.encoder_level0(e1) if self.mefc else e1)
+        d1 = decode(self, lat, e3, e2, e1)  # (B, 2dim, H8, W8)
         d1 = self.refinement(d1) if self.mefc else d1
         out = self.output(d1) + x if self.residual else self.output(d1)
         return crop_to(out, size)

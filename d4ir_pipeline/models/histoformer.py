@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .restormer import Downsample, OverlapPatchEmbed, Upsample, check_heads
+from .restormer import OverlapPatchEmbed, add_levels, decode, stage
 from .tiling import crop_to, pad_to_multiple
 
 __all__ = ["Histoformer", "HistogramAttention", "DualScaleFeedForward"]
@@ -156,10 +156,6 @@ class SkipPatchEmbed(nn.Module):
         return self.proj(x)
 
 
-def _stage(n: int, dim: int, heads: int, ffn: float, bias: bool, ln: str) -> nn.Sequential:
-    return nn.Sequential(*[HistoBlock(dim, heads, ffn, bias, ln) for _ in range(n)])
-
-
 class Histoformer(nn.Module):
     """Restormer-shaped four-level encoder-decoder of histogram transformer blocks plus an image pyramid."""
 
@@ -179,8 +175,6 @@ class Histoformer(nn.Module):
         dual_pixel_task: bool = False,
     ):
         super().__init__()
-        if len(num_blocks) != 4 or len(heads) != 4:
-            raise ValueError(f"`num_blocks` and `heads` need 4 entries, got {list(num_blocks)} and {list(heads)}")
         if dual_pixel_task:
             raise ValueError(
                 "`dual_pixel_task=True`: the official Histoformer builds a skip_conv for it but its forward never "
@@ -189,26 +183,9 @@ class Histoformer(nn.Module):
         if inp_channels != 3:
             raise ValueError(f"`inp_channels` = {inp_channels}: the image-pyramid branch is fixed to 3 channels")
         ln, ffn = LayerNorm_type, ffn_expansion_factor
-        for i, (c, hd) in enumerate(zip((dim, dim * 2, dim * 4, dim * 8), heads, strict=True)):
-            check_heads(f"Histoformer level {i + 1}", c, hd)
-        check_heads("Histoformer decoder level 1", dim * 2, heads[0])
         self.patch_embed = OverlapPatchEmbed(inp_channels, dim)
-        self.encoder_level1 = _stage(num_blocks[0], dim, heads[0], ffn, bias, ln)
-        self.down1_2 = Downsample(dim)
-        self.encoder_level2 = _stage(num_blocks[1], dim * 2, heads[1], ffn, bias, ln)
-        self.down2_3 = Downsample(dim * 2)
-        self.encoder_level3 = _stage(num_blocks[2], dim * 4, heads[2], ffn, bias, ln)
-        self.down3_4 = Downsample(dim * 4)
-        self.latent = _stage(num_blocks[3], dim * 8, heads[3], ffn, bias, ln)
-        self.up4_3 = Upsample(dim * 8)
-        self.reduce_chan_level3 = nn.Conv2d(dim * 8, dim * 4, kernel_size=1, bias=bias)
-        self.decoder_level3 = _stage(num_blocks[2], dim * 4, heads[2], ffn, bias, ln)
-        self.up3_2 = Upsample(dim * 4)
-        self.reduce_chan_level2 = nn.Conv2d(dim * 4, dim * 2, kernel_size=1, bias=bias)
-        self.decoder_level2 = _stage(num_blocks[1], dim * 2, heads[1], ffn, bias, ln)
-        self.up2_1 = Upsample(dim * 2)  # no 1x1 reduction at level 1: the decoder works at 2*dim
-        self.decoder_level1 = _stage(num_blocks[0], dim * 2, heads[0], ffn, bias, ln)
-        self.refinement = _stage(num_refinement_blocks, dim * 2, heads[0], ffn, bias, ln)
+        add_levels(self, "Histoformer", HistoBlock, dim, num_blocks, heads, ffn, bias, ln)
+        self.refinement = stage(HistoBlock, num_refinement_blocks, dim * 2, heads[0], ffn, bias, ln)
         self.skip_patch_embed1 = SkipPatchEmbed(3, 3)
         self.skip_patch_embed2 = SkipPatchEmbed(3, 3)
         self.skip_patch_embed3 = SkipPatchEmbed(3, 3)
@@ -227,8 +204,6 @@ class Histoformer(nn.Module):
         e3 = self.encoder_level3(self.reduce_chan_level_2(torch.cat([self.down2_3(e2), s2], 1)))
         s3 = self.skip_patch_embed3(s2)
         lat = self.latent(self.reduce_chan_level_3(torch.cat([self.down3_4(e3), s3], 1)))  # (B, 8dim, H8/8, W8/8)
-        d3 = self.decoder_level3(self.reduce_chan_level3(torch.cat([self.up4_3(lat), e3], 1)))
-        d2 = self.decoder_level2(self.reduce_chan_level2(torch.cat([self.up3_2(d3), e2], 1)))
-        d1 = self.refinement(self.decoder_level1(torch.cat([self.up2_1(d2), e1], 1)))  # (B, 2dim, H8, W8)
+        d1 = self.refinement(decode(self, lat, e3, e2, e1))  # (B, 2dim, H8, W8)
         out = self.output(d1) + x if self.residual else self.output(d1)
         return crop_to(out, size)

@@ -165,8 +165,63 @@ def check_heads(name: str, channels: int, heads: int) -> None:
         raise ValueError(f"{name}: {channels} channels cannot be split into {heads} attention heads")
 
 
-def _stage(n: int, dim: int, heads: int, ffn: float, bias: bool, ln: str) -> nn.Sequential:
-    return nn.Sequential(*[TransformerBlock(dim, heads, ffn, bias, ln) for _ in range(n)])
+def stage(block: type[nn.Module], n: int, dim: int, heads: int, ffn: float, bias: bool, ln: str) -> nn.Sequential:
+    """``n`` blocks in a row; ``block(dim, heads, ffn, bias, ln)`` is the family's transformer block."""
+    return nn.Sequential(*[block(dim, heads, ffn, bias, ln) for _ in range(n)])
+
+
+def add_levels(
+    net: nn.Module,
+    name: str,
+    block: type[nn.Module],
+    dim: int,
+    num_blocks: Sequence[int],
+    heads: Sequence[int],
+    ffn: float,
+    bias: bool,
+    ln: str,
+) -> None:
+    """Register the Restormer skeleton shared by Restormer, Histoformer and DRSformer on ``net``.
+
+    ``encoder_level1`` ... ``decoder_level1`` under the official names and in the official
+    order (the order fixes the random init and the state_dict order); the patch embedding
+    before and the refinement / output after stay with the caller, as do the extra branches.
+    """
+    if len(num_blocks) != 4 or len(heads) != 4:
+        raise ValueError(f"`num_blocks` and `heads` need 4 entries, got {list(num_blocks)} and {list(heads)}")
+    for i, (c, hd) in enumerate(zip((dim, dim * 2, dim * 4, dim * 8), heads, strict=True)):
+        check_heads(f"{name} level {i + 1}", c, hd)
+    check_heads(f"{name} decoder level 1", dim * 2, heads[0])
+    net.encoder_level1 = stage(block, num_blocks[0], dim, heads[0], ffn, bias, ln)
+    net.down1_2 = Downsample(dim)
+    net.encoder_level2 = stage(block, num_blocks[1], dim * 2, heads[1], ffn, bias, ln)
+    net.down2_3 = Downsample(dim * 2)
+    net.encoder_level3 = stage(block, num_blocks[2], dim * 4, heads[2], ffn, bias, ln)
+    net.down3_4 = Downsample(dim * 4)
+    net.latent = stage(block, num_blocks[3], dim * 8, heads[3], ffn, bias, ln)
+    net.up4_3 = Upsample(dim * 8)
+    net.reduce_chan_level3 = nn.Conv2d(dim * 8, dim * 4, kernel_size=1, bias=bias)
+    net.decoder_level3 = stage(block, num_blocks[2], dim * 4, heads[2], ffn, bias, ln)
+    net.up3_2 = Upsample(dim * 4)
+    net.reduce_chan_level2 = nn.Conv2d(dim * 4, dim * 2, kernel_size=1, bias=bias)
+    net.decoder_level2 = stage(block, num_blocks[1], dim * 2, heads[1], ffn, bias, ln)
+    net.up2_1 = Upsample(dim * 2)  # no 1x1 reduction at level 1: the decoder works at 2*dim
+    net.decoder_level1 = stage(block, num_blocks[0], dim * 2, heads[0], ffn, bias, ln)
+
+
+def encode(net: nn.Module, e1: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Encoder levels 1-3 and the latent of :func:`add_levels` from the embedded image (B, dim, H8, W8)."""
+    e1 = net.encoder_level1(e1)
+    e2 = net.encoder_level2(net.down1_2(e1))  # (B, 2dim, H8/2, W8/2)
+    e3 = net.encoder_level3(net.down2_3(e2))  # (B, 4dim, H8/4, W8/4)
+    return e1, e2, e3, net.latent(net.down3_4(e3))  # latent: (B, 8dim, H8/8, W8/8)
+
+
+def decode(net: nn.Module, lat: Tensor, e3: Tensor, e2: Tensor, e1: Tensor) -> Tensor:
+    """Decoder levels 3-1 of :func:`add_levels` with the skip connections; (B, 2dim, H8, W8)."""
+    d3 = net.decoder_level3(net.reduce_chan_level3(torch.cat([net.up4_3(lat), e3], 1)))
+    d2 = net.decoder_level2(net.reduce_chan_level2(torch.cat([net.up3_2(d3), e2], 1)))
+    return net.decoder_level1(torch.cat([net.up2_1(d2), e1], 1))
 
 
 class Restormer(nn.Module):
@@ -188,29 +243,10 @@ class Restormer(nn.Module):
         dual_pixel_task: bool = False,
     ):
         super().__init__()
-        if len(num_blocks) != 4 or len(heads) != 4:
-            raise ValueError(f"`num_blocks` and `heads` need 4 entries, got {list(num_blocks)} and {list(heads)}")
         ln, ffn = LayerNorm_type, ffn_expansion_factor
-        for i, (c, hd) in enumerate(zip((dim, dim * 2, dim * 4, dim * 8), heads, strict=True)):
-            check_heads(f"Restormer level {i + 1}", c, hd)
-        check_heads("Restormer decoder level 1", dim * 2, heads[0])
         self.patch_embed = OverlapPatchEmbed(inp_channels, dim)
-        self.encoder_level1 = _stage(num_blocks[0], dim, heads[0], ffn, bias, ln)
-        self.down1_2 = Downsample(dim)
-        self.encoder_level2 = _stage(num_blocks[1], dim * 2, heads[1], ffn, bias, ln)
-        self.down2_3 = Downsample(dim * 2)
-        self.encoder_level3 = _stage(num_blocks[2], dim * 4, heads[2], ffn, bias, ln)
-        self.down3_4 = Downsample(dim * 4)
-        self.latent = _stage(num_blocks[3], dim * 8, heads[3], ffn, bias, ln)
-        self.up4_3 = Upsample(dim * 8)
-        self.reduce_chan_level3 = nn.Conv2d(dim * 8, dim * 4, kernel_size=1, bias=bias)
-        self.decoder_level3 = _stage(num_blocks[2], dim * 4, heads[2], ffn, bias, ln)
-        self.up3_2 = Upsample(dim * 4)
-        self.reduce_chan_level2 = nn.Conv2d(dim * 4, dim * 2, kernel_size=1, bias=bias)
-        self.decoder_level2 = _stage(num_blocks[1], dim * 2, heads[1], ffn, bias, ln)
-        self.up2_1 = Upsample(dim * 2)  # no 1x1 reduction at level 1: the decoder works at 2*dim
-        self.decoder_level1 = _stage(num_blocks[0], dim * 2, heads[0], ffn, bias, ln)
-        self.refinement = _stage(num_refinement_blocks, dim * 2, heads[0], ffn, bias, ln)
+        add_levels(self, "Restormer", TransformerBlock, dim, num_blocks, heads, ffn, bias, ln)
+        self.refinement = stage(TransformerBlock, num_refinement_blocks, dim * 2, heads[0], ffn, bias, ln)
         self.dual_pixel_task = dual_pixel_task
         if dual_pixel_task:
             self.skip_conv = nn.Conv2d(dim, dim * 2, kernel_size=1, bias=bias)
@@ -220,13 +256,8 @@ class Restormer(nn.Module):
     def forward(self, inp_img: Tensor) -> Tensor:
         x, size = pad_to_multiple(inp_img, self.multiple)  # (B, 3, H8, W8)
         e1_in = self.patch_embed(x)  # (B, dim, H8, W8)
-        e1 = self.encoder_level1(e1_in)
-        e2 = self.encoder_level2(self.down1_2(e1))  # (B, 2dim, H8/2, W8/2)
-        e3 = self.encoder_level3(self.down2_3(e2))  # (B, 4dim, H8/4, W8/4)
-        lat = self.latent(self.down3_4(e3))  # (B, 8dim, H8/8, W8/8)
-        d3 = self.decoder_level3(self.reduce_chan_level3(torch.cat([self.up4_3(lat), e3], 1)))
-        d2 = self.decoder_level2(self.reduce_chan_level2(torch.cat([self.up3_2(d3), e2], 1)))
-        d1 = self.refinement(self.decoder_level1(torch.cat([self.up2_1(d2), e1], 1)))  # (B, 2dim, H8, W8)
+        e1, e2, e3, lat = encode(self, e1_in)
+        d1 = self.refinement(decode(self, lat, e3, e2, e1))  # (B, 2dim, H8, W8)
         if self.dual_pixel_task:
             out = self.output(d1 + self.skip_conv(e1_in))
         else:
