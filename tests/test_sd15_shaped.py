@@ -235,6 +235,29 @@ def test_sd15_stage_configs_resolve_against_the_folder(tmp_path, skeleton):
         assert argv[9::2] == over[argv[3]], name  # every override reaches the command line
 
 
+def test_smoke_deploy_steps_are_real_cli_invocations(tmp_path, skeleton):
+    """export and restore run the real commands: each argv parses against the click command itself
+    (an unknown or renamed option fails here), on the distilled student and its exported ONNX model."""
+    from d4ir_pipeline.cli import main as d4ir
+    from d4ir_pipeline.demo.smoke_sd15 import deploy_commands
+
+    s = _settings(tmp_path, skeleton)
+    steps = dict(deploy_commands(s))
+    assert list(steps) == ["export", "restore"]
+    for name, argv in steps.items():
+        assert argv[1:4] == ["-m", "d4ir_pipeline.cli", name]
+        cmd = d4ir.get_command(None, name)
+        ctx = cmd.make_context(name, argv[4:], resilient_parsing=False)
+        if name == "export":
+            assert ctx.params["checkpoint"] == str(s.root / "distill" / "nafnet_s" / "student")
+            assert ctx.params["out"] == str(s.root / "export") and ctx.params["overwrite"]
+        else:
+            assert ctx.params["checkpoint"] == str(s.root / "export" / "model.onnx")
+            assert ctx.params["input_path"].endswith("test.jsonl") and ctx.params["device"] == "cpu"
+    cuda = deploy_commands(type(s)(work=s.work, device="cuda"))[1][1]
+    assert cuda[cuda.index("--device") + 1] == "auto"  # ONNX Runtime picks its CUDA provider when it has one
+
+
 def test_resolve_refuses_a_unet_of_another_native_size(tmp_path, skeleton):
     """SD 1.5's Flax unet/config.json says sample_size 32: a 256 px UNet for the 512 px profile."""
     import shutil

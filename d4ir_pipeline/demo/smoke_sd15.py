@@ -7,7 +7,7 @@ process of the real ``d4ir`` entry point (``python -m d4ir_pipeline.cli ...``) w
 
     sd15-shaped folder -> demo data upscaled to 512 px + manifests -> full-size Restormer
     (random) -> train-dpa (CLIP ViT-L/14 encoder) -> prompt-bank -> synthesize -> label
-    (tiled) -> distill (nafnet_s) -> evaluate
+    (tiled) -> distill (nafnet_s) -> evaluate -> export (ONNX / int8) -> restore (with the ONNX model)
 
 and writes ``<work>/report.json``: per stage the wall time, the child's peak RSS and CPU
 time (``os.wait4`` rusage of that child), and the output sizes (shard bytes per 512 px
@@ -46,6 +46,7 @@ __all__ = [
     "StageRun",
     "stage_overrides",
     "stage_commands",
+    "deploy_commands",
     "resolve_configs",
     "prepare_data",
     "run_child",
@@ -227,6 +228,26 @@ def stage_commands(s: SmokeSettings) -> list[tuple[str, list[str]]]:
         sets = [a for kv in over[command] for a in ("--set", kv)]
         out.append((name, [*cli, command, *common, *sets]))
     return out
+
+
+def deploy_commands(s: SmokeSettings) -> list[tuple[str, list[str]]]:
+    """(name, argv) of the deployment steps on the distilled student, each the real CLI.
+
+    ``d4ir export`` (ONNX fp32 / fp16 / int8 calibrated on the smoke's 512 px shards, pt2,
+    each checked against PyTorch; ``--overwrite`` so a rerun redoes it) and ``d4ir restore``
+    of the 512 px test inputs with the exported ONNX model (resumes by itself). On CUDA the
+    restore asks for ``auto``: ONNX Runtime's CUDA provider when installed, its CPU one otherwise.
+    """
+    p = _paths(s)
+    cli = [s.python, "-m", "d4ir_pipeline.cli"]
+    student, export = s.root / "distill" / "nafnet_s" / "student", s.root / "export"
+    test = [str(p["manifests"] / "test.jsonl"), "--root", str(p["data"] / "test")]
+    device = "auto" if s.device.startswith("cuda") else s.device
+    restore = ["--model", str(export / "model.onnx"), "--out", str(s.root / "restored"), "--device", device]
+    return [
+        ("export", [*cli, "export", str(student), "--out", str(export), "--overwrite"]),
+        ("restore", [*cli, "restore", *test, *restore, "--overwrite"]),
+    ]
 
 
 # ------------------------------------------------------------------ config resolution (no model runs)
@@ -420,6 +441,8 @@ def output_sizes(s: SmokeSettings) -> dict:
     sizes["distill_bytes"] = _tree_bytes(r / "distill")
     sizes["sd15_folder_bytes"] = _tree_bytes(r / "sd15")
     sizes["teacher_bytes"] = _tree_bytes(r / "teacher")
+    sizes["export_bytes"] = {f.name: f.stat().st_size for f in sorted((r / "export").glob("model*")) if f.is_file()}
+    sizes["restored_images"] = len(list((r / "restored").glob("**/*.png")))
     return sizes
 
 
@@ -472,6 +495,9 @@ def run_smoke(s: SmokeSettings) -> dict:
     report["resolved"] = read_json(s.root / "resolved.json")
     # 4. the pipeline, each stage the real CLI
     for name, argv in stage_commands(s):
+        child(name, argv)
+    # 5. the student leaves the project: ONNX / int8 export, restore with the exported model
+    for name, argv in deploy_commands(s):
         child(name, argv)
     report["total_s"] = round(time.perf_counter() - t_start, 1)
     report["driver_peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
