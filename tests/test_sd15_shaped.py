@@ -239,9 +239,13 @@ def test_smoke_deploy_steps_are_real_cli_invocations(tmp_path, skeleton):
     """export and restore run the real commands: each argv parses against the click command itself
     (an unknown or renamed option fails here), on the distilled student and its exported ONNX model."""
     from d4ir_pipeline.cli import main as d4ir
-    from d4ir_pipeline.demo.smoke_sd15 import deploy_commands
+    from d4ir_pipeline.config import load_stage_config
+    from d4ir_pipeline.demo.smoke_sd15 import deploy_commands, stage_overrides
+    from d4ir_pipeline.stage2.config import DistillConfig, student_dir
 
     s = _settings(tmp_path, skeleton)
+    dcfg = load_stage_config(DistillConfig, "distill", profile="sd15", overrides=tuple(stage_overrides(s)["distill"]),
+                             work_dir=s.work)  # fmt: skip
     steps = dict(deploy_commands(s))
     assert list(steps) == ["export", "restore"]
     for name, argv in steps.items():
@@ -249,7 +253,7 @@ def test_smoke_deploy_steps_are_real_cli_invocations(tmp_path, skeleton):
         cmd = d4ir.get_command(None, name)
         ctx = cmd.make_context(name, argv[4:], resilient_parsing=False)
         if name == "export":
-            assert ctx.params["checkpoint"] == str(s.root / "distill" / "nafnet_s" / "student")
+            assert ctx.params["checkpoint"] == str(student_dir(dcfg.output.dir, dcfg.student))  # where distill writes
             assert ctx.params["out"] == str(s.root / "export") and ctx.params["overwrite"]
         else:
             assert ctx.params["checkpoint"] == str(s.root / "export" / "model.onnx")

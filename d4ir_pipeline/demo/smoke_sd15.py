@@ -41,6 +41,8 @@ from d4ir_pipeline.stage1.sd import check_sd_source, text_hidden_size
 
 logger = logging.getLogger(__name__)
 
+STUDENT = "nafnet_s"  # the student the smoke distills, exports and restores with
+
 __all__ = [
     "SmokeSettings",
     "StageRun",
@@ -187,7 +189,7 @@ def stage_overrides(s: SmokeSettings) -> dict[str, list[str]]:
         "distill": [
             *teacher,
             f"teacher.tile={s.label_tile}",  # the label cache is keyed by the teacher incl. its tiling
-            'student.name="nafnet_s"',
+            f"student.name={_q(STUDENT)}",
             f"train.steps={s.distill_steps}",
             "train.warmup_steps=0",
             f"train.ckpt_every={s.distill_steps}",
@@ -240,7 +242,8 @@ def deploy_commands(s: SmokeSettings) -> list[tuple[str, list[str]]]:
     """
     p = _paths(s)
     cli = [s.python, "-m", "d4ir_pipeline.cli"]
-    student, export = s.root / "distill" / "nafnet_s" / "student", s.root / "export"
+    # distill.output.dir is the profile's {work}/distill; the folder name is student_tag(name) (a plain name)
+    student, export = s.root / "distill" / STUDENT / "student", s.root / "export"
     test = [str(p["manifests"] / "test.jsonl"), "--root", str(p["data"] / "test")]
     device = "auto" if s.device.startswith("cuda") else s.device
     restore = ["--model", str(export / "model.onnx"), "--out", str(s.root / "restored"), "--device", device]

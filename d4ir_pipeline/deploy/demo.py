@@ -24,7 +24,7 @@ from d4ir_pipeline.deploy.onnx_model import OnnxModel
 from d4ir_pipeline.deploy.restore import RestoreConfig, list_inputs, restore
 from d4ir_pipeline.deploy.runner import ModelConfig, load_torch_model
 from d4ir_pipeline.errors import BadImageError, D4IRError
-from d4ir_pipeline.stage2.config import DistillConfig, student_tag
+from d4ir_pipeline.stage2.config import DistillConfig, student_dir
 from d4ir_pipeline.stage2.evaluate import EvalConfig
 
 __all__ = ["demo_paths", "demo_step"]
@@ -38,8 +38,12 @@ def demo_paths(work: str | Path, *, profile: str = "demo", student: str | None =
     over = (f"student.name={student!r}",) if student else ()
     dcfg = load_stage_config(DistillConfig, "distill", profile=profile, overrides=over, work_dir=str(work))
     ecfg = load_stage_config(EvalConfig, "evaluate", profile=profile, work_dir=str(work))
-    student_dir = Path(dcfg.output.dir) / student_tag(dcfg.student) / "student"
-    return student_dir, list(ecfg.data.manifests.values()), work / "deploy", Path(ecfg.data.root)
+    return (
+        student_dir(dcfg.output.dir, dcfg.student),
+        list(ecfg.data.manifests.values()),
+        work / "deploy",
+        Path(ecfg.data.root),
+    )
 
 
 def _latency_ms(fn, x, repeats: int = 5) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from d4ir_pipeline.config import opt
@@ -155,3 +156,8 @@ def student_tag(cfg: StudentConfig) -> str:
     if cfg.tag:
         return cfg.tag
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", cfg.name).strip("-") or "student"
+
+
+def student_dir(distill_out: str | Path, cfg: StudentConfig) -> Path:
+    """The model folder `d4ir distill` leaves for a student: ``<output.dir>/<student_tag>/student``."""
+    return Path(distill_out) / student_tag(cfg) / "student"

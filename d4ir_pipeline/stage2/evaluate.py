@@ -38,7 +38,7 @@ from d4ir_pipeline.data.manifests import load_manifest, open_pair
 from d4ir_pipeline.errors import BadImageError, D4IRError
 from d4ir_pipeline.models.checkpoint import load_model
 from d4ir_pipeline.models.cost import count_macs, count_params, format_count, measure_latency
-from d4ir_pipeline.stage2.config import RuntimeConfig, StudentConfig, student_tag
+from d4ir_pipeline.stage2.config import RuntimeConfig, StudentConfig, student_dir, student_tag
 from d4ir_pipeline.stage2.teacher import TeacherConfig, Teachers, teacher_identity, teacher_name
 
 logger = logging.getLogger(__name__)
@@ -237,8 +237,7 @@ def _score(metric: Any, x: torch.Tensor, y: torch.Tensor | None = None) -> float
 def _student_dir(cfg: EvalConfig) -> Path:
     if cfg.student.checkpoint:
         return Path(cfg.student.checkpoint)
-    tag = student_tag(StudentConfig(name=cfg.student.name, tag=cfg.student.tag))
-    return Path(cfg.distill_out) / tag / "student"
+    return student_dir(cfg.distill_out, StudentConfig(name=cfg.student.name, tag=cfg.student.tag))
 
 
 def load_student(cfg: EvalConfig, device: Any) -> tuple[torch.nn.Module, Path]:
