@@ -83,6 +83,8 @@ def test_run_all_smoke_produces_every_figure(tmp_path: Path) -> None:
     assert goals["ort_fp32_2x_faster_than_eager"] == (ratio["ort_fp32_speedup_vs_eager"] >= 2.0)
     assert goals["student_50x_faster_than_restormer"] == (ratio["speedup_vs_restormer_eager"] >= 50.0)
     assert goals["student_10x_less_memory_than_restormer"] == (ratio["memory_ratio_vs_restormer_eager"] >= 10.0)
+    assert ratio["memory_ratio_vs_restormer_ort"] == pytest.approx(mib["restormer"] / mib["student_ort_fp32"], rel=0.01)
+    assert goals["student_onnx_10x_less_memory_than_restormer"] == (ratio["memory_ratio_vs_restormer_ort"] >= 10.0)
     assert goals["int8_psnr_at_least_35db"] == (exp["int8_psnr_db"] >= 35.0)
     assert math.isfinite(dep["int8_psnr_db_photo"])
 
