@@ -5,6 +5,7 @@
 #   make bench BENCH="--quick synthesize"   (--smoke: tiny sizes; names: dpa synthesize distill deploy)
 #   make export MODEL=runs/demo/distill/nafnet_s/student OUT=runs/demo/export/nafnet_s
 #   make restore IN=photos/ OUT=restored/ MODEL=runs/demo/export/nafnet_s/model.onnx
+#   make test TEST_JOBS=4                   (test worker processes; 1: one process, in order)
 PYTHON   ?= python3
 VENV     ?= .venv
 PROFILE  ?= demo
@@ -18,6 +19,7 @@ BENCH    ?=
 MODEL    ?= $(WORK)/distill/nafnet_s/student
 IN       ?=
 OUT      ?=
+TEST_JOBS ?= 2
 
 
 BIN   := $(VENV)/bin
@@ -30,6 +32,7 @@ teacher_set = $(if $(TEACHER),--set teacher.checkpoint=$(TEACHER))
 student_set = $(if $(STUDENT),--set student.name=$(STUDENT))
 extra_set   = $(foreach s,$(SET),--set $(s))
 common      = --profile $(PROFILE) --work-dir $(WORK)
+pytest_jobs = $(if $(filter 1,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile)
 
 .PHONY: install test test-fast demo synthesize distill evaluate table bench bench-gpu lint clean teacher data tiny-sd dpa prompt-bank label demo-sd smoke-sd15 gpu-check restore export
 
@@ -43,12 +46,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -e '.[dev,export]'
 	touch $@
 
+# the suite in TEST_JOBS worker processes (pytest-xdist), one test file per worker at a time so module
+# fixtures are built once; every test pins one intra-op thread. TEST_JOBS=1: one process, in order.
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra $(pytest_jobs) tests
 
 # the edit loop: everything but the subprocess runs (SIGKILL resumes, torchrun, compare end to end, benchmark smoke)
 test-fast: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra -m "not slow" tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra $(pytest_jobs) -m "not slow" tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check d4ir_pipeline tests benchmarks
