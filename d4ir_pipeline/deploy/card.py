@@ -106,8 +106,8 @@ def render_card(info: dict) -> str:
         "```",
         "",
         "Images of changing sizes: `so = ort.SessionOptions(); so.enable_mem_pattern = False` and pass `so` "
-        "to the session: ONNX Runtime otherwise keeps a memory block per input shape (it halved the peak of a "
-        "small student at 512 px).",
+        "to the session: ONNX Runtime otherwise keeps a memory block per input shape on top of its arena, "
+        "which raises the peak.",
         "",
     ]
     if info.get("pt2"):
