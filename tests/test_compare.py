@@ -216,25 +216,21 @@ def test_demo_profile_config_loads():
         assert cfg.rows and cfg.quick.steps <= cfg.budget.steps
 
 
-@pytest.mark.slow
-def test_smoke_profile_end_to_end(tmp_path):
-    """`d4ir compare --profile smoke --quick` in a subprocess: every row finite, JSON and both figures."""
+@pytest.mark.slow  # subprocess runs (fresh interpreters import torch and diffusers: ~8 s each)
+def test_smoke_cli_end_to_end_then_two_seeds_then_a_third_trains_only_it(tmp_path):
+    """`d4ir compare --profile smoke --quick` in subprocesses, all in one work dir (so the later runs reuse the
+    data, the tiny SD, the prompt bank and seed 0 of the rows the first run trained):
+
+    1. every row, seed 0: every row finite, JSON and both figures; a rerun prints the same table;
+    2. the learned rows with `--seeds 0,1`: mean ± std for each; 3. `--seeds 0,1,2`: only seed 2 trains.
+    """
     import subprocess
     import sys
 
     work = tmp_path / "work"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "d4ir_pipeline.cli",
-        "compare",
-        "--profile",
-        "smoke",
-        "--quick",
-        "--work-dir",
-        str(work),
-    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    base = [sys.executable, "-m", "d4ir_pipeline.cli", "compare", "--profile", "smoke", "--quick"]
+    cmd = [*base, "--work-dir", str(work)]
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     assert out.returncode == 0, out.stderr[-3000:]
     doc = json.loads((work / "compare" / "table.json").read_text())
@@ -247,6 +243,26 @@ def test_smoke_profile_end_to_end(tmp_path):
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert (work / "compare" / "table.md").read_text() in again.stdout
+
+    # 2. two seeds of the learned rows (and the unsupervised ones)
+    cmd = [*cmd, "--set", 'rows=["data_kd", "d4ir", "noise", "dfmc", "unpaired", "prior"]']
+    out = subprocess.run([*cmd, "--seeds", "0,1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    assert out.returncode == 0, out.stderr[-3000:]
+    doc = json.loads((work / "compare" / "table.json").read_text())
+    learned = [r for r in doc["rows"] if r["row"] in ("data_kd", "d4ir", "noise", "dfmc", "unpaired")]
+    assert len(learned) == 5 and all(r["status"] == "ok" and r["seeds"] == [0, 1] for r in learned), learned
+    for r in learned:  # every learned row prints mean ± std for PSNR and SSIM in each weather and the average
+        line = next(x for x in out.stdout.splitlines() if x.startswith(f"| {r['title']} |"))
+        assert line.count(" ± ") == 8, line
+    assert "*unsupervised" in out.stdout and "seeds 0, 1" in out.stdout
+    # 3. a third seed trains only that seed
+    again = subprocess.run([*cmd, "--seeds", "0,1,2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    assert again.returncode == 0, again.stderr[-3000:]
+    doc = json.loads((work / "compare" / "table.json").read_text())
+    for r in doc["rows"]:
+        if r["row"] in ("data_kd", "d4ir", "noise", "dfmc", "unpaired"):
+            cached = {s: run["cached"]["distill"] for s, run in r["per_seed"].items()}
+            assert cached == {"0": True, "1": True, "2": False}, (r["row"], cached)
 
 
 def test_text_prompt_bank_matches_pipeline_text_encoding(tiny_sd_path, tmp_path):
@@ -442,35 +458,6 @@ def test_marker_where_d4ir_is_within_the_combined_std():
     single = _row("d4ir", {0: (20.0, 15.0)})
     assert unresolved([single, near], ("psnr_y",)) == {}
     assert MARK not in format_table({**header, "budget": {**header["budget"], "seeds": [0]}}, [single, near], ["rain"])
-
-
-@pytest.mark.slow
-def test_smoke_cli_two_seeds_prints_mean_std_and_a_third_seed_trains_only_it(tmp_path):
-    """`d4ir compare --profile smoke --quick --seeds 0,1`, then `--seeds 0,1,2`, in subprocesses."""
-    import subprocess
-    import sys
-
-    work = tmp_path / "work"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    rows = '["data_kd", "d4ir", "noise", "dfmc", "unpaired", "prior"]'
-    base = [sys.executable, "-m", "d4ir_pipeline.cli", "compare", "--profile", "smoke", "--quick"]
-    cmd = [*base, "--work-dir", str(work), "--set", f"rows={rows}"]
-    out = subprocess.run([*cmd, "--seeds", "0,1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
-    assert out.returncode == 0, out.stderr[-3000:]
-    doc = json.loads((work / "compare" / "table.json").read_text())
-    learned = [r for r in doc["rows"] if r["row"] in ("data_kd", "d4ir", "noise", "dfmc", "unpaired")]
-    assert len(learned) == 5 and all(r["status"] == "ok" and r["seeds"] == [0, 1] for r in learned), learned
-    for r in learned:  # every learned row prints mean ± std for PSNR and SSIM in each weather and the average
-        line = next(x for x in out.stdout.splitlines() if x.startswith(f"| {r['title']} |"))
-        assert line.count(" ± ") == 8, line
-    assert "*unsupervised" in out.stdout and "seeds 0, 1" in out.stdout
-    again = subprocess.run([*cmd, "--seeds", "0,1,2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
-    assert again.returncode == 0, again.stderr[-3000:]
-    doc = json.loads((work / "compare" / "table.json").read_text())
-    for r in doc["rows"]:
-        if r["row"] in ("data_kd", "d4ir", "noise", "dfmc", "unpaired"):
-            cached = {s: run["cached"]["distill"] for s, run in r["per_seed"].items()}
-            assert cached == {"0": True, "1": True, "2": False}, (r["row"], cached)
 
 
 def test_teacher_by_weather_scores_each_test_set_with_its_weathers_teacher(env, tmp_path):
