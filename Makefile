@@ -32,7 +32,7 @@ teacher_set = $(if $(TEACHER),--set teacher.checkpoint=$(TEACHER))
 student_set = $(if $(STUDENT),--set student.name=$(STUDENT))
 extra_set   = $(foreach s,$(SET),--set $(s))
 common      = --profile $(PROFILE) --work-dir $(WORK)
-pytest_jobs = $(if $(filter 1,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile)
+pytest_jobs = $(if $(filter 1,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder)
 
 .PHONY: install test test-fast demo synthesize distill evaluate table bench bench-gpu lint clean teacher data tiny-sd dpa prompt-bank label demo-sd smoke-sd15 gpu-check restore export
 
@@ -47,7 +47,8 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # the suite in TEST_JOBS worker processes (pytest-xdist), one test file per worker at a time so module
-# fixtures are built once; every test pins one intra-op thread. TEST_JOBS=1: one process, in order.
+# fixtures are built once, the files with slow tests first (tests/conftest.py); every test pins one intra-op
+# thread. TEST_JOBS=1: one process, in order.
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra $(pytest_jobs) tests
 

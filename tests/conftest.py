@@ -25,7 +25,16 @@ def one_torch_thread():
 
 
 def pytest_collection_modifyitems(config, items):
-    """`real_weights` tests run only with D4IR_REAL_WEIGHTS=1; `cuda` tests only where torch sees a GPU."""
+    """`real_weights` tests run only with D4IR_REAL_WEIGHTS=1; `cuda` tests only where torch sees a GPU.
+
+    The files that hold `slow` tests (a minute or more each) come first, each file's tests in
+    their written order: `make test` hands out whole files in this order (``--dist loadfile
+    --no-loadscope-reorder``), so the longest files start at once instead of one of them
+    starting last while the other worker has finished (xdist's own order, by test count, ran the
+    benchmark file alone for its last 144 s). tests/test_suite.py checks the order.
+    """
+    slow_files = {item.path for item in items if "slow" in item.keywords}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: file and test order kept otherwise
     real = os.environ.get("D4IR_REAL_WEIGHTS") == "1"
     cuda = torch.cuda.is_available()
     skip_real = pytest.mark.skip(reason="needs real weights: set D4IR_REAL_WEIGHTS=1 and the model paths")
