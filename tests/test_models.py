@@ -250,6 +250,31 @@ def test_renamed_and_reshaped_keys_are_named(tmp_path):
         load_weights(build_model("rescnn", width=8, blocks=1), path, strict=False)
 
 
+def test_nafnet_in_place_inference_is_bit_identical_and_lighter(monkeypatch):
+    from d4ir_pipeline.deploy.budget import activation_bytes_per_pixel
+    from d4ir_pipeline.models import nafnet
+
+    model = _perturb(build_model("nafnet", **SMALL["nafnet"])).eval()
+    x = torch.rand(2, 3, 37, 50, generator=torch.Generator().manual_seed(0))
+    x_before = x.clone()
+    with torch.no_grad():
+        lean = model(x)
+    lean_bytes = activation_bytes_per_pixel(model, size=64)
+    assert torch.equal(x, x_before)  # the input is never written
+    monkeypatch.setattr(nafnet, "_in_place_ok", lambda: False)
+    with torch.no_grad():
+        plain = model(x)
+    plain_bytes = activation_bytes_per_pixel(model, size=64)
+    assert torch.equal(lean, plain)
+    assert lean_bytes < 0.8 * plain_bytes, (lean_bytes, plain_bytes)
+    monkeypatch.undo()
+    # with autograd on, the out-of-place forward runs: same output, and it backpropagates
+    y = model(x)
+    assert torch.equal(y.detach(), plain)
+    y.mean().backward()
+    assert model.intro.weight.grad is not None and bool(torch.isfinite(model.intro.weight.grad).all())
+
+
 def test_mismatch_lists_are_truncated_with_counts():
     model = build_model("nafnet", **SMALL["nafnet"])
     sd = {"x." + k: v for k, v in model.state_dict().items()}
