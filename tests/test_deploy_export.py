@@ -18,9 +18,9 @@ from d4ir_pipeline.deploy import ExportConfig, ExportError, ModelConfig, OnnxMod
 from d4ir_pipeline.deploy.budget import activation_bytes_per_pixel, plan, tile_for_budget
 from d4ir_pipeline.deploy.card import USAGE
 from d4ir_pipeline.deploy.export import CalibConfig, export, find_shardset
-from d4ir_pipeline.deploy.graph import AnySize, ChannelLayerNorm, export_ready
+from d4ir_pipeline.deploy.graph import AnySize, ChannelLayerNorm, SplitGateNAFBlock, export_ready
 from d4ir_pipeline.models import STUDENTS, build_model, save_model
-from d4ir_pipeline.models.nafnet import LayerNorm2d
+from d4ir_pipeline.models.nafnet import LayerNorm2d, NAFBlock
 from d4ir_pipeline.testing import make_shardset
 
 PARITY_SIZES = [(64, 64), (97, 131), (256, 192)]
@@ -135,10 +135,29 @@ def test_layernorm2d_is_replaced_by_an_exact_equivalent():
     assert isinstance(net[1], LayerNorm2dOfficialStyle)  # the original model is left untouched
     model = randomised("nafnet_s")
     ready, counts = export_ready(model)
-    assert counts == {"LayerNorm2d": 14}
+    assert counts == {"NAFBlock": 7, "LayerNorm2d": 14}  # the blocks' norms are swapped inside the new blocks
+    assert not any(isinstance(m, (NAFBlock, LayerNorm2d)) for m in ready.modules())
     x = torch.rand(1, 3, 37, 45)
     with torch.no_grad():
         assert (ready(x) - model(x)).abs().max().item() <= 1e-5
+
+
+def test_nafblock_gates_read_half_width_convs_and_other_layouts_are_left_alone():
+    torch.manual_seed(0)
+    block = NAFBlock(8)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, 0.5)
+    ready, counts = export_ready(nn.Sequential(block))
+    assert counts == {"NAFBlock": 1, "LayerNorm2d": 2} and isinstance(ready[0], SplitGateNAFBlock)
+    assert (ready[0].conv1a.out_channels, ready[0].conv2a.groups, ready[0].conv4b.out_channels) == (8, 8, 8)
+    x = torch.randn(2, 8, 11, 13)
+    with torch.no_grad():
+        assert (ready(x) - block(x)).abs().max().item() <= 1e-5
+    strided = NAFBlock(8)
+    strided.conv2.stride = (2, 2)  # not the gate layout the swap knows: left as it is (its norms still swap)
+    ready, counts = export_ready(nn.Sequential(strided))
+    assert counts == {"LayerNorm2d": 2} and isinstance(ready[0], NAFBlock)
 
 
 def _fake_distill_run(work: Path, name: str = "nafnet_s") -> tuple[Path, Path]:
@@ -180,7 +199,17 @@ def test_full_export_is_verified_calibrated_on_the_students_shards_and_documente
 
     card = (out / "README.md").read_text()
     sha = sha256_file(shards / "shardset.json")
-    for text in (sha, "t" * 16, "a" * 64, "| rain | 27.5 |", "31.25", f"{r.int8_psnr_db:.2f} dB", "97x131"):
+    for text in (
+        sha,
+        "t" * 16,
+        "a" * 64,
+        "| rain | 27.5 |",
+        "31.25",
+        f"{r.int8_psnr_db:.2f} dB",
+        "97x131",
+        "NAFBlock x 7 -> gates over half-width convs",
+        "LayerNorm2d x 14 -> one LayerNormalization op",
+    ):
         assert text in card, text
     for f in info["files"].values():
         assert f["sha256"] in card

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import re
 
+from d4ir_pipeline.deploy.graph import SWAP_NOTES
+
 __all__ = ["render_card", "USAGE"]
 
 # five lines: any image size, any batch; the padding to the network's multiple is in the graph
@@ -63,10 +65,11 @@ def render_card(info: dict) -> str:
         "its memory budget) |",
     ]
     if info.get("replaced_modules"):
-        swaps = ", ".join(f"{k} x {v}" for k, v in info["replaced_modules"].items())
+        swaps = "; ".join(
+            f"{k} x {v} -> {SWAP_NOTES.get(k, 'an exact equivalent')}" for k, v in info["replaced_modules"].items()
+        )
         lines.append(
-            f"| export-friendly swaps | {swaps} -> one LayerNormalization op each; max abs diff vs the original "
-            f"{info['replacement_max_abs_diff']:.1e} |"
+            f"| export-friendly swaps | {swaps}; max abs diff vs the original {info['replacement_max_abs_diff']:.1e} |"
         )
     lines += ["", "## Distilled from", ""]
     d = info.get("distillation")
