@@ -4,7 +4,7 @@ The bytes per pixel are measured, not guessed: one forward on the ``meta`` devic
 arithmetic, no memory) under a dispatch mode that adds up the storages of the tensors
 alive at each op and keeps the maximum. Convolutional restorers (and Restormer's
 channel attention) hold activations linear in the pixel count, so one small forward
-gives the figure for every size (measured: nafnet_s 352 B/px, full Restormer 6312 B/px,
+gives the figure for every size (measured: nafnet_s 320 B/px, full Restormer 6312 B/px,
 constant from 128 to 512 px). Weights, the allocator's cache and the input image are
 not in it; docs/DEPLOY.md compares it with the peak RSS the benchmark measures.
 """

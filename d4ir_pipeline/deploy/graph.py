@@ -144,8 +144,8 @@ def _split_gate_block(module: nn.Module) -> nn.Module | None:
     ok = ok and conv2.groups == conv2.in_channels == conv2.out_channels == conv1.out_channels
     ok = ok and conv1.out_channels % 2 == 0 and conv4.out_channels % 2 == 0 and conv2.stride == (1, 1)
     ok = ok and type(getattr(module, "sg", None)).__name__ == "SimpleGate"
-    ok = ok and all(hasattr(module, n) for n in ("norm1", "norm2", "sca", "conv3", "conv5", "beta", "gamma"))
-    ok = ok and all(hasattr(module, n) for n in ("dropout1", "dropout2"))
+    parts = ("norm1", "norm2", "sca", "conv3", "conv5", "beta", "gamma", "dropout1", "dropout2")
+    ok = ok and all(hasattr(module, n) for n in parts)
     return SplitGateNAFBlock(module) if ok else None
 
 
