@@ -67,8 +67,6 @@ PAIR_LAYOUTS: tuple[tuple[str, str], ...] = (
 )
 # Sibling folders of a paired layout that hold no images to record (Snow100K's masks).
 _IGNORED_PAIR_SIBLINGS = frozenset({"mask", "masks"})
-# Extra reasons only :func:`build_manifest` gives (paired layouts).
-_PAIR_REASONS = ("no_target", "bad_target", "size_mismatch", "unpaired_target")
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _RECORD_FIELDS = (
@@ -241,8 +239,7 @@ def write_manifest(path: str | os.PathLike, records: Iterable[ImageRecord]) -> P
 def skipped_path(out: str | os.PathLike) -> Path:
     """Sidecar report of a manifest: ``x.jsonl`` -> ``x.skipped.jsonl``."""
     out = Path(out)
-    stem = out.name[: -len(".jsonl")] if out.name.endswith(".jsonl") else out.name
-    return out.with_name(stem + ".skipped.jsonl")
+    return out.with_name(out.name.removesuffix(".jsonl") + ".skipped.jsonl")
 
 
 def _resolve(root: str | os.PathLike, rel: str, what: str) -> Path:
@@ -362,7 +359,8 @@ class BuildResult:
 @dataclass
 class _Tree:
     files: list[str]  # relative POSIX paths of image-extension files outside target/mask folders
-    targets: dict[str, list[str]]  # target folder -> its image files (relative to root)
+    targets: list[str]  # image files in target folders (relative to root)
+    index: dict[tuple[str, str], list[str]]  # (folder, lower-case stem) -> target files: pairs by name
     pairs: dict[str, str]  # input folder -> target folder (relative to root)
     ignored: int
 
@@ -374,7 +372,8 @@ def _is_hidden(name: str) -> bool:
 def _scan(root: Path) -> _Tree:
     """Walk ``root`` in sorted order; find paired layouts, image files and ignored files."""
     files: list[str] = []
-    targets: dict[str, list[str]] = {}
+    targets: list[str] = []
+    index: dict[tuple[str, str], list[str]] = {}
     pairs: dict[str, str] = {}
     target_dirs: set[str] = set()
     skip_dirs: set[str] = set()
@@ -403,10 +402,11 @@ def _scan(root: Path) -> _Tree:
                 ignored += 1
                 continue
             if owner is not None:
-                targets.setdefault(owner, []).append(rel)
+                targets.append(rel)
+                index.setdefault((rel_dir, Path(name).stem.lower()), []).append(rel)
             else:
                 files.append(rel)
-    return _Tree(files=files, targets=targets, pairs=pairs, ignored=ignored)
+    return _Tree(files=files, targets=targets, index=index, pairs=pairs, ignored=ignored)
 
 
 _SOTS_RE = re.compile(r"^([^_]+)_.+$")
@@ -441,11 +441,8 @@ def _find_target(rel: str, in_dir: str, tg_dir: str, index: dict[tuple[str, str]
 
 
 def _enclosing(rel: str, dirs: Iterable[str]) -> str | None:
-    best = None
-    for d in dirs:
-        if rel.startswith(d + "/") and (best is None or len(d) > len(best)):
-            best = d
-    return best
+    """The innermost of ``dirs`` that holds ``rel``, or None."""
+    return max((d for d in dirs if rel.startswith(d + "/")), key=len, default=None)
 
 
 def _record_ids(files: list[str]) -> dict[str, str]:
@@ -453,6 +450,91 @@ def _record_ids(files: list[str]) -> dict[str, str]:
     stem_of = {f: str(PurePosixPath(f).with_suffix("")) for f in files}
     counts = Counter(stem_of.values())
     return {f: (stem if counts[stem] == 1 else f) for f, stem in stem_of.items()}
+
+
+class _Skip(Exception):
+    """A file left out of the manifest; ``entry`` is its line of the sidecar."""
+
+    def __init__(self, path: str, reason: str, message: str, target: str | None = None):
+        super().__init__(message)
+        self.entry = {"path": path, "reason": reason, "message": message} | ({"target": target} if target else {})
+
+
+@dataclass
+class _Build:
+    """One build's state: opens each image once, pairs inputs with their targets, makes records."""
+
+    root: Path
+    tree: _Tree
+    ids: dict[str, str]  # file -> record id
+    min_side: int
+    split: str | None
+    weather_from_folders: bool
+    converted: Counter[str] = field(default_factory=Counter)  # original mode -> count
+    target_cache: dict[str, tuple[str, int, int] | BadImageError] = field(default_factory=dict)  # paired targets
+
+    def load(self, rel: str) -> tuple[str, int, int]:
+        """``(sha256, width, height)`` of an image under the root; counts its mode conversion."""
+        img, conv, sha = load_rgb_file(_resolve(self.root, rel, "image path"), min_side=self.min_side)
+        if conv is not None:
+            self.converted[conv] += 1
+        return sha, img.width, img.height
+
+    def pair(self, rel: str, w: int, h: int) -> tuple[str | None, str | None]:
+        """``(target, target_sha256)`` of an input; ``(None, None)`` outside a paired layout."""
+        in_dir = _enclosing(rel, self.tree.pairs)
+        if in_dir is None:
+            return None, None
+        target = _find_target(rel, in_dir, self.tree.pairs[in_dir], self.tree.index)
+        if target is None:
+            raise _Skip(
+                rel,
+                "no_target",
+                f"{rel}: no file in {self.tree.pairs[in_dir]!r} pairs with it "
+                "(same name, SOTS 'id_A_beta' -> 'id', or 'rain-N' -> 'norain-N')",
+            )
+        if target not in self.target_cache:  # opened once, however many inputs share it
+            try:
+                self.target_cache[target] = self.load(target)
+            except BadImageError as e:
+                self.target_cache[target] = e
+        t = self.target_cache[target]
+        if isinstance(t, BadImageError):
+            raise _Skip(rel, "bad_target", f"target {target}: {t.reason}: {t}", target)
+        target_sha, tw, th = t
+        if (tw, th) != (w, h):
+            raise _Skip(rel, "size_mismatch", f"{rel} is {w}x{h} but its target {target} is {tw}x{th}", target)
+        return target, target_sha
+
+    def record(self, rel: str) -> ImageRecord:
+        """The record of one input file; raises :class:`_Skip` when it cannot be used."""
+        try:
+            sha, w, h = self.load(rel)
+        except BadImageError as e:
+            raise _Skip(rel, e.reason, str(e)) from None
+        target, target_sha = self.pair(rel, w, h)
+        parts = PurePosixPath(rel).parts
+        return ImageRecord(
+            id=self.ids[rel],
+            path=rel,
+            url=None,
+            sha256=sha,
+            width=w,
+            height=h,
+            weather=weather_from_path(parts[:-1]) if self.weather_from_folders else None,
+            split=self.split if self.split is not None else (parts[0] if len(parts) > 1 else self.root.name),
+            source=None,
+            target=target,
+            target_sha256=target_sha,
+        )
+
+    def unpaired_targets(self) -> list[dict[str, str]]:
+        """Sidecar lines for the target files no input paired with."""
+        return [
+            {"path": t, "reason": "unpaired_target", "message": f"{t}: no input pairs with it"}
+            for t in self.tree.targets
+            if t not in self.target_cache
+        ]
 
 
 def build_manifest(
@@ -484,96 +566,17 @@ def build_manifest(
 
     # 2. scan the tree (sorted, so the result is independent of the filesystem's order)
     tree = _scan(root_p)
-    index: dict[tuple[str, str], list[str]] = {}
-    for tfiles in tree.targets.values():
-        for t in tfiles:
-            p = PurePosixPath(t)
-            index.setdefault((p.parent.as_posix(), p.stem.lower()), []).append(t)
-    ids = _record_ids(tree.files)
+    build = _Build(root_p, tree, _record_ids(tree.files), min_side, split, weather_from_folders)
 
-    # 3. open every image
+    # 3. open every image and pair it with its target; each file left out gets a sidecar line
     records: list[ImageRecord] = []
     skipped: list[dict[str, str]] = []
-    converted: Counter[str] = Counter()
-    target_cache: dict[str, tuple[str, int, int] | BadImageError] = {}
-    used_targets: set[str] = set()
-
-    def load(rel: str) -> tuple[str, int, int]:
-        full = _resolve(root_p, rel, "image path")
-        img, conv, sha = load_rgb_file(full, min_side=min_side)
-        if conv is not None:
-            converted[conv] += 1
-        return sha, img.width, img.height
-
     for rel in tqdm(tree.files, desc=f"manifest {root_p.name}", unit="img", disable=not progress or None):
         try:
-            sha, w, h = load(rel)
-        except BadImageError as e:
-            skipped.append({"path": rel, "reason": e.reason, "message": str(e)})
-            continue
-        target = target_sha = None
-        in_dir = _enclosing(rel, tree.pairs)
-        if in_dir is not None:
-            target = _find_target(rel, in_dir, tree.pairs[in_dir], index)
-            if target is None:
-                skipped.append(
-                    {
-                        "path": rel,
-                        "reason": "no_target",
-                        "message": f"{rel}: no file in {tree.pairs[in_dir]!r} pairs with it "
-                        "(same name, SOTS 'id_A_beta' -> 'id', or 'rain-N' -> 'norain-N')",
-                    }
-                )
-                continue
-            used_targets.add(target)
-            if target not in target_cache:
-                try:
-                    target_cache[target] = load(target)
-                except BadImageError as e:
-                    target_cache[target] = e
-            t = target_cache[target]
-            if isinstance(t, BadImageError):
-                skipped.append(
-                    {
-                        "path": rel,
-                        "reason": "bad_target",
-                        "message": f"target {target}: {t.reason}: {t}",
-                        "target": target,
-                    }
-                )
-                continue
-            target_sha, tw, th = t
-            if (tw, th) != (w, h):
-                skipped.append(
-                    {
-                        "path": rel,
-                        "reason": "size_mismatch",
-                        "message": f"{rel} is {w}x{h} but its target {target} is {tw}x{th}",
-                        "target": target,
-                    }
-                )
-                continue
-        parts = PurePosixPath(rel).parts
-        rec_split = split if split is not None else (parts[0] if len(parts) > 1 else root_p.name)
-        records.append(
-            ImageRecord(
-                id=ids[rel],
-                path=rel,
-                url=None,
-                sha256=sha,
-                width=w,
-                height=h,
-                weather=weather_from_path(parts[:-1]) if weather_from_folders else None,
-                split=rec_split,
-                source=None,
-                target=target,
-                target_sha256=target_sha,
-            )
-        )
-    for tfiles in tree.targets.values():
-        for t in tfiles:
-            if t not in used_targets:
-                skipped.append({"path": t, "reason": "unpaired_target", "message": f"{t}: no input pairs with it"})
+            records.append(build.record(rel))
+        except _Skip as e:
+            skipped.append(e.entry)
+    skipped += build.unpaired_targets()
 
     # 4. write the sidecar always (a stale one would lie), the manifest unless strict refuses
     skipped.sort(key=lambda s: (s["path"], s["reason"]))
@@ -584,7 +587,7 @@ def build_manifest(
         recorded=len(records),
         paired=sum(r.paired for r in records),
         skipped=dict(sorted(Counter(s["reason"] for s in skipped).items())),
-        converted=dict(sorted(converted.items())),
+        converted=dict(sorted(build.converted.items())),
         ignored=tree.ignored,
         by_weather=dict(sorted(Counter(r.weather or "null" for r in records).items())),
     )
@@ -650,10 +653,7 @@ def verify_manifest(path: str | os.PathLike, root: str | os.PathLike, *, progres
         res.checked += 1
         try:
             got = sha256_file(full)
-        except FileNotFoundError:
-            res.missing.append(rel)
-            continue
-        except OSError:
+        except OSError:  # gone, or unreadable: missing either way
             res.missing.append(rel)
             continue
         if got != want:
