@@ -15,13 +15,14 @@ different config hash in the same folder is refused unless ``--overwrite``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,20 +232,18 @@ def plan_shards(record_ids: Sequence[str], *, shard_size: int, samples_per_image
     All variants of a record go in one shard, so a bad image is skipped (and counted)
     once; a shard holds ``max(1, shard_size // samples_per_image)`` records.
     """
-
-    per = max(1, shard_size // samples_per_image)
-    plans, keys = [], set()
-    for index, start in enumerate(range(0, len(record_ids), per)):
-        items = []
-        for r in range(start, min(start + per, len(record_ids))):
-            for v in range(samples_per_image):
-                key = sample_key(record_ids[r], v)
-                if key in keys:  # only possible for duplicate ids, which load_manifest refuses
-                    raise D4IRError(f"sample key {key!r} occurs twice (record id {record_ids[r]!r})")
-                keys.add(key)
-                items.append(WorkItem(key, r, v))
-        plans.append(ShardPlan(index, tuple(items)))
-    return plans
+    items, keys = [], set()
+    for r, record_id in enumerate(record_ids):
+        for v in range(samples_per_image):
+            key = sample_key(record_id, v)
+            if key in keys:  # only possible for duplicate ids, which load_manifest refuses
+                raise D4IRError(f"sample key {key!r} occurs twice (record id {record_id!r})")
+            keys.add(key)
+            items.append(WorkItem(key, r, v))
+    per = max(1, shard_size // samples_per_image) * samples_per_image  # items per shard
+    return [
+        ShardPlan(index, tuple(items[start : start + per])) for index, start in enumerate(range(0, len(items), per))
+    ]
 
 
 def shards_for_rank(plans: Sequence[ShardPlan], rank: int, world_size: int) -> list[ShardPlan]:
@@ -357,7 +356,6 @@ class _Context:
 
 def _prepare(cfg: SynthesizeConfig) -> _Context:
     """Check every input and build the plan, before loading a model or touching the output."""
-
     out = check_output_dir(cfg.output.dir)
     # 1. SD folder and prompt bank: widths must match before any work
     check_sd_source(cfg.sd.model)
@@ -415,8 +413,15 @@ def _prepare(cfg: SynthesizeConfig) -> _Context:
     return _Context(cfg, out, records, bank, weathers, probs, plans, chash, header)
 
 
-def _append_metrics(out: Path, row: dict) -> None:
-    """One JSON line in metrics.jsonl; a single O_APPEND write, safe with several ranks."""
+def _append_metrics(out: Path, rank: int, shard: str, samples: int, seconds: float) -> None:
+    """One shard's JSON line in metrics.jsonl; a single O_APPEND write, safe with several ranks."""
+    row = {
+        "rank": rank,
+        "shard": shard,
+        "samples": samples,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(samples / seconds, 3) if seconds > 0 else None,
+    }
     with MetricsLog(out / "metrics.jsonl") as log:
         log.write(row)
 
@@ -425,7 +430,6 @@ class _Worker:
     """Loads SD once; turns one shard plan into one tar's samples."""
 
     def __init__(self, ctx: _Context, device, pool: ThreadPoolExecutor):
-
         cfg, rt = ctx.cfg, ctx.cfg.runtime
         self.ctx, self.pool = ctx, pool
         dtype = pick_dtype(rt.dtype, device)
@@ -454,7 +458,6 @@ class _Worker:
         return [self.pool.submit(self._load_one, plan.items[i]) for i in range(len(plan.items))]
 
     def _load_one(self, item: WorkItem):
-
         ctx, d = self.ctx, self.ctx.cfg.data
         rec = ctx.records[item.record]
         dec = ctx.decide(item.key)
@@ -468,7 +471,6 @@ class _Worker:
 
     def make(self, plan: ShardPlan, loads: list) -> tuple[list, Counter, Counter]:
         """Synthesise the shard's samples: [(key, [(ext, bytes)])] in plan order, skipped, dropped."""
-
         cfg = self.ctx.cfg
         skipped: Counter = Counter()
         dropped: Counter = Counter()
@@ -544,22 +546,17 @@ class _Worker:
         return files
 
 
-class _MaxPixels:
+@contextlib.contextmanager
+def _max_pixels(limit: int) -> Iterator[None]:
     """Set Pillow's decompression-bomb limit for the synthesize, restore it afterwards."""
+    from PIL import Image
 
-    def __init__(self, limit: int):
-        self.limit = limit
-
-    def __enter__(self):
-        from PIL import Image
-
-        self.old = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = self.limit
-
-    def __exit__(self, *exc):
-        from PIL import Image
-
-        Image.MAX_IMAGE_PIXELS = self.old
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = limit
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
 
 
 def synthesize(
@@ -574,8 +571,6 @@ def synthesize(
     ``only``: regenerate just these sample keys into ``only_out`` (default
     ``{output.dir}/only``), leaving the shard set untouched.
     """
-    from tqdm import tqdm
-
     t0 = time.perf_counter()
     rank, world, local_rank = dist_env()
     # 1. check every input (SD folder, bank width, manifest) before any work
@@ -585,6 +580,37 @@ def synthesize(
     dist, own_group = init_barrier_group(world, cfg.runtime.barrier_timeout_min)
     owned = shards_for_rank(ctx.plans, rank, world)
     # 2. the output folder: refuse another config; what is recorded and still verifies is kept
+    writer, todo = _open_writer(ctx, owned, rank, world, overwrite=overwrite, dist=dist)
+    # 3. synthesise: one shard at a time, the next shard's images load meanwhile
+    t_work = time.perf_counter()
+    with ThreadPoolExecutor(cfg.runtime.workers) as pool:
+        n_samples, skipped, dropped = _make_shards(ctx, writer, todo, pool, rank, world, local_rank)
+        work_s = time.perf_counter() - t_work
+    # 4. merge: rank 0 after a barrier under torchrun; otherwise whichever rank sees all done
+    manifest_path, complete = _merge(ctx, dist, own_group, rank, world)
+    if complete is False:
+        logger.warning("the shard set in %s is not complete yet: rerun the same command to finish it", ctx.out)
+    return SynthesizeResult(
+        out_dir=ctx.out,
+        manifest=manifest_path,
+        rank=rank,
+        world_size=world,
+        shards_planned=len(owned),
+        shards_written=len(todo),  # every shard to make was made, or this raised
+        shards_reused=len(owned) - len(todo),
+        samples_written=n_samples,
+        skipped=dict(sorted(skipped.items())),
+        dropped=dict(sorted(dropped.items())),
+        complete=complete,
+        seconds=time.perf_counter() - t0,
+        images_per_s=n_samples / work_s if work_s > 0 and n_samples else 0.0,
+    )
+
+
+def _open_writer(
+    ctx: _Context, owned: list[ShardPlan], rank: int, world: int, *, overwrite: bool, dist
+) -> tuple[ShardSetWriter, list[ShardPlan]]:
+    """Open (or resume) this rank's part of the shard set: the writer and the owned shards still to make."""
     writer = ShardSetWriter(
         out=ctx.out,
         kind=SHARDSET_KIND,
@@ -597,89 +623,63 @@ def synthesize(
     )
     # the barrier: every rank has read the old listings before any rank rewrites its own
     to_write = set(
-        writer.open(overwrite=overwrite, barrier=dist.barrier if dist else None, workers=cfg.runtime.workers)
+        writer.open(overwrite=overwrite, barrier=dist.barrier if dist else None, workers=ctx.cfg.runtime.workers)
     )
     todo = [p for p in owned if p.index in to_write]
-    reused = len(owned) - len(todo)
     logger.info(
         "rank %d/%d: %d shards owned, %d already done, %d to make in %s",
         rank,
         world,
         len(owned),
-        reused,
+        len(owned) - len(todo),
         len(todo),
         ctx.out,
     )
-    skipped: Counter = Counter()
-    dropped: Counter = Counter()
-    written = n_samples = 0
-    t_work = time.perf_counter()
-    with ThreadPoolExecutor(cfg.runtime.workers) as pool:
-        # 3. synthesise: one shard at a time, the next shard's images load meanwhile
-        if todo:
-            with _MaxPixels(cfg.data.max_pixels):
-                device = pick_rank_device(cfg.runtime.device, world, local_rank)
-                worker = _Worker(ctx, device, pool)
-                writer.header["runtime"] = worker.runtime
-                nxt = worker.load(todo[0])
-                for i, plan in enumerate(tqdm(todo, desc=f"synthesize r{rank}", unit="shard", position=rank)):
-                    loads, nxt = nxt, (worker.load(todo[i + 1]) if i + 1 < len(todo) else None)
-                    ts = time.perf_counter()
-                    samples, sk, dr = worker.make(plan, loads)
-                    for key, files in samples:
-                        writer.write(key, files)
-                    entry = writer.flush_shard(
-                        plan.index, skipped=dict(sorted(sk.items())), dropped=dict(sorted(dr.items()))
-                    )
-                    dt = time.perf_counter() - ts
-                    _append_metrics(
-                        ctx.out,
-                        {
-                            "rank": rank,
-                            "shard": entry["name"],
-                            "samples": len(samples),
-                            "seconds": round(dt, 3),
-                            "images_per_s": round(len(samples) / dt, 3) if dt > 0 else None,
-                        },
-                    )
-                    written += 1
-                    n_samples += len(samples)
-                    skipped.update(sk)
-                    dropped.update(dr)
-        work_s = time.perf_counter() - t_work
-    # 4. merge: rank 0 after a barrier under torchrun; otherwise whichever rank sees all done
-    manifest_path, complete = None, None
+    return writer, todo
+
+
+def _make_shards(
+    ctx: _Context, writer: ShardSetWriter, todo: list[ShardPlan], pool, rank: int, world: int, local_rank: int
+) -> tuple[int, Counter, Counter]:
+    """Make and record the ``todo`` shards (SD is loaded only if there are any): samples, skipped, dropped."""
+    from tqdm import tqdm
+
+    n_samples, skipped, dropped = 0, Counter(), Counter()
+    if not todo:
+        return n_samples, skipped, dropped
+    with _max_pixels(ctx.cfg.data.max_pixels):
+        worker = _Worker(ctx, pick_rank_device(ctx.cfg.runtime.device, world, local_rank), pool)
+        writer.header["runtime"] = worker.runtime
+        nxt = worker.load(todo[0])
+        for i, plan in enumerate(tqdm(todo, desc=f"synthesize r{rank}", unit="shard", position=rank)):
+            loads, nxt = nxt, (worker.load(todo[i + 1]) if i + 1 < len(todo) else None)
+            ts = time.perf_counter()
+            samples, sk, dr = worker.make(plan, loads)
+            for key, files in samples:
+                writer.write(key, files)
+            entry = writer.flush_shard(plan.index, skipped=dict(sorted(sk.items())), dropped=dict(sorted(dr.items())))
+            _append_metrics(ctx.out, rank, entry["name"], len(samples), time.perf_counter() - ts)
+            n_samples += len(samples)
+            skipped.update(sk)
+            dropped.update(dr)
+    return n_samples, skipped, dropped
+
+
+def _merge(ctx: _Context, dist, own_group: bool, rank: int, world: int) -> tuple[Path | None, bool | None]:
+    """Merge the rank listings into shardset.json where this rank may: ``(its path, complete)``, else Nones."""
     if dist is not None:
         dist.barrier()
         if rank == 0:
             merge_shardset(ctx.out)
         dist.barrier()
-        manifest_path = ctx.out / SHARDSET_NAME
-        complete = bool(read_json(manifest_path).get("complete"))
+        complete = bool(read_json(ctx.out / SHARDSET_NAME).get("complete"))
         if own_group:
             dist.destroy_process_group()
-    elif world == 1 or all_ranks_done(ctx.out, world, ctx.config_hash):
-        complete = merge_shardset(ctx.out)["complete"]
-        manifest_path = ctx.out / SHARDSET_NAME
-    else:
-        logger.info("rank %d done; after every rank finishes run `d4ir shards merge %s`", rank, ctx.out)
-    if complete is False:
-        logger.warning("the shard set in %s is not complete yet: rerun the same command to finish it", ctx.out)
-    return SynthesizeResult(
-        out_dir=ctx.out,
-        manifest=manifest_path,
-        rank=rank,
-        world_size=world,
-        shards_planned=len(owned),
-        shards_written=written,
-        shards_reused=reused,
-        samples_written=n_samples,
-        skipped=dict(sorted(skipped.items())),
-        dropped=dict(sorted(dropped.items())),
-        complete=complete,
-        seconds=time.perf_counter() - t0,
-        images_per_s=n_samples / work_s if work_s > 0 and n_samples else 0.0,
-    )
+        return ctx.out / SHARDSET_NAME, complete
+    if world == 1 or all_ranks_done(ctx.out, world, ctx.config_hash):
+        return ctx.out / SHARDSET_NAME, merge_shardset(ctx.out)["complete"]
+    logger.info("rank %d done; after every rank finishes run `d4ir shards merge %s`", rank, ctx.out)
+    return None, None
 
 
 def _only(ctx: _Context, keys: list[str], only_out, t0: float, rank: int, world: int, local_rank: int):
@@ -692,7 +692,7 @@ def _only(ctx: _Context, keys: list[str], only_out, t0: float, rank: int, world:
     dest = Path(only_out) if only_out is not None else ctx.out / "only"
     dest.mkdir(parents=True, exist_ok=True)
     written, skipped, dropped = [], Counter(), Counter()
-    with ThreadPoolExecutor(1) as pool, _MaxPixels(ctx.cfg.data.max_pixels):
+    with ThreadPoolExecutor(1) as pool, _max_pixels(ctx.cfg.data.max_pixels):
         worker = _Worker(ctx, pick_rank_device(ctx.cfg.runtime.device, 1, local_rank), pool)
         for key in keys:
             single = ShardPlan(-1, (by_key[key],))
@@ -701,9 +701,7 @@ def _only(ctx: _Context, keys: list[str], only_out, t0: float, rank: int, world:
                 logger.warning("sample %s was not produced: skipped %s, dropped %s", key, dict(sk), dict(dr))
             skipped.update(sk)
             dropped.update(dr)
-            for k, files in samples:
-                for ext, data in files:
-                    written.append(atomic_write_bytes(dest / f"{k}.{ext}", data))
+            written += [atomic_write_bytes(dest / f"{k}.{ext}", data) for k, files in samples for ext, data in files]
     n = len({p.name.split(".", 1)[0] for p in written})
     return SynthesizeResult(
         out_dir=ctx.out,
