@@ -635,7 +635,7 @@ def _finish(
         extra = {**run.extra(), "steps": cfg.train.steps, "val_psnr_vs_teacher": val_psnr}
         save_model(m.student, run.out / "student", extra=extra)
         log.write({"step": cfg.train.steps, "val_psnr_vs_teacher": val_psnr, "val_samples": len(val_set)})
-        atomic_write_json(run.result_path, _result_to_json(result))
+        atomic_write_json(run.result_path, dataclasses.asdict(result))  # atomic_write_json writes Paths as str
         logger.info(
             "student -> %s (val PSNR vs teacher: %s dB on %d held-out samples)",
             run.out / "student",
@@ -669,11 +669,6 @@ def _check_resumable(
             f"{run_path}: the config differs from the run being resumed ({'; '.join(diffs) or 'see run.json'}); "
             "use another `student.tag` / `out`, or delete the run folder to start over"
         )
-
-
-def _result_to_json(r: DistillResult) -> dict:
-    d = dataclasses.asdict(r)
-    return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
 
 
 def _result_from_json(d: dict, out: Path) -> DistillResult:
