@@ -54,7 +54,7 @@ from d4ir_pipeline.common.train import (
     set_rng_state,
     warmup_cosine,
 )
-from d4ir_pipeline.config import opt
+from d4ir_pipeline.config import config_to_dict, opt
 from d4ir_pipeline.data.manifests import ImageRecord, load_manifest, open_rgb
 from d4ir_pipeline.demo.tiny_sd import TinySDSpec, write_tiny_sd
 from d4ir_pipeline.errors import D4IRError
@@ -741,8 +741,8 @@ def measure(
     data = Path(data)
     recs = load_manifest(data / "manifests" / "test-rain.jsonl")[:n]
     test = torch.from_numpy(np.stack([square(open_rgb(data, r.target), 64) for r in recs])).permute(0, 3, 1, 2)
-    web, _ = load_web_images(data, ("web-clean.jsonl",), 64)
-    web = web[:: max(1, len(web) // n)][:n]
+    clean_web, _ = load_web_images(data, ("web-clean.jsonl",), 64)
+    web = clean_web[:: max(1, len(clean_web) // n)][:n]
     pipe = load_img2img_pipeline(str(path), device="cpu", attention="sdpa")
     res: dict = {"n": len(test), "steps": steps, "guidance": guidance}
     res["vae_psnr"] = {"web-clean": vae_psnr(pipe.vae, web, 64), "test-targets": vae_psnr(pipe.vae, test, 64)}
@@ -766,7 +766,6 @@ def measure(
         res["weather_s0.6"][w].update(_luma_stats(out))
         rows.append(out)
     deg, dw = load_web_images(data, ("web-degraded.jsonl",), 64)
-    clean_web, _ = load_web_images(data, ("web-clean.jsonl",), 64)
     res["web_reference"] = {"clean": _luma_stats(clean_web.permute(0, 2, 3, 1).numpy() / 255.0)}
     for w in ("rain", "haze", "snow"):
         sel = deg[[i for i, k in enumerate(dw) if k == w]].permute(0, 2, 3, 1).numpy() / 255.0
@@ -778,10 +777,6 @@ def measure(
 
 # ---------------------------------------------------------------------------------------
 # the stage
-
-
-def _config_dict(cfg) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
 def _check_phase_config(phase_dir: Path, wanted: dict) -> None:
@@ -810,7 +805,7 @@ def _work_dir(cfg: DemoSDConfig, out: Path) -> Path:
     """The training work folder, with each phase's config recorded (a phase started with another is refused)."""
     work = Path(cfg.work) if cfg.work else out.with_name(out.name + ".train")
     work.mkdir(parents=True, exist_ok=True)
-    full = _config_dict(cfg)
+    full = config_to_dict(cfg)
     shared = {k: full[k] for k in ("data", "manifests", "seed", "resolution", "load_size", "zoom")}
     _check_phase_config(work / "vae", {**shared, "vae": full["vae"]})  # the VAE phase is reused when only UNet
     _check_phase_config(work / "unet", {**shared, "vae": full["vae"], "unet": full["unet"]})  # options change
@@ -885,7 +880,7 @@ def build_demo_sd(cfg: DemoSDConfig, *, overwrite: bool = False, progress: bool 
     info = {
         "kind": "d4ir-demo-sd",
         "captions": CAPTIONS,
-        "config": _config_dict(cfg),
+        "config": config_to_dict(cfg),
         "scaling_factor": scaling,
         "latent_std_unscaled": lat_std,
         "latent_mean_unscaled": lat_mean,
