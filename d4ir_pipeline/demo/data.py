@@ -383,55 +383,60 @@ class _Writer:
         self.records[manifest].append(rec)
 
 
+def _web_clean(wr: _Writer, photo: Photo, p_idx: int, scaled: dict[int, np.ndarray], seed: int) -> None:
+    for i, crop in _crops(photo, scaled, WEB_CLEAN_PER_PHOTO, CROP, seed, "web-clean", p_idx):
+        rid = f"web-clean/{photo.name}-{i:03d}"
+        sha = wr.image(rid + ".png", crop)
+        wr.record(
+            "web-clean.jsonl", ImageRecord(rid, rid + ".png", None, sha, CROP, CROP, "clean", "web-clean", photo.name)
+        )
+
+
+def _web_degraded(wr: _Writer, photo: Photo, p_idx: int, scaled: dict[int, np.ndarray], seed: int) -> None:
+    split = "web-degraded"
+    for i, crop in _crops(photo, scaled, WEB_DEGRADED_PER_PHOTO, CROP, seed, split, p_idx):
+        # rotate through the weathers per photo so content does not predict weather
+        weather = DEGRADED_WEATHERS[(i + p_idx) % 3]
+        rng = np.random.default_rng([seed, _SPLIT_CODE[split], p_idx, i, _WEATHER_CODE[weather]])
+        img, params = degrade(crop, weather, rng)
+        rid = f"web-degraded/{weather}/{photo.name}-{i:03d}"
+        sha = wr.image(rid + ".png", img)
+        wr.record(
+            "web-degraded.jsonl", ImageRecord(rid, rid + ".png", None, sha, CROP, CROP, weather, split, photo.name)
+        )
+        wr.params.append({"id": rid, "weather": weather, "params": params})
+
+
+def _teacher_train(wr: _Writer, photo: Photo, p_idx: int, scaled: dict[int, np.ndarray], seed: int) -> None:
+    split = "teacher-train"
+    for i, crop in _crops(photo, scaled, TEACHER_PER_PHOTO, CROP, seed, split, p_idx):
+        weather = DEGRADED_WEATHERS[(i + p_idx) % 3]
+        _paired(wr, "teacher-train.jsonl", f"teacher-train/{weather}", photo, p_idx, i, crop, weather, seed, split)
+
+
+def _test(wr: _Writer, photo: Photo, p_idx: int, scaled: dict[int, np.ndarray], seed: int) -> None:
+    """Every clean target under every weather."""
+    for i, crop in _crops(photo, scaled, TEST_PER_PHOTO, TEST_CROP, seed, "test", p_idx):
+        for weather in DEGRADED_WEATHERS:
+            _paired(wr, f"test-{weather}.jsonl", f"test/{weather}", photo, p_idx, i, crop, weather, seed, "test")
+
+
+_SPLIT_WRITERS = {
+    "web-clean": _web_clean,
+    "web-degraded": _web_degraded,
+    "teacher-train": _teacher_train,
+    "test": _test,
+}
+
+
 def _generate(stage: Path, seed: int) -> _Writer:
+    """Every split's images, records and degradation parameters, split by split, photo by photo."""
     wr = _Writer(stage)
-    photos_by_split = {s: [(i, p) for i, p in enumerate(PHOTOS) if p.split == s] for s in SPLITS}
     for split in SPLITS:
-        for p_idx, photo in photos_by_split[split]:
-            full = load_photo(photo)
-            scaled = {f: _box_downscale(full, f) for f in photo.scales}
-            if split == "web-clean":
-                for i, crop in _crops(photo, scaled, WEB_CLEAN_PER_PHOTO, CROP, seed, split, p_idx):
-                    rel = f"web-clean/{photo.name}-{i:03d}.png"
-                    sha = wr.image(rel, crop)
-                    rid = f"web-clean/{photo.name}-{i:03d}"
-                    wr.record(
-                        "web-clean.jsonl", ImageRecord(rid, rel, None, sha, CROP, CROP, "clean", split, photo.name)
-                    )
-            elif split == "web-degraded":
-                for i, crop in _crops(photo, scaled, WEB_DEGRADED_PER_PHOTO, CROP, seed, split, p_idx):
-                    # rotate through the weathers per photo so content does not predict weather
-                    weather = DEGRADED_WEATHERS[(i + p_idx) % 3]
-                    rng = np.random.default_rng([seed, _SPLIT_CODE[split], p_idx, i, _WEATHER_CODE[weather]])
-                    img, params = degrade(crop, weather, rng)
-                    rid = f"web-degraded/{weather}/{photo.name}-{i:03d}"
-                    sha = wr.image(rid + ".png", img)
-                    wr.record(
-                        "web-degraded.jsonl",
-                        ImageRecord(rid, rid + ".png", None, sha, CROP, CROP, weather, split, photo.name),
-                    )
-                    wr.params.append({"id": rid, "weather": weather, "params": params})
-            elif split == "teacher-train":
-                for i, crop in _crops(photo, scaled, TEACHER_PER_PHOTO, CROP, seed, split, p_idx):
-                    weather = DEGRADED_WEATHERS[(i + p_idx) % 3]
-                    _paired(
-                        wr,
-                        "teacher-train.jsonl",
-                        f"teacher-train/{weather}",
-                        photo,
-                        p_idx,
-                        i,
-                        crop,
-                        weather,
-                        seed,
-                        split,
-                    )
-            else:  # test: every clean target under every weather
-                for i, crop in _crops(photo, scaled, TEST_PER_PHOTO, TEST_CROP, seed, split, p_idx):
-                    for weather in DEGRADED_WEATHERS:
-                        _paired(
-                            wr, f"test-{weather}.jsonl", f"test/{weather}", photo, p_idx, i, crop, weather, seed, split
-                        )
+        for p_idx, photo in enumerate(PHOTOS):
+            if photo.split == split:
+                full = load_photo(photo)
+                _SPLIT_WRITERS[split](wr, photo, p_idx, {f: _box_downscale(full, f) for f in photo.scales}, seed)
     return wr
 
 
