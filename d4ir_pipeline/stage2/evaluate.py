@@ -31,7 +31,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from d4ir_pipeline.cli import stage_command
-from d4ir_pipeline.common.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from d4ir_pipeline.common.images import save_png
+from d4ir_pipeline.common.io import atomic_write_json, atomic_write_text
 from d4ir_pipeline.common.runtime import package_versions, pick_device
 from d4ir_pipeline.config import config_to_dict, opt
 from d4ir_pipeline.data.manifests import load_manifest, open_pair
@@ -466,13 +467,12 @@ def _score_sets(
         yield from score_pairs(models, _pairs(cfg, {weather: records}, skipped), fr, no_reference=nr, device=device)
 
 
-def evaluate(cfg: EvalConfig) -> EvalResult:
-    """Score input, teacher and student on every paired set; write CSV, JSON, markdown, contact sheet."""
-    # 1. inputs
-    if not cfg.data.manifests:
+def _test_sets(data: EvalDataConfig) -> dict[str, list]:
+    """weather -> its paired test records (the first ``max_images``); unpaired or empty manifests are refused."""
+    if not data.manifests:
         raise D4IRError("`data.manifests` is empty: give weather -> paired manifest (docs/EVALUATION.md)")
     sets = {}
-    for weather, path in cfg.data.manifests.items():
+    for weather, path in data.manifests.items():
         records = load_manifest(path)
         unpaired = [r.id for r in records if r.target is None]
         if unpaired:
@@ -482,7 +482,74 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
             )
         if not records:
             raise D4IRError(f"`data.manifests.{weather}` = {path!r} has no records")
-        sets[weather] = records[: cfg.data.max_images] if cfg.data.max_images else records
+        sets[weather] = records[: data.max_images] if data.max_images else records
+    return sets
+
+
+@dataclass
+class _Scores:
+    """What :func:`_collect` keeps of the scored pairs: the CSV rows, the contact sheet, student vs teacher."""
+
+    rows: list[dict] = field(default_factory=list)  # one per (image, model)
+    sheet_rows: list[tuple[str, list[Image.Image]]] = field(default_factory=list)
+    vs_teacher: dict[str, list[float]] = field(default_factory=dict)  # weather -> PSNR-Y of student vs teacher
+
+
+def _collect(scored: Iterable[ScoredPair], psnr_y: Any, contact_per_weather: int) -> _Scores:
+    """The per-image rows of every scored pair, the first ``contact_per_weather`` of each weather for the sheet."""
+    res = _Scores()
+    shown: dict[str, int] = {}
+    for sp in scored:
+        weather, rec = sp.id
+        size = {"width": sp.input.shape[-1], "height": sp.input.shape[-2]}
+        res.rows += [{"weather": weather, "id": rec.id, "model": m, **size, **sp.scores[m]} for m in MODELS]
+        res.vs_teacher.setdefault(weather, []).append(_score(psnr_y, sp.outputs["student"], sp.outputs["teacher"]))
+        if shown.get(weather, 0) < contact_per_weather:
+            shown[weather] = shown.get(weather, 0) + 1
+            name = rec.id if weather in rec.id else f"{weather}/{rec.id}"
+            res.sheet_rows.append((name, [_to_image(sp.outputs[m]) for m in MODELS] + [_to_image(sp.target)]))
+    return res
+
+
+def _per_weather(weathers: Iterable[str], scores: _Scores, cols: list[str]) -> dict[str, dict]:
+    """weather -> model -> {n, mean of every metric column}; the student also gets its PSNR-Y vs the teacher."""
+    per_weather: dict[str, dict] = {}
+    for weather in weathers:
+        per_weather[weather] = {}
+        for model in MODELS:
+            sel = [r for r in scores.rows if r["weather"] == weather and r["model"] == model]
+            entry: dict[str, Any] = {"n": len(sel)}
+            for c in cols:
+                entry[c] = float(np.mean([r[c] for r in sel])) if sel else None
+            per_weather[weather][model] = entry
+        if scores.vs_teacher.get(weather):
+            per_weather[weather]["student"]["student_psnr_y_vs_teacher"] = float(np.mean(scores.vs_teacher[weather]))
+    return per_weather
+
+
+def _write_report(cfg: EvalConfig, summary: dict, scores: _Scores, cols: list[str]) -> EvalResult:
+    """per_image.csv, summary.json, summary.md and the contact sheet (if any) under the student's folder."""
+    out = Path(cfg.output.dir) / student_tag(StudentConfig(name=cfg.student.name, tag=cfg.student.tag))
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "per_image.csv"
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["weather", "id", "model", "width", "height", *cols])
+    writer.writeheader()
+    writer.writerows(scores.rows)
+    atomic_write_text(csv_path, buf.getvalue())
+    json_path = atomic_write_json(out / "summary.json", summary)
+    md_path = atomic_write_text(out / "summary.md", _markdown(summary))
+    sheet_path = None
+    if scores.sheet_rows:
+        sheet_path = save_png(out / "contact_sheet.png", contact_sheet(scores.sheet_rows, cfg.report.contact_height))
+    logger.info("evaluation -> %s", out)
+    return EvalResult(out, csv_path, json_path, md_path, sheet_path, summary)
+
+
+def evaluate(cfg: EvalConfig) -> EvalResult:
+    """Score input, teacher and student on every paired set; write CSV, JSON, markdown, contact sheet."""
+    # 1. inputs
+    sets = _test_sets(cfg.data)
     device = pick_device(cfg.runtime.device)
 
     # 2. models and metrics
@@ -493,21 +560,9 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     nr, skipped_metrics = _nr_metrics(cfg.metrics.no_reference, device)
 
     # 3. score every image
-    out = Path(cfg.output.dir) / student_tag(StudentConfig(name=cfg.student.name, tag=cfg.student.tag))
-    rows: list[dict] = []
     skipped_images: list[dict] = []
-    sheet_rows: list[tuple[str, list[Image.Image]]] = []
-    vs_teacher: dict[str, list[float]] = {}
-    shown: dict[str, int] = {}
-    for sp in _score_sets(cfg, sets, teachers, student, fr, nr, skipped_images, device):
-        weather, rec = sp.id
-        size = {"width": sp.input.shape[-1], "height": sp.input.shape[-2]}
-        rows += [{"weather": weather, "id": rec.id, "model": m, **size, **sp.scores[m]} for m in MODELS]
-        vs_teacher.setdefault(weather, []).append(_score(fr["psnr_y"], sp.outputs["student"], sp.outputs["teacher"]))
-        if shown.get(weather, 0) < cfg.report.contact_per_weather:
-            shown[weather] = shown.get(weather, 0) + 1
-            name = rec.id if weather in rec.id else f"{weather}/{rec.id}"
-            sheet_rows.append((name, [_to_image(sp.outputs[m]) for m in MODELS] + [_to_image(sp.target)]))
+    scored = _score_sets(cfg, sets, teachers, student, fr, nr, skipped_images, device)
+    scores = _collect(scored, fr["psnr_y"], cfg.report.contact_per_weather)
 
     # 4. cost
     teacher, tdtype = teachers.model()  # the default teacher (with `by_weather`: the one of other weathers)
@@ -519,23 +574,12 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
 
     # 5. summary and files
     cols = list(FR_METRICS) + list(nr)
-    per_weather: dict[str, dict] = {}
-    for weather in sets:
-        per_weather[weather] = {}
-        for model in MODELS:
-            sel = [r for r in rows if r["weather"] == weather and r["model"] == model]
-            entry: dict[str, Any] = {"n": len(sel)}
-            for c in cols:
-                entry[c] = float(np.mean([r[c] for r in sel])) if sel else None
-            per_weather[weather][model] = entry
-        if vs_teacher.get(weather):
-            per_weather[weather]["student"]["student_psnr_y_vs_teacher"] = float(np.mean(vs_teacher[weather]))
     summary = {
         "teacher": {"name": teacher_name(tident), "checkpoint": tident["path"], "id": tident["id"]},
         "student": {"name": cfg.student.name, "checkpoint": str(sdir)},
         "metrics": {c: {"pyiqa": n, **kw} for c, (n, kw) in FR_METRICS.items()},
         "no_reference": list(nr),
-        "per_weather": per_weather,
+        "per_weather": _per_weather(sets, scores, cols),
         "cost": cost,
         "skipped_metrics": skipped_metrics,
         "skipped_images": skipped_images,
@@ -543,22 +587,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         "versions": package_versions(),
         "device": str(device),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    csv_path = out / "per_image.csv"
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["weather", "id", "model", "width", "height", *cols])
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(csv_path, buf.getvalue())
-    json_path = atomic_write_json(out / "summary.json", summary)
-    md_path = atomic_write_text(out / "summary.md", _markdown(summary))
-    sheet_path = None
-    if sheet_rows:
-        png = io.BytesIO()
-        contact_sheet(sheet_rows, cfg.report.contact_height).save(png, format="PNG")
-        sheet_path = atomic_write_bytes(out / "contact_sheet.png", png.getvalue())
-    logger.info("evaluation -> %s", out)
-    return EvalResult(out, csv_path, json_path, md_path, sheet_path, summary)
+    return _write_report(cfg, summary, scores, cols)
 
 
 @stage_command("evaluate", EvalConfig)
