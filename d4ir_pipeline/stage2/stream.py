@@ -7,7 +7,7 @@ import io
 import json
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -58,25 +58,36 @@ class Stats:
             logger.warning("skipped %d sample(s): shard %s, key %s: %s", n, shard, key, reason)
 
 
+def _label_lookup(label_path: Path, label_ext: str) -> Callable[[str], bytes | None]:
+    """The cached label of each sample key in turn (None: the key has none): label tars hold the shard's
+    decodable samples in the shard's order, so one pass over both tars pairs them."""
+    labels = iter_tar(label_path)
+    pending: tuple[str, dict[str, bytes]] | None = None
+
+    def label(key: str) -> bytes | None:
+        nonlocal pending
+        if pending is None:
+            pending = next(labels, None)
+        if pending is None or pending[0] != key:
+            return None
+        files, pending = pending[1], None
+        return files.get(label_ext)
+
+    return label
+
+
 def shard_samples(shard: ShardInfo, label_path: Path | None, label_ext: str, stats: Stats) -> Iterator[dict]:
     """Raw samples of one shard (+ the cached label of each); damage is counted, never fatal."""
     got = 0
     last: str | None = None
-    labels = iter_tar(label_path) if label_path is not None else None
-    pending: tuple[str, dict[str, bytes]] | None = None
+    label = _label_lookup(label_path, label_ext) if label_path is not None else None
     try:
         for key, parts in iter_tar(shard.path):
             got += 1
             last = key
             sample = {"__key__": key, "__shard__": shard.name, **parts}
-            if labels is not None:
-                # label tars hold the shard's decodable samples in the shard's order
-                if pending is None:
-                    pending = next(labels, None)
-                if pending is not None and pending[0] == key:
-                    if label_ext in pending[1]:
-                        sample["__label__"] = pending[1][label_ext]
-                    pending = None
+            if label is not None and (data := label(key)) is not None:
+                sample["__label__"] = data
             yield sample
     except ShardReadError as e:
         stats.bad_sample(shard.name, e.key, f"corrupt or truncated tar {e.where} ({e.why})")
