@@ -20,6 +20,7 @@ what a stage produces: :func:`config_hash` leaves it out, so a resume may change
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import hashlib
@@ -28,7 +29,7 @@ import os
 import tomllib
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -139,12 +140,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        errors = []
         for arg in typing.get_args(tp):
-            try:
+            with contextlib.suppress(ConfigError):
                 return _coerce(value, arg, where)
-            except ConfigError as e:
-                errors.append(str(e))
         raise ConfigError(f"{where} = {value!r} ({type(value).__name__}): expected {_type_name(tp)}")
     if tp is type(None):
         if value is None or value == "none":
@@ -164,21 +162,21 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where} = {value!r} ({type(value).__name__}): expected a table {_type_name(tp)}")
         return {_coerce(k, kt, f"{where} key"): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    else:
+    accepts = _SCALARS.get(tp)
+    if accepts is None:
         raise ConfigError(f"{where}: unsupported config type {_type_name(tp)}")
-    raise ConfigError(f"{where} = {value!r} ({type(value).__name__}): expected {_type_name(tp)}")
+    if not accepts(value):
+        raise ConfigError(f"{where} = {value!r} ({type(value).__name__}): expected {_type_name(tp)}")
+    return float(value) if tp is float else value
+
+
+# the scalar types a config field may have, and the TOML values each accepts (a bool is not a number)
+_SCALARS: dict[type, Callable[[Any], bool]] = {
+    bool: lambda v: isinstance(v, bool),
+    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    float: lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    str: lambda v: isinstance(v, str),
+}
 
 
 def _check_range(value: Any, meta: dict, where: str) -> None:
