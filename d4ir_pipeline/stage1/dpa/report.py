@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from d4ir_pipeline.common.io import atomic_write_bytes, atomic_write_json
-from d4ir_pipeline.data.manifests import load_manifest, open_rgb
+from d4ir_pipeline.data.manifests import ImageRecord, load_manifest, open_rgb
 from d4ir_pipeline.errors import BadImageError, D4IRError
-from d4ir_pipeline.stage1.dpa.config import DPAConfig
+from d4ir_pipeline.stage1.dpa.config import DPAConfig, ReportSection
 from d4ir_pipeline.stage1.dpa.data import ImageStore
 from d4ir_pipeline.stage1.dpa.model import DPAModel, dpa_embedding, encode_images, prepare_image
 
@@ -35,11 +35,8 @@ def _knn_predict(train: torch.Tensor, train_y: torch.Tensor, test: torch.Tensor,
     return votes.argmax(1)
 
 
-def dpa_report(model: DPAModel, cfg: DPAConfig, store: ImageStore, device) -> dict:
-    """Held-out weather accuracy (k-NN + linear probe) and content invariance on the test sets."""
-    from sklearn.linear_model import LogisticRegression
-
-    model.eval()
+def _train_embeddings(model: DPAModel, store: ImageStore, device) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Embeddings (N, K*D) and weather classes (N,) of the labelled training images, and the sorted weathers."""
     train_recs = [(i, r) for i, r in enumerate(store.records) if r.weather is not None]
     if not train_recs:
         raise D4IRError("the DPA report needs weather labels on the training images (none has one)")
@@ -47,10 +44,15 @@ def dpa_report(model: DPAModel, cfg: DPAConfig, store: ImageStore, device) -> di
     cls = {w: i for i, w in enumerate(weathers)}
     train_x = _embed_images(model, [store.get(i) for i, _ in train_recs], device)
     train_y = torch.tensor([cls[r.weather] for _, r in train_recs])
-    train_sources = {r.source for r in store.records if r.source is not None}
+    return train_x, train_y, weathers
 
+
+def _held_out(
+    rcfg: ReportSection, load_size: int, train_sources: set[str]
+) -> tuple[list[torch.Tensor], list[ImageRecord], Counter, int]:
+    """The degraded test images whose source photo was not in training: images, records, skipped reasons, overlap."""
     test_imgs, test_recs, skipped, overlap = [], [], Counter(), 0
-    for path in cfg.report.test_manifests:
+    for path in rcfg.test_manifests:
         if not Path(path).is_file():
             raise D4IRError(f"`report.test_manifests`: {path!r} does not exist (or set report.enabled = false)")
         for rec in load_manifest(path):
@@ -60,34 +62,54 @@ def dpa_report(model: DPAModel, cfg: DPAConfig, store: ImageStore, device) -> di
                 overlap += 1
                 continue
             try:
-                test_imgs.append(prepare_image(open_rgb(cfg.report.test_root, rec), cfg.data.load_size))
+                test_imgs.append(prepare_image(open_rgb(rcfg.test_root, rec), load_size))
             except BadImageError as e:
                 skipped[e.reason] += 1
                 continue
             test_recs.append(rec)
     if not test_recs:
-        raise D4IRError(
-            f"no held-out test images in {list(cfg.report.test_manifests)} (overlap with training: {overlap})"
-        )
+        raise D4IRError(f"no held-out test images in {list(rcfg.test_manifests)} (overlap with training: {overlap})")
     if overlap:
         logger.info("report: left out %d test image(s) whose source photo was in training", overlap)
-    test_x = _embed_images(model, test_imgs, device)
+    return test_imgs, test_recs, skipped, overlap
+
+
+def _weather_accuracy(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    weathers: list[str],
+    test_x: torch.Tensor,
+    test_recs: list[ImageRecord],
+    knn_k: int,
+) -> dict:
+    """The report's accuracy keys: cosine k-NN (overall and per weather) and a linear probe (two weathers or more)."""
+    from sklearn.linear_model import LogisticRegression
+
+    cls = {w: i for i, w in enumerate(weathers)}
     unknown = sorted({r.weather for r in test_recs} - set(cls))
     if unknown:
         logger.warning("test weathers %s were not in training: counted as errors", unknown)
     test_y = torch.tensor([cls.get(r.weather, -1) for r in test_recs])
-
-    knn = _knn_predict(train_x, train_y, test_x, cfg.report.knn_k)
-    acc_knn = float((knn == test_y).float().mean())
-    per_weather = {
-        w: float((knn[test_y == i] == i).float().mean()) for w, i in cls.items() if bool((test_y == i).any())
-    }
+    knn = _knn_predict(train_x, train_y, test_x, knn_k)
     acc_lin = None
     if len(weathers) >= 2:
         probe = LogisticRegression(max_iter=2000, C=1.0).fit(train_x.numpy(), train_y.numpy())
         acc_lin = float((torch.from_numpy(probe.predict(test_x.numpy())) == test_y).float().mean())
+    return {
+        "held_out_weather_accuracy": float((knn == test_y).float().mean()),
+        "classifier": f"cosine {min(knn_k, len(train_x))}-NN on train embeddings",
+        "linear_probe_accuracy": acc_lin,
+        "per_weather_accuracy": {
+            w: float((knn[test_y == i] == i).float().mean()) for w, i in cls.items() if bool((test_y == i).any())
+        },
+    }
 
-    # content invariance: "photo" = the clean target (same crop under every weather), else the source
+
+def _content_invariance(test_x: torch.Tensor, test_recs: list[ImageRecord]) -> dict:
+    """The report's invariance keys: mean cosine, same weather / other photo vs other weather / same photo.
+
+    "photo" = the clean target (same crop under every weather), else the source.
+    """
     photo = [r.target_sha256 or r.source or r.id for r in test_recs]
     pid = {p: i for i, p in enumerate(sorted(set(photo)))}
     p = torch.tensor([pid[x] for x in photo])
@@ -99,24 +121,38 @@ def dpa_report(model: DPAModel, cfg: DPAConfig, store: ImageStore, device) -> di
     diff_w_same_p = (w[:, None] != w[None, :]) & (p[:, None] == p[None, :]) & off
     sw = float(sim[same_w_diff_p].mean()) if bool(same_w_diff_p.any()) else None
     dw = float(sim[diff_w_same_p].mean()) if bool(diff_w_same_p.any()) else None
-    report = {
-        "held_out_weather_accuracy": acc_knn,
-        "classifier": f"cosine {min(cfg.report.knn_k, len(train_recs))}-NN on train embeddings",
-        "linear_probe_accuracy": acc_lin,
-        "per_weather_accuracy": per_weather,
+    return {
         "same_weather_diff_photo_cos": sw,
         "diff_weather_same_photo_cos": dw,
         "content_invariance_margin": (sw - dw) if sw is not None and dw is not None else None,
         "pairs": {
             "same_weather_diff_photo": int(same_w_diff_p.sum()) // 2,
             "diff_weather_same_photo": int(diff_w_same_p.sum()) // 2,
-        },  # fmt: skip
-        "n_train": len(train_recs),
+        },
+    }
+
+
+def dpa_report(model: DPAModel, cfg: DPAConfig, store: ImageStore, device) -> dict:
+    """Held-out weather accuracy (k-NN + linear probe) and content invariance on the test sets."""
+    # 1. the labelled training images, and the held-out test images (source photo not in training)
+    model.eval()
+    train_x, train_y, weathers = _train_embeddings(model, store, device)
+    train_sources = {r.source for r in store.records if r.source is not None}
+    test_imgs, test_recs, skipped, overlap = _held_out(cfg.report, cfg.data.load_size, train_sources)
+    test_x = _embed_images(model, test_imgs, device)
+
+    # 2. the numbers
+    report = {
+        **_weather_accuracy(train_x, train_y, weathers, test_x, test_recs, cfg.report.knn_k),
+        **_content_invariance(test_x, test_recs),
+        "n_train": len(train_x),
         "n_test": len(test_recs),
         "test_left_out_source_overlap": overlap,
         "test_skipped": dict(skipped),
         "weathers": weathers,
     }
+
+    # 3. the plot
     if cfg.report.plot:
         _plot_pca(train_x, [weathers[i] for i in train_y], test_x, [r.weather for r in test_recs],
                   Path(cfg.output.dir) / "embeddings.png")  # fmt: skip
