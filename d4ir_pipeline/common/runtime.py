@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import logging
 import os
 import random
 import sys
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -61,6 +63,20 @@ def cap_cpu_threads(busy_processes: int) -> tuple[int, int]:
     if before > limit:
         torch.set_num_threads(limit)
     return before, torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` for the block (0 / None: left as it is), restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        if n:
+            torch.set_num_threads(n)
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def seed_everything(seed: int) -> None:

@@ -31,6 +31,7 @@ from PIL import Image
 
 from d4ir_pipeline.common.images import IMAGE_EXTENSIONS, decode_rgb
 from d4ir_pipeline.common.io import atomic_write_bytes, sha256_bytes
+from d4ir_pipeline.common.runtime import torch_threads
 from d4ir_pipeline.config import opt
 from d4ir_pipeline.data.manifests import ImageRecord, load_manifest, load_rgb_checked
 from d4ir_pipeline.deploy.budget import Plan, plan
@@ -132,37 +133,13 @@ def list_inputs(cfg: RestoreConfig) -> tuple[list[Item], list[str], Path | None]
     src = Path(cfg.input)
     if not cfg.input or not src.exists():
         raise D4IRError(f"`input` = {cfg.input!r}: no such file or folder")
-    rels: list[tuple[str, Path | None, ImageRecord | None]] = []
     ignored: list[str] = []
-    guard: Path | None
     if src.is_file() and src.suffix.lower() == ".jsonl":
-        if not cfg.root:
-            raise D4IRError(f"`input` = {cfg.input!r} is a manifest: give `root`, the folder its paths are relative to")
-        guard = Path(cfg.root)
-        if not guard.is_dir():
-            raise D4IRError(f"`root` = {cfg.root!r} is not a folder")
-        seen: set[str] = set()
-        for rec in load_manifest(src):
-            rel = rec.path if rec.path is not None else rec.id
-            if rel not in seen:  # two records of one file: one output
-                seen.add(rel)
-                rels.append((rel, guard / rec.path if rec.path is not None else None, rec))
+        rels, guard = _manifest_inputs(cfg, src)
     elif src.is_file():
-        guard = None  # one file: any folder may hold its output
-        rels.append((src.name, src, None))
+        rels, guard = [(src.name, src, None)], None  # one file: any folder may hold its output
     else:
-        guard = src
-        for dirpath, dirnames, filenames in os.walk(src):
-            dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
-            for name in sorted(filenames):
-                if _hidden(name):
-                    continue
-                full = Path(dirpath) / name
-                rel = full.relative_to(src).as_posix()
-                if full.suffix.lower() in IMAGE_EXTENSIONS:
-                    rels.append((rel, full, None))
-                else:
-                    ignored.append(rel)
+        (rels, ignored), guard = _folder_inputs(src), src
     # outputs: same relative path, .png; inputs that would meet keep their suffix
     first = {rel: PurePosixPath(rel).with_suffix(".png").as_posix() for rel, _, _ in rels}
     meets = defaultdict(list)
@@ -172,6 +149,38 @@ def list_inputs(cfg: RestoreConfig) -> tuple[list[Item], list[str], Path | None]
         Item(rel, first[rel] if len(meets[first[rel]]) == 1 else rel + ".png", path, rec) for rel, path, rec in rels
     ]
     return sorted(items, key=lambda i: i.rel), sorted(ignored), guard
+
+
+_Input = tuple[str, Path | None, ImageRecord | None]  # (relative path, file, manifest record)
+
+
+def _manifest_inputs(cfg: RestoreConfig, src: Path) -> tuple[list[_Input], Path]:
+    """One input per file a manifest names (two records of one file: one output), under ``cfg.root``."""
+    if not cfg.root:
+        raise D4IRError(f"`input` = {cfg.input!r} is a manifest: give `root`, the folder its paths are relative to")
+    root = Path(cfg.root)
+    if not root.is_dir():
+        raise D4IRError(f"`root` = {cfg.root!r} is not a folder")
+    rels: dict[str, _Input] = {}
+    for rec in load_manifest(src):
+        rel = rec.path if rec.path is not None else rec.id
+        rels.setdefault(rel, (rel, root / rec.path if rec.path is not None else None, rec))
+    return list(rels.values()), root
+
+
+def _folder_inputs(src: Path) -> tuple[list[_Input], list[str]]:
+    """The images of a folder tree (hidden files and folders left out) and the other files' relative paths."""
+    rels: list[_Input] = []
+    ignored: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(src):
+        dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
+        for full in (Path(dirpath) / name for name in sorted(filenames) if not _hidden(name)):
+            rel = full.relative_to(src).as_posix()
+            if full.suffix.lower() in IMAGE_EXTENSIONS:
+                rels.append((rel, full, None))
+            else:
+                ignored.append(rel)
+    return rels, ignored
 
 
 def check_out_dir(out: Path, guard: Path | None, src: Path) -> None:
@@ -273,10 +282,7 @@ def run_model(runner: Runner, x: torch.Tensor, p: Plan, overlap: int) -> torch.T
     while True:
         try:
             with torch.no_grad():
-                if tile:
-                    y = tiled_forward(runner, x, tile=tile, overlap=min(overlap, tile // 2))
-                else:
-                    y = runner(x)
+                y = tiled_forward(runner, x, tile=tile, overlap=min(overlap, tile // 2)) if tile else runner(x)
             return y.float().clamp_(0.0, 1.0)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
@@ -376,19 +382,24 @@ def _process(run: _Run, todo: list[Item]) -> None:
             members = groups[size]
             n = run.plan(*size).batch if size is not None else 1
             for start in range(0, len(members), n):
-                by_size: dict[tuple[int, int], list] = defaultdict(list)
-                for item in members[start : start + n]:
-                    got = run.decode(item)
-                    if got is None:
-                        bar.update(1)
-                        continue
-                    by_size[(got[0].height, got[0].width)].append((item, *got))
-                for (h, w), batch in by_size.items():
-                    per = run.plan(h, w).batch
-                    for b0 in range(0, len(batch), per):
-                        run.run_batch(batch[b0 : b0 + per], bar)
+                _run_chunk(run, members[start : start + n], bar)
     finally:
         bar.close()
+
+
+def _run_chunk(run: _Run, chunk: list[Item], bar: Any) -> None:
+    """Decode ``chunk`` (one header size), then run its images in batches of one decoded size."""
+    by_size: dict[tuple[int, int], list] = defaultdict(list)
+    for item in chunk:
+        got = run.decode(item)
+        if got is None:
+            bar.update(1)
+            continue
+        by_size[(got[0].height, got[0].width)].append((item, *got))
+    for (h, w), batch in by_size.items():
+        per = run.plan(h, w).batch
+        for b0 in range(0, len(batch), per):
+            run.run_batch(batch[b0 : b0 + per], bar)
 
 
 # ---------------------------------------------------------------------------------------
@@ -448,50 +459,22 @@ def restore(cfg: RestoreConfig) -> RestoreResult:
     check_out_dir(out, guard, Path(cfg.input))
     if out.exists() and not out.is_dir():
         raise D4IRError(f"`out` = {str(out)!r} exists and is not a folder")
-
-    # 2. the model
-    threads_before = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    try:
+    with torch_threads(cfg.threads):
+        # 2. the model
         runner = load_runner(cfg.model, device=cfg.device, dtype=cfg.dtype, threads=cfg.threads)
         for note in runner.notes:
             logger.info("model: %s", note)
-        model_id = runner.identity["id"]
-
         # 3. what an earlier run finished
-        log = _read_log(out / LOG_NAME)
-        others = sorted({e.get("model") for e in log.values()} - {model_id})
-        if others and not cfg.overwrite:
-            n = sum(e.get("model") != model_id for e in log.values())
-            raise D4IRError(
-                f"`out` = {str(out)!r} holds {n} output(s) restored by another model ({others}); choose another "
-                "folder, or pass --overwrite to redo them with this model"
-            )
-        out.mkdir(parents=True, exist_ok=True)
-        todo: list[Item] = []
-        run = _Run(cfg, runner, out, log)
+        run = _open_run(cfg, runner, out)
         try:
-            for item in items:
-                if item.out_rel == SHEET_NAME:
-                    run.skip(item, "reserved_name", f"{item.rel}: its output name {SHEET_NAME} is the sheet's")
-                    continue
-                if not _is_done(item, log.get(item.out_rel), out, model_id):
-                    todo.append(item)
-            logger.info(
-                "restore: %d input(s), %d already done, %d to run (%s, %s)",
-                len(items), len(items) - len(todo) - len(run.skipped), len(todo), runner.kind, runner.dtype,
-            )  # fmt: skip
-
+            todo = _todo(run, items)
             # 4. run
             _process(run, todo)
         finally:
             run.close()
-    finally:
-        torch.set_num_threads(threads_before)
-
     # 5. summary (+ sheet), rewritten only when it changes
     log = _read_log(out / LOG_NAME)
+    model_id = runner.identity["id"]
     restored = [
         {"input": i.rel, "output": i.out_rel, "converted_from": log[i.out_rel].get("converted_from"),
          "tiled": log[i.out_rel].get("tiled")}
@@ -499,8 +482,65 @@ def restore(cfg: RestoreConfig) -> RestoreResult:
         if i.rel not in run.skipped and log.get(i.out_rel, {}).get("model") == model_id
     ]  # fmt: skip
     skipped = [run.skipped[k] for k in sorted(run.skipped)]
+    summary = _summary(cfg, runner, len(items), restored, skipped, ignored)
+    summary_path = out / SUMMARY_NAME
+    _write_if_changed(summary_path, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    sheet_path = None
+    if cfg.sheet and (data := _sheet(cfg, items, log, out)) is not None:
+        sheet_path = out / SHEET_NAME
+        _write_if_changed(sheet_path, data)
+    return RestoreResult(
+        out_dir=out,
+        summary_path=summary_path,
+        sheet_path=sheet_path,
+        inputs=len(items),
+        restored=len(restored),
+        written=run.written,
+        skipped=skipped,
+        not_images=ignored,
+        exit_code=summary["exit_code"],
+        seconds=time.perf_counter() - t_start,
+        model_seconds=run.model_s,
+        notes=list(runner.notes),
+    )
+
+
+def _open_run(cfg: RestoreConfig, runner: Runner, out: Path) -> _Run:
+    """The run's state over the earlier runs' log; outputs of another model are refused unless ``overwrite``."""
+    model_id = runner.identity["id"]
+    log = _read_log(out / LOG_NAME)
+    others = sorted({e.get("model") for e in log.values()} - {model_id})
+    if others and not cfg.overwrite:
+        n = sum(e.get("model") != model_id for e in log.values())
+        raise D4IRError(
+            f"`out` = {str(out)!r} holds {n} output(s) restored by another model ({others}); choose another "
+            "folder, or pass --overwrite to redo them with this model"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return _Run(cfg, runner, out, log)
+
+
+def _todo(run: _Run, items: list[Item]) -> list[Item]:
+    """The items still to restore: not written completely by an earlier run of this model."""
+    model_id = run.runner.identity["id"]
+    todo: list[Item] = []
+    for item in items:
+        if item.out_rel == SHEET_NAME:
+            run.skip(item, "reserved_name", f"{item.rel}: its output name {SHEET_NAME} is the sheet's")
+        elif not _is_done(item, run.log.get(item.out_rel), run.out, model_id):
+            todo.append(item)
+    logger.info(
+        "restore: %d input(s), %d already done, %d to run (%s, %s)",
+        len(items), len(items) - len(todo) - len(run.skipped), len(todo), run.runner.kind, run.runner.dtype,
+    )  # fmt: skip
+    return todo
+
+
+def _summary(cfg: RestoreConfig, runner: Runner, inputs: int, restored: list[dict], skipped: list[dict],
+             ignored: list[str]) -> dict:  # fmt: skip
+    """The ``restore-summary.json`` document."""
     exit_code = 1 if skipped else 0
-    summary = {
+    return {
         "kind": "d4ir-restore",
         "version": 1,
         "input": cfg.input,
@@ -515,7 +555,7 @@ def restore(cfg: RestoreConfig) -> RestoreResult:
             "activation_bytes_per_pixel": round(runner.bytes_per_pixel, 1),
         },
         "counts": {
-            "inputs": len(items),
+            "inputs": inputs,
             "restored": len(restored),
             "skipped": len(skipped),
             "converted": sum(1 for r in restored if r["converted_from"]),
@@ -528,30 +568,6 @@ def restore(cfg: RestoreConfig) -> RestoreResult:
         "exit_code": exit_code,
         "exit_codes": {str(k): v for k, v in EXIT_CODES.items()},
     }
-    summary_path = out / SUMMARY_NAME
-    text = json.dumps(summary, indent=2, sort_keys=True) + "\n"
-    _write_if_changed(summary_path, text.encode("utf-8"))
-    sheet_path = None
-    if cfg.sheet:
-        data = _sheet(cfg, items, log, out)
-        if data is not None:
-            sheet_path = out / SHEET_NAME
-            _write_if_changed(sheet_path, data)
-    seconds = time.perf_counter() - t_start
-    return RestoreResult(
-        out_dir=out,
-        summary_path=summary_path,
-        sheet_path=sheet_path,
-        inputs=len(items),
-        restored=len(restored),
-        written=run.written,
-        skipped=skipped,
-        not_images=ignored,
-        exit_code=exit_code,
-        seconds=seconds,
-        model_seconds=run.model_s,
-        notes=list(runner.notes),
-    )
 
 
 # ---------------------------------------------------------------------------------------
