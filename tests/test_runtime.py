@@ -30,6 +30,17 @@ def test_cap_never_raises_threads(monkeypatch, restore_threads) -> None:
     assert torch.get_num_threads() == 1
 
 
+def test_torch_threads_sets_the_count_for_the_block_and_restores_it_after_an_error(restore_threads) -> None:
+    torch.set_num_threads(2)
+    with pytest.raises(RuntimeError, match="boom"), runtime.torch_threads(1):
+        assert torch.get_num_threads() == 1
+        raise RuntimeError("boom")
+    assert torch.get_num_threads() == 2
+    for unset in (None, 0):  # no count given: left as it is
+        with runtime.torch_threads(unset):
+            assert torch.get_num_threads() == 2
+
+
 def test_usable_cpus_follows_the_affinity_mask_and_falls_back_to_the_cpu_count(monkeypatch) -> None:
     monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 3, 5}, raising=False)
     assert runtime.usable_cpus() == 3  # a Slurm / container limit, not the machine's count
