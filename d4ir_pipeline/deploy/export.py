@@ -35,7 +35,7 @@ import torch
 
 from d4ir_pipeline.common.images import decode_rgb
 from d4ir_pipeline.common.io import atomic_write_json, atomic_write_text, read_json, sha256_file
-from d4ir_pipeline.common.runtime import package_versions
+from d4ir_pipeline.common.runtime import package_versions, torch_threads
 from d4ir_pipeline.config import opt
 from d4ir_pipeline.deploy.budget import activation_bytes_per_pixel
 from d4ir_pipeline.deploy.card import render_card
@@ -312,6 +312,27 @@ class _Reader:
         self.i = 0
 
 
+def _quantize_static(q: Any, src: Path, dst: Path, calib: list[np.ndarray], method: str) -> None:
+    """Static QDQ: per-channel int8 weights, uint8 activations calibrated on ``calib`` by ``method``."""
+    methods = {
+        "minmax": q.CalibrationMethod.MinMax,
+        "percentile": q.CalibrationMethod.Percentile,
+        "entropy": q.CalibrationMethod.Entropy,
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q.quantize_static(
+            str(src),
+            str(dst),
+            _Reader("input", calib),
+            quant_format=q.QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=q.QuantType.QUInt8,
+            weight_type=q.QuantType.QInt8,
+            calibrate_method=methods[method],
+        )
+
+
 def quantize_int8(
     fp32: Path, dst: Path, calib: list[np.ndarray], method: str, *, static: bool
 ) -> tuple[str, str | None]:
@@ -334,24 +355,8 @@ def quantize_int8(
             logger.info("quantisation pre-processing failed (%s); quantising the exported graph", e)
             src = fp32
         if static:
-            methods = {
-                "minmax": q.CalibrationMethod.MinMax,
-                "percentile": q.CalibrationMethod.Percentile,
-                "entropy": q.CalibrationMethod.Entropy,
-            }
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    q.quantize_static(
-                        str(src),
-                        str(dst),
-                        _Reader("input", calib),
-                        quant_format=q.QuantFormat.QDQ,
-                        per_channel=True,
-                        activation_type=q.QuantType.QUInt8,
-                        weight_type=q.QuantType.QInt8,
-                        calibrate_method=methods[method],
-                    )
+                _quantize_static(q, src, dst, calib, method)
                 return f"static QDQ ({method}, {len(calib)} samples)", None
             except Exception as e:  # noqa: BLE001  any failure of static: fall back and say why
                 reason = f"static quantisation failed ({type(e).__name__}: {str(e)[:300]})"
@@ -399,24 +404,117 @@ def _find_eval(cfg: ExportConfig, model_dir: Path | None) -> dict | None:
 
 def export(cfg: ExportConfig) -> ExportResult:
     """Export ``cfg.model`` to ``cfg.out`` (ONNX fp32 / fp16 / int8, pt2, card), verified before the rename."""
-    before = torch.get_num_threads()
-    try:
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+    with torch_threads(cfg.threads):
         return _export(cfg)
-    finally:
-        torch.set_num_threads(before)
 
 
 def _export(cfg: ExportConfig) -> ExportResult:
     t_start = time.perf_counter()
-    timings: dict[str, float] = {}
-
-    def lap(name: str, t0: float) -> float:
-        timings[name] = round(time.perf_counter() - t0, 2)
-        return time.perf_counter()
-
     # 1. check inputs and the optional packages
+    sizes, out = _check_request(cfg)
+    # 2. the model, in float32 on the CPU (exports are device-independent)
+    model, meta, ident = load_torch_model(cfg.model)
+    model_dir = Path(ident["path"]) if Path(ident["path"]).is_dir() else None
+    multiple = model_multiple(model, cfg.multiple)
+    spec = ident["spec"]
+    logger.info("exporting %s (%s, multiple %d) -> %s", spec["name"], type(model).__name__, multiple, out)
+    # 3. export-friendly copy: swapped modules must be equivalent
+    graph, replaced, swap_diff = _export_ready_graph(model, multiple, cfg.tolerance)
+    # 4. torch.export (dynamic batch / height / width), then ONNX from the same program
+    tmp = _fresh_tmp(out)
+    try:
+        lap = _Laps()
+        ep, example, min_side = _export_program(graph, multiple, cfg.max_side)
+        lap("torch_export")
+        onnx_path = tmp / FILES["fp32"]
+        opset = _onnx_export(ep, example, onnx_path, cfg.opset)
+        lap("onnx_export")
+        bpp = activation_bytes_per_pixel(model)
+        onnx_meta = {"multiple": multiple, "bytes_per_pixel": round(bpp, 1), "spec": spec, "source_id": ident["id"]}
+        _add_metadata(onnx_path, onnx_meta)
+        # 5. verify fp32 ONNX Runtime and the ExportedProgram against eager PyTorch
+        xs = _inputs(sizes)
+        ref, fp32_out, fp32_rows = _verify_onnx(model, onnx_path, xs, cfg)
+        lap("verify_fp32")
+        pt2_rows: list[dict] | None = None
+        if cfg.pt2:
+            pt2_rows = _verify_pt2(ep, tmp / FILES["pt2"], xs, ref, min_side, cfg.tolerance)
+            lap("pt2")
+        # 6. fp16, kept where the model allows it; 7. int8
+        fp16: dict[str, Any] = {"written": False}
+        if cfg.fp16:
+            fp16 = _fp16(onnx_path, tmp / FILES["fp16"], xs, fp32_out, cfg.threads)
+            lap("fp16")
+        int8: dict[str, Any] = {"written": False}
+        if cfg.int8:
+            int8 = _int8(cfg, meta, model_dir, onnx_path, tmp / FILES["int8"], cfg.threads)
+            lap("int8")
+        for name in ("fp16", "int8"):
+            if (tmp / FILES[name]).is_file():
+                _add_metadata(tmp / FILES[name], onnx_meta)
+        # 8. figures, card, rename
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir()) if p.is_file()}  # fmt: skip
+        info = {
+            "kind": "d4ir-export",
+            "version": 1,
+            "model": _model_info(model, spec, multiple, bpp),
+            "source": ident,
+            "distillation": _distillation_info(meta, model_dir),
+            "replaced_modules": replaced,
+            "replacement_max_abs_diff": swap_diff,
+            "onnx": _onnx_info(opset, multiple),
+            "pt2": {"min_side": min_side, "max_side": cfg.max_side} if cfg.pt2 else None,
+            "verification": {"tolerance": cfg.tolerance, "sizes": [f"{h}x{w}" for h, w in sizes],
+                             "fp32_onnxruntime": fp32_rows, "pt2": pt2_rows, "fp16": fp16, "int8": int8},
+            "evaluation": _find_eval(cfg, model_dir),
+            "files": files,
+            "seconds": lap.seconds,
+            "versions": package_versions(("torch", "onnx", "onnxruntime", "onnxscript", "numpy", "pillow")),
+        }  # fmt: skip
+        atomic_write_json(tmp / "export.json", info)
+        atomic_write_text(tmp / "README.md", render_card(info))
+        _publish(tmp, out, cfg.overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    seconds = time.perf_counter() - t_start
+    logger.info("export -> %s (%.1f s)", out, seconds)
+    return ExportResult(
+        out_dir=out,
+        files=files,
+        max_abs_diff=max(r["max_abs_diff"] for r in fp32_rows),
+        pt2_max_abs_diff=max(r["max_abs_diff"] for r in pt2_rows) if pt2_rows else None,
+        fp16_psnr_db=fp16.get("psnr_db_min"),
+        int8_psnr_db=int8.get("psnr_db_mean"),
+        int8_method=int8.get("method"),
+        info=info,
+        seconds=seconds,
+    )
+
+
+class _Laps:
+    """Seconds per export step: each call records the time since the previous one (or since creation)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.t = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        self.seconds[name] = round(time.perf_counter() - self.t, 2)
+        self.t = time.perf_counter()
+
+
+def _fresh_tmp(out: Path) -> Path:
+    """The empty staging folder next to ``out`` (what a crashed earlier export of it left is removed)."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _check_request(cfg: ExportConfig) -> tuple[list[tuple[int, int]], Path]:
+    """The verification sizes and the output folder; refused before any work when they cannot be used."""
     for pkg in ("onnx", "onnxruntime", "onnxscript"):
         require(pkg)
     if not cfg.out:
@@ -430,171 +528,104 @@ def _export(cfg: ExportConfig) -> ExportResult:
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
         raise ExportError(f"`out` = {str(out)!r} exists; choose another folder or pass --overwrite")
+    return sizes, out
 
-    # 2. the model, in float32 on the CPU (exports are device-independent)
-    model, meta, ident = load_torch_model(cfg.model)
-    model_dir = Path(ident["path"]) if Path(ident["path"]).is_dir() else None
-    multiple = model_multiple(model, cfg.multiple)
-    spec = ident["spec"]
-    logger.info("exporting %s (%s, multiple %d) -> %s", spec["name"], type(model).__name__, multiple, out)
 
-    # 3. export-friendly copy: swapped modules must be equivalent
+def _export_ready_graph(model: torch.nn.Module, multiple: int, tolerance: float) -> tuple[torch.nn.Module, dict, float]:
+    """(the graph to trace: export-friendly modules, padding inside; the swaps; their max abs diff on a probe)."""
     ready, replaced = export_ready(model)
     probe = torch.cat([probe_image(67, 53), torch.rand(1, 3, 67, 53, generator=torch.Generator().manual_seed(1))])
     with torch.no_grad():
         swap_diff = float((ready(probe) - model(probe)).abs().max()) if replaced else 0.0
-    if swap_diff > cfg.tolerance:
-        raise ExportError(f"replaced modules {replaced} change the output by {swap_diff:.3g} > {cfg.tolerance}")
-    graph = AnySize(ready, multiple).eval()
+    if swap_diff > tolerance:
+        raise ExportError(f"replaced modules {replaced} change the output by {swap_diff:.3g} > {tolerance}")
+    return AnySize(ready, multiple).eval(), replaced, swap_diff
 
-    # 4. torch.export (dynamic batch / height / width), then ONNX from the same program
-    tmp = out.with_name(f".{out.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)  # a crashed earlier export of the same folder
-    tmp.mkdir(parents=True)
+
+def _onnx_export(ep: Any, example: torch.Tensor, path: Path, opset: int) -> int:
+    """``model.onnx`` from the ExportedProgram; returns its opset (at least 17)."""
     try:
-        t = time.perf_counter()
-        ep, example, min_side = _export_program(graph, multiple, cfg.max_side)
-        t = lap("torch_export", t)
-        onnx_path = tmp / FILES["fp32"]
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(
-                    ep,
-                    (example,),
-                    str(onnx_path),
-                    dynamo=True,
-                    opset_version=cfg.opset,
-                    input_names=["input"],
-                    output_names=["output"],
-                    external_data=False,
-                    verbose=False,
-                )
-        except Exception as e:  # noqa: BLE001
-            raise ExportError(f"torch.onnx.export failed ({type(e).__name__}: {str(e).strip()[:1500]})") from e
-        t = lap("onnx_export", t)
-        opset = _opset(onnx_path)
-        if opset < 17:
-            raise ExportError(f"{onnx_path}: opset {opset} < 17")
-        bpp = activation_bytes_per_pixel(model)
-        onnx_meta = {"multiple": multiple, "bytes_per_pixel": round(bpp, 1), "spec": spec, "source_id": ident["id"]}
-        _add_metadata(onnx_path, onnx_meta)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(ep, (example,), str(path), dynamo=True, opset_version=opset, input_names=["input"],
+                              output_names=["output"], external_data=False, verbose=False)  # fmt: skip
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"torch.onnx.export failed ({type(e).__name__}: {str(e).strip()[:1500]})") from e
+    got = _opset(path)
+    if got < 17:
+        raise ExportError(f"{path}: opset {got} < 17")
+    return got
 
-        # 5. verify fp32 ONNX Runtime and the ExportedProgram against eager PyTorch
-        xs = _inputs(sizes)
-        with torch.no_grad():
-            ref = [model(x).numpy() for x in xs]
-        sess = _session(onnx_path, cfg.threads)
-        fp32_out = [sess.run(x.numpy()) for x in xs]
-        fp32_rows = _compare(ref, fp32_out, xs)
-        worst = max(r["max_abs_diff"] for r in fp32_rows)
-        if not worst <= cfg.tolerance:
-            raise ExportError(
-                f"ONNX Runtime differs from PyTorch by {worst:.3g} > `tolerance` {cfg.tolerance} "
-                f"({[(r['size'], r['max_abs_diff']) for r in fp32_rows]})"
-            )
-        logger.info("fp32 ONNX verified: max abs diff %.2e over %s", worst, [r["size"] for r in fp32_rows])
-        t = lap("verify_fp32", t)
-        pt2_rows: list[dict] | None = None
-        if cfg.pt2:
-            torch.export.save(ep, str(tmp / FILES["pt2"]))
-            loaded = torch.export.load(str(tmp / FILES["pt2"])).module()
-            keep = [i for i, x in enumerate(xs) if min(x.shape[-2:]) >= min_side]  # its range constraint
-            if not keep:
-                raise ExportError(f"`verify_sizes` are all below model.pt2's minimum side {min_side}")
-            with torch.no_grad():
-                pt2_rows = _compare(
-                    [ref[i] for i in keep], [loaded(xs[i]).numpy() for i in keep], [xs[i] for i in keep]
-                )
-            pt2_worst = max(r["max_abs_diff"] for r in pt2_rows)
-            if not pt2_worst <= cfg.tolerance:
-                raise ExportError(f"model.pt2 differs from PyTorch by {pt2_worst:.3g} > {cfg.tolerance}")
-            t = lap("pt2", t)
 
-        # 6. fp16, kept where the model allows it
-        fp16: dict[str, Any] = {"written": False}
-        if cfg.fp16:
-            fp16 = _fp16(onnx_path, tmp / FILES["fp16"], xs, fp32_out, cfg.threads)
-            t = lap("fp16", t)
+def _verify_onnx(
+    model: torch.nn.Module, path: Path, xs: list[torch.Tensor], cfg: ExportConfig
+) -> tuple[list[np.ndarray], list[np.ndarray], list[dict]]:
+    """(eager outputs, ONNX Runtime outputs, per-size rows); more than ``cfg.tolerance`` apart is an error."""
+    with torch.no_grad():
+        ref = [model(x).numpy() for x in xs]
+    sess = _session(path, cfg.threads)
+    out = [sess.run(x.numpy()) for x in xs]
+    rows = _compare(ref, out, xs)
+    worst = max(r["max_abs_diff"] for r in rows)
+    if not worst <= cfg.tolerance:
+        raise ExportError(
+            f"ONNX Runtime differs from PyTorch by {worst:.3g} > `tolerance` {cfg.tolerance} "
+            f"({[(r['size'], r['max_abs_diff']) for r in rows]})"
+        )
+    logger.info("fp32 ONNX verified: max abs diff %.2e over %s", worst, [r["size"] for r in rows])
+    return ref, out, rows
 
-        # 7. int8
-        int8: dict[str, Any] = {"written": False}
-        if cfg.int8:
-            int8 = _int8(cfg, meta, model_dir, onnx_path, tmp / FILES["int8"], cfg.threads)
-            t = lap("int8", t)
-        for name in ("fp16", "int8"):
-            if (tmp / FILES[name]).is_file():
-                _add_metadata(tmp / FILES[name], onnx_meta)
 
-        # 8. figures, card, rename
-        files = {
-            p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir()) if p.is_file()
-        }
-        run = meta.get("run") or {}
-        info = {
-            "kind": "d4ir-export",
-            "version": 1,
-            "model": {
-                "spec": spec,
-                "class": type(model).__name__,
-                "role": _role(spec["name"]),
-                "params": count_params(model),
-                "macs": {f"{s}x{s}": count_macs(model, (s, s)) for s in (256, 512)},
-                "multiple": multiple,
-                "activation_bytes_per_pixel": round(bpp, 1),
-            },
-            "source": ident,
-            "distillation": {
-                **run,
-                "steps": meta.get("steps"),
-                "val_psnr_vs_teacher": meta.get("val_psnr_vs_teacher"),
-                "shardset_path": _shardset_path(model_dir),
-            }
-            if run
-            else None,
-            "replaced_modules": replaced,
-            "replacement_max_abs_diff": swap_diff,
-            "onnx": {
-                "opset": opset,
-                "input": "input",
-                "output": "output",
-                "dynamic_axes": ["batch", "height", "width"],
-                "padding": f"in the graph, reflect to a multiple of {multiple}" if multiple > 1 else "none needed",
-            },
-            "pt2": {"min_side": min_side, "max_side": cfg.max_side} if cfg.pt2 else None,
-            "verification": {
-                "tolerance": cfg.tolerance,
-                "sizes": [f"{h}x{w}" for h, w in sizes],
-                "fp32_onnxruntime": fp32_rows,
-                "pt2": pt2_rows,
-                "fp16": fp16,
-                "int8": int8,
-            },
-            "evaluation": _find_eval(cfg, model_dir),
-            "files": files,
-            "seconds": timings,
-            "versions": package_versions(("torch", "onnx", "onnxruntime", "onnxscript", "numpy", "pillow")),
-        }
-        atomic_write_json(tmp / "export.json", info)
-        atomic_write_text(tmp / "README.md", render_card(info))
-        _publish(tmp, out, cfg.overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    seconds = time.perf_counter() - t_start
-    logger.info("export -> %s (%.1f s)", out, seconds)
-    return ExportResult(
-        out_dir=out,
-        files=files,
-        max_abs_diff=worst,
-        pt2_max_abs_diff=max(r["max_abs_diff"] for r in pt2_rows) if pt2_rows else None,
-        fp16_psnr_db=fp16.get("psnr_db_min"),
-        int8_psnr_db=int8.get("psnr_db_mean"),
-        int8_method=int8.get("method"),
-        info=info,
-        seconds=seconds,
-    )
+def _verify_pt2(
+    ep: Any, path: Path, xs: list[torch.Tensor], ref: list[np.ndarray], min_side: int, tolerance: float
+) -> list[dict]:
+    """Save ``model.pt2``, load it back and compare it with eager PyTorch at the sizes its range allows."""
+    torch.export.save(ep, str(path))
+    loaded = torch.export.load(str(path)).module()
+    keep = [i for i, x in enumerate(xs) if min(x.shape[-2:]) >= min_side]  # its range constraint
+    if not keep:
+        raise ExportError(f"`verify_sizes` are all below model.pt2's minimum side {min_side}")
+    with torch.no_grad():
+        rows = _compare([ref[i] for i in keep], [loaded(xs[i]).numpy() for i in keep], [xs[i] for i in keep])
+    worst = max(r["max_abs_diff"] for r in rows)
+    if not worst <= tolerance:
+        raise ExportError(f"model.pt2 differs from PyTorch by {worst:.3g} > {tolerance}")
+    return rows
+
+
+def _model_info(model: torch.nn.Module, spec: dict, multiple: int, bpp: float) -> dict:
+    return {
+        "spec": spec,
+        "class": type(model).__name__,
+        "role": _role(spec["name"]),
+        "params": count_params(model),
+        "macs": {f"{s}x{s}": count_macs(model, (s, s)) for s in (256, 512)},
+        "multiple": multiple,
+        "activation_bytes_per_pixel": round(bpp, 1),
+    }
+
+
+def _distillation_info(meta: dict, model_dir: Path | None) -> dict | None:
+    """The distillation run a student folder records (None for other models)."""
+    run = meta.get("run") or {}
+    if not run:
+        return None
+    return {
+        **run,
+        "steps": meta.get("steps"),
+        "val_psnr_vs_teacher": meta.get("val_psnr_vs_teacher"),
+        "shardset_path": _shardset_path(model_dir),
+    }
+
+
+def _onnx_info(opset: int, multiple: int) -> dict:
+    return {
+        "opset": opset,
+        "input": "input",
+        "output": "output",
+        "dynamic_axes": ["batch", "height", "width"],
+        "padding": f"in the graph, reflect to a multiple of {multiple}" if multiple > 1 else "none needed",
+    }
 
 
 def _shardset_path(model_dir: Path | None) -> str | None:
