@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+import d4ir_pipeline
 from d4ir_pipeline.common.io import atomic_write_json, atomic_write_text, sha256_file
 from d4ir_pipeline.deploy import ExportConfig, ExportError, ModelConfig, OnnxModel, require
 from d4ir_pipeline.deploy.budget import activation_bytes_per_pixel, plan, tile_for_budget
@@ -196,6 +197,9 @@ def test_full_export_is_verified_calibrated_on_the_students_shards_and_documente
     assert r.max_abs_diff <= 1e-4 and r.pt2_max_abs_diff <= 1e-4 and r.fp16_psnr_db >= 40.0
     for name, f in info["files"].items():
         assert sha256_file(out / name) == f["sha256"] and (out / name).stat().st_size == f["bytes"]
+    package_dir = str(Path(d4ir_pipeline.__file__).resolve().parent).encode()
+    for name in ("model.onnx", "model.fp16.onnx", "model.int8.onnx"):  # the exporter's stack traces are dropped
+        assert package_dir not in (out / name).read_bytes(), f"{name} names where it was exported"
 
     card = (out / "README.md").read_text()
     sha = sha256_file(shards / "shardset.json")

@@ -168,16 +168,33 @@ def _export_program(graph: torch.nn.Module, multiple: int, max_side: int) -> Any
     return ep, example, lo
 
 
+STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
+
+
 def _add_metadata(path: Path, meta: dict) -> None:
     onnx = require("onnx")
     import json
 
     model = onnx.load(str(path))
     del model.metadata_props[:]
+    _strip_stack_traces(model.graph)
     for k, v in sorted(meta.items()):
         entry = model.metadata_props.add()
         entry.key, entry.value = META_PREFIX + k, json.dumps(v, sort_keys=True)
     onnx.save(model, str(path))
+
+
+def _strip_stack_traces(graph: Any) -> None:
+    """Drop the exporter's per-node Python stack traces: they hold this machine's source paths (an export
+    would name where it was made, and differ from one install to the next) and a fifth of the file."""
+    g = graph
+    for entry in (*g.node, *g.input, *g.output, *g.value_info):
+        keep = [(p.key, p.value) for p in entry.metadata_props if p.key != STACK_TRACE_KEY]
+        if len(keep) != len(entry.metadata_props):
+            del entry.metadata_props[:]
+            for key, value in keep:
+                prop = entry.metadata_props.add()
+                prop.key, prop.value = key, value
 
 
 def _opset(path: Path) -> int:
