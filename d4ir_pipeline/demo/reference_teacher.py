@@ -29,7 +29,7 @@ from tqdm import tqdm
 from d4ir_pipeline.cli import stage_command
 from d4ir_pipeline.common.images import psnr, ssim_u8
 from d4ir_pipeline.common.io import atomic_write_json, atomic_write_text, sha256_file
-from d4ir_pipeline.common.runtime import package_versions, seed_everything
+from d4ir_pipeline.common.runtime import package_versions, seed_everything, torch_threads
 from d4ir_pipeline.common.train import CheckpointDir, MetricsLog, due, rng_state, set_rng_state, warmup_cosine
 from d4ir_pipeline.config import ConfigError, config_hash, config_to_dict, opt
 from d4ir_pipeline.data.manifests import load_manifest, open_pair
@@ -351,13 +351,12 @@ class _Clock:
 @contextlib.contextmanager
 def _deterministic(threads: int):
     """A fixed torch thread count and deterministic algorithms for the run (restored after)."""
-    prev_threads, prev_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(threads)
+    prev_det = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        yield
+        with torch_threads(threads):
+            yield
     finally:
-        torch.set_num_threads(prev_threads)
         torch.use_deterministic_algorithms(prev_det)
 
 
