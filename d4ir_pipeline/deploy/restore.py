@@ -14,7 +14,6 @@ Exit codes: :data:`EXIT_CODES`.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from d4ir_pipeline.common.images import IMAGE_EXTENSIONS, decode_rgb
+from d4ir_pipeline.common.images import IMAGE_EXTENSIONS, decode_rgb, png_bytes
 from d4ir_pipeline.common.io import atomic_write_bytes, sha256_bytes
 from d4ir_pipeline.common.runtime import torch_threads
 from d4ir_pipeline.config import opt
@@ -268,10 +267,7 @@ def _to_tensor(img: Image.Image) -> torch.Tensor:
 
 
 def _png(y: torch.Tensor) -> bytes:
-    arr = (y.clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()  # (H, W, 3)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
+    return png_bytes((y.clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy())  # (H, W, 3)
 
 
 def run_model(runner: Runner, x: torch.Tensor, p: Plan, overlap: int) -> torch.Tensor:
@@ -432,9 +428,7 @@ def _sheet(cfg: RestoreConfig, items: list[Item], log: dict[str, dict], out: Pat
         y = i * (SHEET_HEIGHT + gap)
         sheet.paste(a, (0, y))
         sheet.paste(b, (a.width + gap, y))
-    buf = io.BytesIO()
-    sheet.save(buf, format="PNG")
-    return buf.getvalue()
+    return png_bytes(np.asarray(sheet))
 
 
 def _write_if_changed(path: Path, data: bytes) -> bool:
