@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 from torch import nn
 
+from d4ir_pipeline.common.io import sha256_file
 from d4ir_pipeline.errors import D4IRError
 from d4ir_pipeline.models import (
     STUDENTS,
@@ -228,6 +229,18 @@ def test_save_load_round_trip_is_exact(tmp_path, name):
     x = torch.rand(1, 3, 35, 41)
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
+
+
+def test_the_same_weights_save_to_the_same_bytes(tmp_path):
+    """safetensors orders its metadata from a hash map; save_model sorts it, so a model's sha256 is stable."""
+    from safetensors import safe_open
+
+    model = _perturb(_small("nafnet_s")).eval()
+    digests = {sha256_file(save_model(model, tmp_path / "m") / "model.safetensors") for _ in range(20)}
+    assert len(digests) == 1
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
+        assert f.metadata()["format"] == "pt" and json.loads(f.metadata()["spec"]) == model_spec(model)
+        assert all(torch.equal(f.get_tensor(k), v) for k, v in model.state_dict().items())
 
 
 def test_renamed_and_reshaped_keys_are_named(tmp_path):

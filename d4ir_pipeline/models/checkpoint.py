@@ -296,6 +296,20 @@ def _state_for_saving(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
 
 
+def _sorted_metadata(data: bytes) -> bytes:
+    """The same safetensors file with its ``__metadata__`` keys sorted. safetensors writes them from a hash
+    map, in an order that changes from one call to the next: the same weights gave different bytes, and so
+    different sha256s, which is what names a model here (teacher ids, caches, model cards)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    if "__metadata__" not in header:
+        return data
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data stays 8-byte aligned, as safetensors pads it
+    return len(text).to_bytes(8, "little") + text + data[8 + n :]
+
+
 def save_model(model: nn.Module, out_dir: str | os.PathLike, *, extra: dict | None = None) -> Path:
     """Write ``out_dir/model.safetensors`` and ``out_dir/model.json`` (spec, params, extra) atomically."""
     from safetensors.torch import save
@@ -307,7 +321,9 @@ def save_model(model: nn.Module, out_dir: str | os.PathLike, *, extra: dict | No
         json.dumps(meta)
     except TypeError as e:
         raise CheckpointError(f"model.json for {out}: the spec or `extra` is not JSON-serialisable ({e})") from e
-    data = save(_state_for_saving(model), metadata={"format": "pt", "spec": json.dumps(spec, sort_keys=True)})
+    data = _sorted_metadata(
+        save(_state_for_saving(model), metadata={"format": "pt", "spec": json.dumps(spec, sort_keys=True)})
+    )
     atomic_write_bytes(out / WEIGHTS_NAME, data)
     atomic_write_json(out / CONFIG_NAME, meta)  # written last: its presence marks a complete folder
     return out
