@@ -55,7 +55,7 @@ def render_card(info: dict) -> str:
         "",
         "| | |",
         "|---|---|",
-        f"| architecture | `{spec['name']}` (`{m['class']}`), kwargs `{json.dumps(spec.get('kwargs', {}))}` |",
+        f"| architecture | `{spec['name']}` (`{m['class']}`), kwargs `{json.dumps(spec.get('kwargs', {}), sort_keys=True)}` |",
         f"| parameters | {_count(m['params'])} ({m['params']}) |",
         "| MACs | " + "; ".join(f"{k}: {_count(v)}" for k, v in m["macs"].items()) + " |",
         f"| input | `input` (batch, 3, height, width) float32 RGB in [0, 1]; any size: {info['onnx']['padding']} |",
