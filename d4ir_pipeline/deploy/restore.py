@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from d4ir_pipeline.common.images import IMAGE_EXTENSIONS, decode_rgb, png_bytes
+from d4ir_pipeline.common.images import IMAGE_EXTENSIONS, decode_rgb, png_bytes, read_bytes
 from d4ir_pipeline.common.io import atomic_write_bytes, sha256_bytes
 from d4ir_pipeline.common.runtime import torch_threads
 from d4ir_pipeline.config import opt
@@ -196,15 +196,6 @@ def check_out_dir(out: Path, guard: Path | None, src: Path) -> None:
         raise D4IRError(f"`out` = {str(out)!r} is the input file itself")
 
 
-def _read_file(path: Path, name: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError as e:
-        raise BadImageError("missing", f"{name}: no such file") from e
-    except OSError as e:
-        raise BadImageError("unreadable", f"{name}: cannot be read ({type(e).__name__}: {e})") from e
-
-
 def _header_size(item: Item) -> tuple[int, int] | None:
     """(H, W) from the header or the record (before EXIF rotation), for grouping; None if unreadable."""
     if item.record is not None:
@@ -253,7 +244,7 @@ def _is_done(item: Item, entry: dict | None, out: Path, model_id: str) -> bool:
     if st is not None and list(st) == entry.get("stat"):
         return True
     try:  # size or mtime changed (a copy, a touch): the content decides
-        return sha256_bytes(_read_file(item.path, item.rel)) == entry.get("sha256")
+        return sha256_bytes(read_bytes(item.path, item.rel)) == entry.get("sha256")
     except BadImageError:
         return False
 
@@ -320,7 +311,7 @@ class _Run:
                     raise BadImageError("no_path", f"record {item.record.id!r} has only a url; nothing local to open")
                 img, conv = load_rgb_checked(self.cfg.root, item.record, check_hash=True)
                 return img, conv, item.record.sha256, st
-            data = _read_file(item.path, item.rel)
+            data = read_bytes(item.path, item.rel)
             img, conv = decode_rgb(data, name=item.rel)
             return img, conv, sha256_bytes(data), st
         except BadImageError as e:
@@ -412,7 +403,7 @@ def _sheet(cfg: RestoreConfig, items: list[Item], log: dict[str, dict], out: Pat
             if item.record is not None:
                 src = load_rgb_checked(cfg.root, item.record)[0]
             else:
-                src = decode_rgb(_read_file(item.path, item.rel), name=item.rel)[0]
+                src = decode_rgb(read_bytes(item.path, item.rel), name=item.rel)[0]
             dst = Image.open(out / item.out_rel).convert("RGB")
         except (BadImageError, OSError) as e:
             logger.info("sheet: leaving out %s (%s)", item.rel, e)
