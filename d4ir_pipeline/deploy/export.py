@@ -187,14 +187,10 @@ def _add_metadata(path: Path, meta: dict) -> None:
 def _strip_stack_traces(graph: Any) -> None:
     """Drop the exporter's per-node Python stack traces: they hold this machine's source paths (an export
     would name where it was made, and differ from one install to the next) and a fifth of the file."""
-    g = graph
-    for entry in (*g.node, *g.input, *g.output, *g.value_info):
-        keep = [(p.key, p.value) for p in entry.metadata_props if p.key != STACK_TRACE_KEY]
-        if len(keep) != len(entry.metadata_props):
-            del entry.metadata_props[:]
-            for key, value in keep:
-                prop = entry.metadata_props.add()
-                prop.key, prop.value = key, value
+    for entry in (*graph.node, *graph.input, *graph.output, *graph.value_info):
+        props = entry.metadata_props
+        for i in reversed([i for i, p in enumerate(props) if p.key == STACK_TRACE_KEY]):
+            del props[i]
 
 
 def _opset(path: Path) -> int:
