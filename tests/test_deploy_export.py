@@ -235,6 +235,25 @@ def test_full_export_is_verified_calibrated_on_the_students_shards_and_documente
         assert (pt2(x) - model(x)).abs().max().item() <= 1e-4
 
 
+def test_the_same_weights_export_to_the_same_files(tmp_path):
+    """Two exports of one model: the same bytes in every file (the card's hashes), timings aside.
+
+    model.pt2 stores the example torch.export traced with; an unseeded one gave each
+    export another model.pt2 (and another sha256 on the card).
+    """
+    save_model(randomised("rescnn", width=8, blocks=1), tmp_path / "m")
+    infos = []
+    for out in ("a", "b"):
+        export(ExportConfig(out=str(tmp_path / out), model=ModelConfig(checkpoint=str(tmp_path / "m")), int8=False))
+        infos.append(json.loads((tmp_path / out / "export.json").read_text()))
+    assert set(infos[0]["files"]) == {"model.onnx", "model.fp16.onnx", "model.pt2"}
+    assert infos[0]["files"] == infos[1]["files"]
+    assert (tmp_path / "a" / "README.md").read_bytes() == (tmp_path / "b" / "README.md").read_bytes()
+    for info in infos:
+        info.pop("seconds")
+    assert infos[0] == infos[1]
+
+
 def test_calibration_set_is_the_students_own_or_the_reason_is_given(tmp_path):
     student, shards = _fake_distill_run(tmp_path)
     meta = json.loads((student / "model.json").read_text())

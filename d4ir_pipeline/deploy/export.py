@@ -155,7 +155,10 @@ def _export_program(graph: torch.nn.Module, multiple: int, max_side: int) -> Any
     batch = torch.export.Dim("batch", min=1, max=4096)
     height = torch.export.Dim("height", min=lo, max=max_side)
     width = torch.export.Dim("width", min=lo, max=max_side)
-    example = torch.rand(2, 3, max(67, 2 * multiple + 3), max(53, 2 * multiple + 1))
+    # seeded: the example is stored in model.pt2 (sample_inputs), so an unseeded one gave
+    # every export of the same weights another file and another sha256 on the card
+    g = torch.Generator().manual_seed(0)
+    example = torch.rand(2, 3, max(67, 2 * multiple + 3), max(53, 2 * multiple + 1), generator=g)
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
