@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import re
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,30 +54,41 @@ def iter_tar(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]]:
 
     As webdataset reads a tar: a sample is a run of adjacent files with one key; members
     that are not regular files or have no extension are skipped; a file repeated within a
-    sample is an error.
+    sample is an error. A sample is yielded as soon as the next key's first member header
+    is read, before that member's data, so a sample followed by a truncated one comes out.
     """
     key: str | None = None
     parts: dict[str, bytes] = {}
-    with open(path, "rb") as f:
-        try:
-            with tarfile.open(fileobj=f, mode="r|") as tf:
-                for member in tf:
-                    k, ext = split_key(member.name) if member.isreg() else (None, "")
-                    if k is None:
-                        continue
-                    if k != key:
-                        if key is not None:
-                            yield key, parts
-                        key, parts = k, {}
-                    if ext in parts:
-                        raise ShardReadError(path, key, f"{member.name!r} occurs twice in the sample")
-                    fobj = tf.extractfile(member)
-                    assert fobj is not None, member.name
-                    parts[ext] = fobj.read()
-        except (tarfile.TarError, OSError, EOFError) as e:
-            raise ShardReadError(path, key, str(e) or type(e).__name__) from e
+    with open(path, "rb") as f, _tar_errors(path, lambda: key), tarfile.open(fileobj=f, mode="r|") as tf:
+        for k, ext, member in _keyed_files(tf):
+            if k != key and key is not None:
+                yield key, parts
+            if k != key:
+                key, parts = k, {}
+            if ext in parts:
+                raise ShardReadError(path, key, f"{member.name!r} occurs twice in the sample")
+            fobj = tf.extractfile(member)
+            assert fobj is not None, member.name
+            parts[ext] = fobj.read()
     if key is not None:
         yield key, parts
+
+
+def _keyed_files(tf: tarfile.TarFile) -> Iterator[tuple[str, str, tarfile.TarInfo]]:
+    """``(key, ext, member)`` for the regular files of a streamed tar that have an extension."""
+    for member in tf:
+        k, ext = split_key(member.name) if member.isreg() else (None, "")
+        if k is not None:
+            yield k, ext, member
+
+
+@contextmanager
+def _tar_errors(path: str | os.PathLike, current_key: Callable[[], str | None]) -> Iterator[None]:
+    """What a damaged tar raises, as :class:`ShardReadError` naming the sample being read."""
+    try:
+        yield
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ShardReadError(path, current_key(), str(e) or type(e).__name__) from e
 
 
 def read_shard(path: str | os.PathLike) -> dict[str, dict[str, bytes]]:
