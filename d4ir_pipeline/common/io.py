@@ -82,10 +82,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     stage.mkdir()
     try:
         yield stage
-        for f in stage.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
+        _fsync_files(stage)
         old = path.parent / f".{path.name}.old-{os.getpid()}"
         if path.exists():
             os.replace(path, old)
@@ -95,6 +92,14 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+
+
+def _fsync_files(root: Path) -> None:
+    """fsync every file under ``root``."""
+    for f in root.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

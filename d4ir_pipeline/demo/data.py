@@ -171,21 +171,24 @@ def _crops(photo: Photo, scaled: dict[int, np.ndarray], n: int, size: int, seed:
     """Yield ``n`` content-bearing uint8 (size, size, 3) crops, each from its own RNG."""
     for i in range(n):
         rng = np.random.default_rng([seed, _SPLIT_CODE[split], p_idx, i, 0])
-        for _ in range(_MAX_TRIES):
-            img = scaled[int(rng.choice(photo.scales))]
-            if img.shape[0] < size or img.shape[1] < size:
-                continue
-            y = int(rng.integers(0, img.shape[0] - size + 1))
-            x = int(rng.integers(0, img.shape[1] - size + 1))
-            crop = img[y : y + size, x : x + size]
-            lum = (crop.astype(np.float64) / 255.0) @ _LUMA
-            if _MIN_MEAN <= lum.mean() <= _MAX_MEAN and lum.std() >= _MIN_STD:
-                if rng.random() < 0.5:
-                    crop = crop[:, ::-1]
-                yield i, np.ascontiguousarray(crop)
-                break
-        else:
+        crop = next((c for _ in range(_MAX_TRIES) if (c := _try_crop(photo, scaled, size, rng)) is not None), None)
+        if crop is None:
             raise RuntimeError(f"photo {photo.name!r}: no crop of {size}px with content after {_MAX_TRIES} tries")
+        yield i, crop
+
+
+def _try_crop(photo: Photo, scaled: dict[int, np.ndarray], size: int, rng: np.random.Generator) -> np.ndarray | None:
+    """One random (maybe mirrored) crop at a random scale, or None if it is too flat, dark or bright."""
+    img = scaled[int(rng.choice(photo.scales))]
+    if img.shape[0] < size or img.shape[1] < size:
+        return None
+    y = int(rng.integers(0, img.shape[0] - size + 1))
+    x = int(rng.integers(0, img.shape[1] - size + 1))
+    crop = img[y : y + size, x : x + size]
+    lum = (crop.astype(np.float64) / 255.0) @ _LUMA
+    if not (_MIN_MEAN <= lum.mean() <= _MAX_MEAN and lum.std() >= _MIN_STD):
+        return None
+    return np.ascontiguousarray(crop[:, ::-1] if rng.random() < 0.5 else crop)
 
 
 # --------------------------------------------------------------------------- weather

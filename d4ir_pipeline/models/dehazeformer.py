@@ -299,9 +299,9 @@ class DehazeFormer(nn.Module):
         depth = sum(depths)
         for m in self.modules():
             if isinstance(m, Mlp | Attention):
-                for conv in m.modules():
-                    if isinstance(conv, nn.Conv2d):
-                        _init_conv(conv, depth, is_qk=isinstance(m, Attention) and conv is getattr(m, "QK", None))
+                qk = getattr(m, "QK", None) if isinstance(m, Attention) else None
+                for conv in (c for c in m.modules() if isinstance(c, nn.Conv2d)):
+                    _init_conv(conv, depth, is_qk=conv is qk)
 
     def forward(self, inp: Tensor) -> Tensor:
         x, size = pad_to_multiple(inp, self.multiple)  # (B, 3, H4, W4), values in [-1, 1]

@@ -17,9 +17,9 @@ import os
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, BinaryIO, NoReturn
 
 from d4ir_pipeline.common.io import atomic_write_json, fsync_dir, read_json, sha256_file
 from d4ir_pipeline.errors import D4IRError
@@ -60,14 +60,7 @@ def _write_tar(path: Path, samples: Iterable[Sample]) -> tuple[int, str]:
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                for key, files in samples:
-                    for ext, data in files:
-                        info = tarfile.TarInfo(f"{key}.{ext}")
-                        info.size, info.mtime, info.mode = len(data), 0, 0o644
-                        info.uid = info.gid = 0
-                        info.uname = info.gname = ""
-                        tar.addfile(info, io.BytesIO(data))
+            _write_members(f, samples)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -76,6 +69,23 @@ def _write_tar(path: Path, samples: Iterable[Sample]) -> tuple[int, str]:
         raise
     fsync_dir(path.parent)
     return path.stat().st_size, sha256_file(path)
+
+
+def _write_members(f: BinaryIO, samples: Iterable[Sample]) -> None:
+    """The samples as a PAX tar into ``f``, each sample's files adjacent and in the given order."""
+    with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for key, files in samples:
+            for ext, data in files:
+                tar.addfile(_member(f"{key}.{ext}", len(data)), io.BytesIO(data))
+
+
+def _member(name: str, size: int) -> tarfile.TarInfo:
+    """A reproducible member header: mtime 0, mode 0644, uid/gid 0, no owner names."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
 
 
 def _check_sample(key: str, files: list[tuple[str, bytes]]) -> None:
@@ -280,11 +290,8 @@ class ShardSetWriter:
                 if i in recorded
             }
             for i, cands in checks.items():
-                for raw, info, fut in cands:
-                    if (problem := fut.result()) is None:
-                        entries[i] = raw
-                        break
-                    logger.warning("recorded shard %s fails verification (%s): redoing it", info.name, problem)
+                if (raw := _first_verified(cands)) is not None:
+                    entries[i] = raw
         return entries
 
     # -- write --------------------------------------------------------------------------
@@ -439,3 +446,12 @@ def all_ranks_done(out: Path, world: int, chash: str) -> bool:
         if not doc.get("done") or doc.get("config_hash") != chash or doc.get("world_size") != world:
             return False
     return True
+
+
+def _first_verified(cands: list[tuple[dict, ShardInfo, Future]]) -> dict | None:
+    """The first candidate whose file check found no problem; a warning for each one before it."""
+    for raw, info, fut in cands:
+        if (problem := fut.result()) is None:
+            return raw
+        logger.warning("recorded shard %s fails verification (%s): redoing it", info.name, problem)
+    return None

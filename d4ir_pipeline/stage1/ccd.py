@@ -235,13 +235,13 @@ class CCD:
             retry = []
             for item, (img, failure) in zip(pending, results, strict=True):
                 seed = item.seeds[attempt]
-                if failure is None or attempt + 1 >= len(item.seeds):
-                    done[item.key] = CCDOutput(item.key, img, seed, attempt, failure)
-                    if failure is not None:
-                        logger.warning("sample %s dropped after %d attempts: %s", item.key, attempt + 1, failure)
-                else:
+                if failure is not None and attempt + 1 < len(item.seeds):
                     logger.info("sample %s: %s with seed %d; retrying with another seed", item.key, failure, seed)
                     retry.append(item)
+                    continue
+                done[item.key] = CCDOutput(item.key, img, seed, attempt, failure)
+                if failure is not None:
+                    logger.warning("sample %s dropped after %d attempts: %s", item.key, attempt + 1, failure)
             pending, attempt = retry, attempt + 1
         return [done[item.key] for item in inputs]
 
