@@ -223,16 +223,20 @@ def _check_keys(cls: type, data: dict, file: str, prefix: str = "") -> None:
             below = list(value) if isinstance(value, dict) else []
             raise _unknown(prefix + key, [prefix + k for k in fields], file, below)
         section, table = hints[key] if dataclasses.is_dataclass(hints[key]) else None, _section_table(hints[key])
-        if section or table:
-            if not isinstance(value, dict):
-                raise ConfigError(f"{file}: `{prefix}{key}` = {value!r}: expected a table [{prefix}{key}]")
+        if (section or table) and not isinstance(value, dict):
+            raise ConfigError(f"{file}: `{prefix}{key}` = {value!r}: expected a table [{prefix}{key}]")
         if section:
             _check_keys(section, value, file, f"{prefix}{key}.")
         elif table:
-            for name, sub in value.items():
-                if not isinstance(sub, dict):
-                    raise ConfigError(f"{file}: `{prefix}{key}.{name}` = {sub!r}: expected a table")
-                _check_keys(table, sub, file, f"{prefix}{key}.{name}.")
+            _check_table(table, value, file, f"{prefix}{key}.")
+
+
+def _check_table(table: type, value: dict, file: str, prefix: str) -> None:
+    """Each entry of a table of sections (``prefix`` + its name) must be a table of ``table``'s keys."""
+    for name, sub in value.items():
+        if not isinstance(sub, dict):
+            raise ConfigError(f"{file}: `{prefix}{name}` = {sub!r}: expected a table")
+        _check_keys(table, sub, file, f"{prefix}{name}.")
 
 
 def _merge(cls: type, base: dict, top: dict, origins: dict[str, str], file: str, prefix: str = "") -> dict:
@@ -314,27 +318,37 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def _apply_override(data: dict, path: list[str], value: Any, cls: type, origin: str) -> None:
+def _apply_override(data: dict, path: list[str], value: Any, cls: type, origin: str, prefix: str = "") -> None:
+    """Set ``path`` (relative to ``prefix``, a section of class ``cls``) to ``value``, checked as a file's key."""
     node, node_cls = data, cls
     for i, part in enumerate(path):
         fields = {f.name: f for f in dataclasses.fields(node_cls)}
+        where = prefix + "".join(p + "." for p in path[:i])
         if part not in fields:
-            prefix = "".join(p + "." for p in path[:i])
             below = [".".join(path[i + 1 :])] if i + 1 < len(path) else []
-            raise _unknown(prefix + part, [prefix + k for k in fields], origin, below)
-        if i == len(path) - 1:
+            raise _unknown(where + part, [where + k for k in fields], origin, below)
+        if i == len(path) - 1:  # a section or table given whole (an inline table) is checked like a file's
+            _check_keys(node_cls, {part: value}, origin, where)
             node[part] = value
             return
         tp = typing.get_type_hints(node_cls)[part]
-        table = _section_table(tp)
-        if table is not None and i + 2 < len(path):  # section.table.NAME.key = value
-            node = node.setdefault(part, {}).setdefault(path[i + 1], {})
-            _apply_override(node, path[i + 2 :], value, table, origin)
+        if (table := _section_table(tp)) is not None:  # section.table.NAME[.key] = value
+            _override_entry(node.setdefault(part, {}), path[i + 1 :], value, table, origin, f"{where}{part}.")
             return
         if not dataclasses.is_dataclass(tp):
-            raise ConfigError(f"{origin}: `{'.'.join(path[: i + 1])}` is a value, not a section")
+            raise ConfigError(f"{origin}: `{where}{part}` is a value, not a section")
         node = node.setdefault(part, {})
         node_cls = tp
+
+
+def _override_entry(entries: dict, path: list[str], value: Any, table: type, origin: str, prefix: str) -> None:
+    """An override inside a table of sections: ``path`` = [NAME] (the entry whole) or [NAME, key, ...]."""
+    name, rest = path[0], path[1:]
+    if not rest:
+        _check_table(table, {name: value}, origin, prefix)
+        entries[name] = value
+        return
+    _apply_override(entries.setdefault(name, {}), rest, value, table, origin, f"{prefix}{name}.")
 
 
 def _read_toml(path: Path) -> dict:

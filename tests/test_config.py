@@ -218,6 +218,29 @@ def test_a_table_of_named_sections_is_typed_merged_and_overridable(tmp_path):
     assert load_config(WithTable, None) == WithTable()
 
 
+def test_an_override_is_checked_like_the_same_key_in_a_file(tmp_path):
+    """`--set` of a key inside a table entry, of an entry or of a section given whole: the file's checks
+    and messages (it named `tiel` without its table, let `train={stesp=7}` through silently, and
+    crashed on `by_weather=3`)."""
+    p = write(tmp_path, '[by_weather]\nrain = {checkpoint = "/r.pth"}\n')
+    with pytest.raises(ConfigError, match=r"--set by_weather.rain.tiel=1: unknown key `by_weather\.rain\.tiel`\. Did"):
+        load_config(WithTable, p, ["by_weather.rain.tiel=1"])
+    with pytest.raises(ConfigError, match=r"--set by_weather=3: `by_weather` = 3: expected a table"):
+        load_config(WithTable, p, ["by_weather=3"])
+    with pytest.raises(ConfigError, match=r"`by_weather\.haze` = 3: expected a table"):
+        load_config(WithTable, p, ["by_weather.haze=3"])
+    with pytest.raises(ConfigError, match=r"unknown key `by_weather\.haze\.bogus`"):
+        load_config(WithTable, p, ["by_weather.haze={bogus = 1}"])
+    cfg = load_config(WithTable, p, ["by_weather.haze={tile = 8}"])
+    assert cfg.by_weather == {"rain": Spec("/r.pth", 0), "haze": Spec("", 8)}
+    p = write(tmp_path, "")
+    with pytest.raises(ConfigError, match=r"--set train=3: `train` = 3: expected a table \[train\]"):
+        load_config(Cfg, p, ["train=3"])
+    with pytest.raises(ConfigError, match=r"unknown key `train\.stesp`\. Did you mean `train\.steps`"):
+        load_config(Cfg, p, ["train={stesp = 7}"])
+    assert load_config(Cfg, p, ["train={steps = 7}"]).train.steps == 7
+
+
 def test_an_explicit_file_may_name_a_profile_without_a_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("D4IR_STAGES", str(tmp_path / "stages"))
     p = write(tmp_path, "seed = 4\n")
