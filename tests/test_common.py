@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+
 import pytest
 
 from d4ir_pipeline.common.io import atomic_dir
@@ -23,6 +28,28 @@ def test_atomic_dir_swaps_in_a_complete_folder_and_keeps_the_old_one_on_failure(
         (stage / "b.txt").write_text("three")
     assert sorted(p.name for p in out.iterdir()) == ["b.txt"]  # replaced, not merged
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bank"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the liveness probe is POSIX-only")
+def test_atomic_dir_removes_what_a_killed_build_of_the_same_folder_left(tmp_path):
+    """A SIGKILLed build leaves its staging folder; the next build of that folder removes it, but never
+    one whose process still runs, one of another host (a shared file system) or another folder's."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    left = {
+        "dead": tmp_path / f".out.tmp-{host}-{dead.pid}",
+        "running": tmp_path / f".out.tmp-{host}-{os.getppid()}",
+        "other host": tmp_path / f".out.tmp-{host}x-{dead.pid}",
+        "other folder": tmp_path / f".out2.tmp-{host}-{dead.pid}",
+    }
+    for stage in left.values():
+        (stage / "partial").mkdir(parents=True)
+    with atomic_dir(tmp_path / "out") as stage:
+        (stage / "a.txt").write_text("done")
+    assert not left["dead"].exists()
+    assert all(left[k].is_dir() for k in ("running", "other host", "other folder"))
+    assert (tmp_path / "out" / "a.txt").read_text() == "done"
 
 
 def test_the_one_psnr_agrees_across_numpy_torch_ranges_and_caps():

@@ -7,10 +7,12 @@ rename), so a crash leaves either the old file or the new one, never half of one
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -73,16 +75,18 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Build a folder in a hidden staging folder beside ``path``; swap it into place only on success.
 
     A crash (or an exception in the block) leaves the old ``path`` untouched and removes the
-    staging folder; the old folder is replaced by two renames, then deleted.
+    staging folder; the old folder is replaced by two renames, then deleted. Staging folders
+    of ``path`` that a killed process of this host left behind are removed first.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    stage = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    _remove_stale_stages(path)
+    stage = path.parent / f"{_stage_prefix(path)}{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
     try:
         yield stage
-        _fsync_files(stage)
+        fsync_tree(stage)
         old = path.parent / f".{path.name}.old-{os.getpid()}"
         if path.exists():
             os.replace(path, old)
@@ -94,12 +98,42 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def _fsync_files(root: Path) -> None:
-    """fsync every file under ``root``."""
-    for f in root.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+def _stage_prefix(path: Path) -> str:
+    """``.NAME.tmp-HOST-``: the host keeps processes of other machines (a shared file system) apart."""
+    return f".{path.name}.tmp-{socket.gethostname()}-"
+
+
+def _remove_stale_stages(path: Path) -> None:
+    """Remove the staging folders of ``path`` whose process (on this host) no longer runs."""
+    if os.name != "posix":  # os.kill(pid, 0) is a liveness probe on POSIX only
+        return
+    prefix = _stage_prefix(path)
+    for stage in path.parent.glob(glob.escape(prefix) + "*"):
+        pid = stage.name[len(prefix) :]
+        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: it runs, as another user
+        return True
+    return True
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """fsync every file and folder under ``folder``, then ``folder`` itself (before renaming it into place)."""
+    folder = Path(folder)
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    for sub in sorted(p for p in folder.rglob("*") if p.is_dir()):
+        fsync_dir(sub)
+    fsync_dir(folder)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

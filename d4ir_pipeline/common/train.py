@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from d4ir_pipeline.common.io import atomic_write_json, fsync_dir, read_json, trim_jsonl
+from d4ir_pipeline.common.io import atomic_write_json, fsync_dir, fsync_tree, read_json, trim_jsonl
 from d4ir_pipeline.errors import D4IRError
 
 # ---------------------------------------------------------------------------------------
@@ -187,7 +187,7 @@ class CheckpointDir:
         if write is not None:
             write(tmp)
         torch.save({**state, "step": step}, tmp / STATE_NAME)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         fsync_dir(self.root)
@@ -208,16 +208,6 @@ class CheckpointDir:
     def clear(self) -> None:
         """Delete every checkpoint (a finished run keeps its final outputs instead)."""
         shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    for sub in sorted(p for p in folder.rglob("*") if p.is_dir()):
-        fsync_dir(sub)
-    fsync_dir(folder)
 
 
 # ---------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -35,7 +34,7 @@ import numpy as np
 from scipy import ndimage
 
 from d4ir_pipeline.common.images import encode_png
-from d4ir_pipeline.common.io import atomic_write_json, atomic_write_jsonl, read_json, sha256_bytes
+from d4ir_pipeline.common.io import atomic_dir, atomic_write_json, atomic_write_jsonl, read_json, sha256_bytes
 from d4ir_pipeline.data.manifests import ImageRecord, ManifestError, load_manifest, verify_manifest, write_manifest
 from d4ir_pipeline.errors import D4IRError
 
@@ -540,11 +539,8 @@ def build_demo_data(
                 f"--out {str(out)!r} exists, is not empty and holds no demo_data.json: it is not a demo-data "
                 "folder; choose another --out or remove it"
             )
-        # 2. generate into a staging folder
-        out.parent.mkdir(parents=True, exist_ok=True)
-        stage = out.parent / f".{out.name}.tmp-{os.getpid()}"
-        shutil.rmtree(stage, ignore_errors=True)
-        try:
+        # 2. generate into a staging folder, swapped into place when complete
+        with atomic_dir(out) as stage:
             wr = _generate(stage, seed)
             records = wr.records
             # 3. manifests, parameters, then the completion marker (written last)
@@ -564,15 +560,6 @@ def build_demo_data(
                     "test_crop": TEST_CROP,
                 },
             )
-            # 4. swap into place
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            if out.exists():
-                os.replace(out, old)
-            os.replace(stage, out)
-            shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(stage, ignore_errors=True)
-            raise
     result = _summarise(out, seed, records)
     result.reused = reused
     # 5. copies of the manifests (e.g. the committed data_manifests/demo)

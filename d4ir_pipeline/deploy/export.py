@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
-import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -34,7 +32,7 @@ import numpy as np
 import torch
 
 from d4ir_pipeline.common.images import decode_rgb
-from d4ir_pipeline.common.io import atomic_write_json, atomic_write_text, read_json, sha256_file
+from d4ir_pipeline.common.io import atomic_dir, atomic_write_json, atomic_write_text, read_json, sha256_file
 from d4ir_pipeline.common.runtime import package_versions, torch_threads
 from d4ir_pipeline.config import opt
 from d4ir_pipeline.deploy.budget import activation_bytes_per_pixel
@@ -80,7 +78,7 @@ class CalibConfig:
 class ExportConfig:
     """`d4ir export`: what to export, where, and how it is verified."""
 
-    out: str = opt("", help="export folder (built as .<name>.tmp beside it and renamed when verified)")
+    out: str = opt("", help="export folder (built in a hidden folder beside it, renamed when verified)")
     model: ModelConfig = field(default_factory=ModelConfig)
     opset: int = opt(18, help="ONNX opset (>= 17: LayerNormalization)", min=17)
     multiple: int = opt(0, help="side multiple the model pads to; 0 = the model's `multiple` attribute", min=0)
@@ -437,8 +435,7 @@ def _export(cfg: ExportConfig) -> ExportResult:
     # 3. export-friendly copy: swapped modules must be equivalent
     graph, replaced, swap_diff = _export_ready_graph(model, multiple, cfg.tolerance)
     # 4. torch.export (dynamic batch / height / width), then ONNX from the same program
-    tmp = _fresh_tmp(out)
-    try:
+    with atomic_dir(out) as tmp:  # a staging folder, renamed to `out` only once all is written
         lap = _Laps()
         ep, example, min_side = _export_program(graph, multiple, cfg.max_side)
         lap("torch_export")
@@ -489,10 +486,8 @@ def _export(cfg: ExportConfig) -> ExportResult:
         }  # fmt: skip
         atomic_write_json(tmp / "export.json", info)
         atomic_write_text(tmp / "README.md", render_card(info))
-        _publish(tmp, out, cfg.overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if out.exists() and not cfg.overwrite:
+            raise ExportError(f"`out` = {str(out)!r} appeared while exporting; not replacing it")
     seconds = time.perf_counter() - t_start
     logger.info("export -> %s (%.1f s)", out, seconds)
     return ExportResult(
@@ -518,15 +513,6 @@ class _Laps:
     def __call__(self, name: str) -> None:
         self.seconds[name] = round(time.perf_counter() - self.t, 2)
         self.t = time.perf_counter()
-
-
-def _fresh_tmp(out: Path) -> Path:
-    """The empty staging folder next to ``out`` (what a crashed earlier export of it left is removed)."""
-    tmp = out.with_name(f".{out.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
 
 
 def _check_request(cfg: ExportConfig) -> tuple[list[tuple[int, int]], Path]:
@@ -707,18 +693,6 @@ def _int8(cfg: ExportConfig, meta: dict, model_dir: Path | None, src: Path, dst:
         "psnr_db_min": _finite(min(psnrs)) if psnrs else None,
         "psnr_images": eval_source,
     }
-
-
-def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename the finished tmp folder to ``out`` (an old export is moved aside first, then removed)."""
-    old = out.with_name(f".{out.name}.old")
-    if out.exists():
-        if not overwrite:
-            raise ExportError(f"`out` = {str(out)!r} appeared while exporting; not replacing it")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------
