@@ -38,6 +38,7 @@ import numpy as np
 
 from d4ir_pipeline.common.images import psnr
 from d4ir_pipeline.common.io import (
+    atomic_dir,
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
@@ -865,40 +866,38 @@ def build_demo_sd(cfg: DemoSDConfig, *, overwrite: bool = False, progress: bool 
     contexts = text_contexts(text_encoder, tokenizer)
     train_unet(unet, scheduler, (mean * scaling, std * scaling, label), contexts, cfg, work, progress=progress)
 
-    # 5. write the diffusers folder (built in out.tmp, then renamed)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(base, tmp)
-    vae.save_pretrained(tmp / "vae")
-    unet.save_pretrained(tmp / "unet")
-    (tmp / "d4ir_tiny_sd.json").unlink(missing_ok=True)
-    if (work / "metrics.jsonl").is_file():
-        shutil.copyfile(work / "metrics.jsonl", tmp / "metrics.jsonl")
+    # 5. write the diffusers folder (built in a staging folder, then renamed)
+    with atomic_dir(out) as tmp:  # a staging folder beside `out`, renamed into place when complete
+        shutil.copytree(base, tmp, dirs_exist_ok=True)
+        vae.save_pretrained(tmp / "vae")
+        unet.save_pretrained(tmp / "unet")
+        (tmp / "d4ir_tiny_sd.json").unlink(missing_ok=True)
+        if (work / "metrics.jsonl").is_file():
+            shutil.copyfile(work / "metrics.jsonl", tmp / "metrics.jsonl")
 
-    # 6. measure on web images and record
-    measured = _measure_folder(tmp, images, weathers, cfg)
-    info = {
-        "kind": "d4ir-demo-sd",
-        "captions": CAPTIONS,
-        "config": config_to_dict(cfg),
-        "scaling_factor": scaling,
-        "latent_std_unscaled": lat_std,
-        "latent_mean_unscaled": lat_mean,
-        "data": {
-            "images": len(images),
-            "per_weather": {w: weathers.count(w) for w in CAPTIONS},
-            "splits": list(WEB_SPLITS),
-        },
-        "measured": measured,
-        "measured_on": "web-clean images (training data), 64 px, 20 DDIM steps, guidance 3, caption 'a photo'",
-        "versions": package_versions(),
-        "train_seconds": round(time.time() - t0, 1),
-    }
-    atomic_write_json(tmp / "d4ir_demo_sd.json", info)
-    atomic_write_text(tmp / "README.md", README.format(captions=", ".join(f"{k}: {v!r}" for k, v in CAPTIONS.items())))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+        # 6. measure on web images and record
+        measured = _measure_folder(tmp, images, weathers, cfg)
+        info = {
+            "kind": "d4ir-demo-sd",
+            "captions": CAPTIONS,
+            "config": config_to_dict(cfg),
+            "scaling_factor": scaling,
+            "latent_std_unscaled": lat_std,
+            "latent_mean_unscaled": lat_mean,
+            "data": {
+                "images": len(images),
+                "per_weather": {w: weathers.count(w) for w in CAPTIONS},
+                "splits": list(WEB_SPLITS),
+            },
+            "measured": measured,
+            "measured_on": "web-clean images (training data), 64 px, 20 DDIM steps, guidance 3, caption 'a photo'",
+            "versions": package_versions(),
+            "train_seconds": round(time.time() - t0, 1),
+        }
+        atomic_write_json(tmp / "d4ir_demo_sd.json", info)
+        atomic_write_text(
+            tmp / "README.md", README.format(captions=", ".join(f"{k}: {v!r}" for k, v in CAPTIONS.items()))
+        )
     logger.info("demo SD written to %s: vae %.2f dB, img2img %s", out, measured["vae_psnr"], measured["img2img_psnr"])
     return DemoSDResult(out, scaling, measured["vae_psnr"], measured["img2img_psnr"], time.time() - t0)
 

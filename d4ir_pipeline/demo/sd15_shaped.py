@@ -21,12 +21,11 @@ import gzip
 import importlib.util
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import click
 
-from d4ir_pipeline.common.io import atomic_write_json, atomic_write_text
+from d4ir_pipeline.common.io import atomic_dir, atomic_write_json, atomic_write_text
 from d4ir_pipeline.errors import D4IRError
 
 logger = logging.getLogger(__name__)
@@ -250,7 +249,10 @@ def write_clip_tokenizer(out: str | Path, bpe_path: str | Path | None = None) ->
 
 
 # ------------------------------------------------------------------ models
-def build_sd15_modules(device: str = "meta", names: tuple[str, ...] = ("unet", "vae", "text_encoder", "image_encoder")):
+MODEL_NAMES = ("unet", "vae", "text_encoder", "image_encoder")
+
+
+def build_sd15_modules(device: str = "meta", names: tuple[str, ...] = MODEL_NAMES):
     """SD 1.5's UNet, VAE and text encoder and CLIP ViT-L/14's vision tower from the configs above.
 
     On ``device='meta'`` nothing is allocated (parameter counts in milliseconds); on 'cpu' the
@@ -313,6 +315,26 @@ def _model_index() -> dict:
     }
 
 
+def _write_model(folder: Path, name: str, i: int, seed: int, dtype: str, weights: bool) -> int:
+    """Build model ``name`` (seed ``seed + i``, cast to ``dtype``) and save it, or only its config
+    (``weights=False``, built on the meta device); returns its parameter count."""
+    import torch
+
+    if weights:
+        torch.manual_seed(seed + i)
+        module = build_sd15_modules("cpu", (name,))[name].to(getattr(torch, dtype))
+        count = sum(p.numel() for p in module.parameters())
+        module.save_pretrained(folder / name)
+        logger.info("%s: %.1fM parameters, %s", name, count / 1e6, dtype)
+        return count
+    module = build_sd15_modules("meta", (name,))[name]
+    if hasattr(module, "save_config"):
+        module.save_config(folder / name)
+    else:
+        module.config.save_pretrained(folder / name)
+    return sum(p.numel() for p in module.parameters())
+
+
 def write_sd15_shaped(
     out: str | Path,
     *,
@@ -321,13 +343,12 @@ def write_sd15_shaped(
     weights: bool = True,
     overwrite: bool = False,
 ) -> Path:
-    """Write the SD 1.5-shaped folder to ``out`` (built in ``out.tmp``, then renamed).
+    """Write the SD 1.5-shaped folder to ``out`` (built in a staging folder beside it, then renamed).
 
     ``weights=False`` writes the configs, tokenizer and index only (for tests of config
     resolution; diffusers cannot load such a folder).
     """
     import diffusers
-    import torch
 
     # 1. check inputs
     if dtype not in ("float16", "float32"):
@@ -340,51 +361,30 @@ def write_sd15_shaped(
     if out.exists() and not marker.is_file() and any(out.iterdir()):
         raise SD15ShapedError(f"{out} exists and is not an sd15-shaped folder: refusing to replace it")
     bpe = clip_bpe_path()
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with atomic_dir(out) as tmp:  # a staging folder beside `out`, renamed into place when complete
+        # 2. tokenizer, scheduler, preprocessors (small files)
+        write_clip_tokenizer(tmp / "tokenizer", bpe)
+        # the published file as is: it carries DDIM's keys too (clip_sample), which PNDM's constructor
+        # refuses but from_config ignores, and which a swap to DDIMScheduler keeps
+        (tmp / "scheduler").mkdir()
+        atomic_write_json(
+            tmp / "scheduler" / "scheduler_config.json",
+            {"_class_name": "PNDMScheduler", "_diffusers_version": diffusers.__version__, **SD15_SCHEDULER},
+        )
+        for sub in ("feature_extractor", "image_encoder"):
+            (tmp / sub).mkdir(exist_ok=True)
+            atomic_write_json(tmp / sub / "preprocessor_config.json", CLIP_IMAGE_PROCESSOR)
 
-    # 2. tokenizer, scheduler, preprocessors (small files)
-    write_clip_tokenizer(tmp / "tokenizer", bpe)
-    # the published file as is: it carries DDIM's keys too (clip_sample), which PNDM's constructor
-    # refuses but from_config ignores, and which a swap to DDIMScheduler keeps
-    (tmp / "scheduler").mkdir()
-    atomic_write_json(
-        tmp / "scheduler" / "scheduler_config.json",
-        {"_class_name": "PNDMScheduler", "_diffusers_version": diffusers.__version__, **SD15_SCHEDULER},
-    )
-    for sub in ("feature_extractor", "image_encoder"):
-        (tmp / sub).mkdir(exist_ok=True)
-        atomic_write_json(tmp / sub / "preprocessor_config.json", CLIP_IMAGE_PROCESSOR)
+        # 3. one model at a time: build (random, seeded), cast, save, free
+        counts = {name: _write_model(tmp, name, i, seed, dtype, weights) for i, name in enumerate(MODEL_NAMES)}
 
-    # 3. one model at a time: build (random, seeded), cast, save, free
-    counts = {}
-    for i, name in enumerate(("unet", "vae", "text_encoder", "image_encoder")):
-        if weights:
-            torch.manual_seed(seed + i)
-            module = build_sd15_modules("cpu", (name,))[name].to(getattr(torch, dtype))
-            counts[name] = sum(p.numel() for p in module.parameters())
-            module.save_pretrained(tmp / name)
-            logger.info("%s: %.1fM parameters, %s", name, counts[name] / 1e6, dtype)
-        else:
-            module = build_sd15_modules("meta", (name,))[name]
-            counts[name] = sum(p.numel() for p in module.parameters())
-            if hasattr(module, "save_config"):
-                module.save_config(tmp / name)
-            else:
-                module.config.save_pretrained(tmp / name)
-        del module
-
-    # 4. index, readme, marker (last: the marker says the folder is complete)
-    atomic_write_json(tmp / "model_index.json", _model_index())
-    atomic_write_text(tmp / "README.md", README)
-    atomic_write_json(
-        tmp / "d4ir_sd15_shaped.json",
-        {"seed": seed, "dtype": dtype, "weights": weights, "parameters": counts, "tokenizer_source": BPE_FILE},
-    )
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+        # 4. index, readme, marker (last: the marker says the folder is complete)
+        atomic_write_json(tmp / "model_index.json", _model_index())
+        atomic_write_text(tmp / "README.md", README)
+        atomic_write_json(
+            tmp / "d4ir_sd15_shaped.json",
+            {"seed": seed, "dtype": dtype, "weights": weights, "parameters": counts, "tokenizer_source": BPE_FILE},
+        )
     logger.info("wrote SD 1.5-shaped random model to %s: its images are meaningless", out)
     return out
 

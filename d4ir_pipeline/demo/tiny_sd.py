@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
-from d4ir_pipeline.common.io import atomic_write_json, atomic_write_text
+from d4ir_pipeline.common.io import atomic_dir, atomic_write_json, atomic_write_text
 from d4ir_pipeline.demo.sd15_shaped import bytes_to_unicode
 
 logger = logging.getLogger(__name__)
@@ -63,7 +62,7 @@ def _byte_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 
 def write_tiny_sd(out: str | Path, spec: TinySDSpec = TinySDSpec(), *, overwrite: bool = False) -> Path:
-    """Write the tiny SD folder to ``out`` (built in ``out.tmp``, then renamed)."""
+    """Write the tiny SD folder to ``out`` (built in a staging folder beside it, then renamed)."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -72,90 +71,84 @@ def write_tiny_sd(out: str | Path, spec: TinySDSpec = TinySDSpec(), *, overwrite
     if (out / "model_index.json").is_file() and not overwrite:
         logger.info("tiny SD already at %s (use --overwrite to rebuild)", out)
         return out
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with atomic_dir(out) as tmp:  # a staging folder beside `out`, renamed into place when complete
+        torch.manual_seed(spec.seed)
+        vocab, merges = _byte_vocab()
+        tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+        tokenizer.save_pretrained(tmp / "tokenizer")
 
-    torch.manual_seed(spec.seed)
-    vocab, merges = _byte_vocab()
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-    tokenizer.save_pretrained(tmp / "tokenizer")
+        text_config = CLIPTextConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            hidden_size=spec.hidden_size,
+            intermediate_size=2 * spec.hidden_size,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=len(vocab),
+            max_position_embeddings=77,
+            projection_dim=spec.hidden_size,
+        )
+        CLIPTextModel(text_config).save_pretrained(tmp / "text_encoder")
 
-    text_config = CLIPTextConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        hidden_size=spec.hidden_size,
-        intermediate_size=2 * spec.hidden_size,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        vocab_size=len(vocab),
-        max_position_embeddings=77,
-        projection_dim=spec.hidden_size,
-    )
-    CLIPTextModel(text_config).save_pretrained(tmp / "text_encoder")
+        n = len(spec.block_out_channels)
+        unet = UNet2DConditionModel(
+            sample_size=spec.sample_size,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=spec.block_out_channels,
+            layers_per_block=1,
+            down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+            up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+            cross_attention_dim=spec.hidden_size,
+            attention_head_dim=8,
+            norm_num_groups=min(32, spec.block_out_channels[0]),
+        )
+        unet.save_pretrained(tmp / "unet")
 
-    n = len(spec.block_out_channels)
-    unet = UNet2DConditionModel(
-        sample_size=spec.sample_size,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=spec.block_out_channels,
-        layers_per_block=1,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
-        cross_attention_dim=spec.hidden_size,
-        attention_head_dim=8,
-        norm_num_groups=min(32, spec.block_out_channels[0]),
-    )
-    unet.save_pretrained(tmp / "unet")
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * len(spec.vae_channels),
+            up_block_types=("UpDecoderBlock2D",) * len(spec.vae_channels),
+            block_out_channels=spec.vae_channels,
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=min(32, spec.vae_channels[0]),
+            sample_size=spec.sample_size * 2 ** (len(spec.vae_channels) - 1),
+        )
+        vae.save_pretrained(tmp / "vae")
 
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * len(spec.vae_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(spec.vae_channels),
-        block_out_channels=spec.vae_channels,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=min(32, spec.vae_channels[0]),
-        sample_size=spec.sample_size * 2 ** (len(spec.vae_channels) - 1),
-    )
-    vae.save_pretrained(tmp / "vae")
+        # SD 1.x's noise schedule, with DDIM (deterministic for a given seed).
+        DDIMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        ).save_pretrained(tmp / "scheduler")
 
-    # SD 1.x's noise schedule, with DDIM (deterministic for a given seed).
-    DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    ).save_pretrained(tmp / "scheduler")
+        import diffusers
 
-    import diffusers
-
-    atomic_write_json(
-        tmp / "model_index.json",
-        {
-            "_class_name": "StableDiffusionImg2ImgPipeline",
-            "_diffusers_version": diffusers.__version__,
-            "feature_extractor": [None, None],
-            "image_encoder": [None, None],
-            "requires_safety_checker": False,
-            "safety_checker": [None, None],
-            "scheduler": ["diffusers", "DDIMScheduler"],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-        },
-    )
-    atomic_write_text(tmp / "README.md", README)
-    atomic_write_json(tmp / "d4ir_tiny_sd.json", {"spec": json.loads(json.dumps(spec.__dict__))})
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+        atomic_write_json(
+            tmp / "model_index.json",
+            {
+                "_class_name": "StableDiffusionImg2ImgPipeline",
+                "_diffusers_version": diffusers.__version__,
+                "feature_extractor": [None, None],
+                "image_encoder": [None, None],
+                "requires_safety_checker": False,
+                "safety_checker": [None, None],
+                "scheduler": ["diffusers", "DDIMScheduler"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+            },
+        )
+        atomic_write_text(tmp / "README.md", README)
+        atomic_write_json(tmp / "d4ir_tiny_sd.json", {"spec": json.loads(json.dumps(spec.__dict__))})
     logger.info("wrote tiny random SD (D=%d) to %s: its images are meaningless", spec.hidden_size, out)
     return out
 
