@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from d4ir_pipeline.common.images import image_grid, save_png, to_uint8
-from d4ir_pipeline.common.io import atomic_write_bytes, atomic_write_json, sha256_bytes
+from d4ir_pipeline.common.io import atomic_dir, atomic_write_bytes, atomic_write_json, sha256_bytes
 from d4ir_pipeline.common.train import CheckpointDir, MetricsLog, rng_state, set_rng_state, warmup_cosine
 from d4ir_pipeline.config import neutral_keys
 from d4ir_pipeline.errors import D4IRError
@@ -321,13 +320,9 @@ def _write_outputs(out: Path, g: _GAN, cfg: DFMCConfig, record: dict) -> Path:
     tiles = [arrs[i : i + ncol] for i in range(0, len(arrs), ncol)]
     save_png(out / "samples.png", image_grid(tiles, cell=cfg.patch))
     atomic_write_json(out / "dfmc.json", record)
-    student_dir, tmp = out / "student", out / "student.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(g.student.eval(), tmp, extra={"trained_by": "dfmc", "dfmc": asdict(cfg)})
-    if student_dir.exists():
-        shutil.rmtree(student_dir)
-    tmp.rename(student_dir)
-    return student_dir
+    with atomic_dir(out / "student") as tmp:
+        save_model(g.student.eval(), tmp, extra={"trained_by": "dfmc", "dfmc": asdict(cfg)})
+    return out / "student"
 
 
 def _save_generator(out: Path, gen: Generator, cfg: DFMCConfig) -> None:

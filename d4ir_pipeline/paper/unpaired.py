@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from d4ir_pipeline.common.images import image_grid, save_png, to_uint8
-from d4ir_pipeline.common.io import atomic_write_bytes, atomic_write_json, read_json, sha256_bytes
+from d4ir_pipeline.common.io import atomic_dir, atomic_write_bytes, atomic_write_json, read_json, sha256_bytes
 from d4ir_pipeline.common.train import CheckpointDir, MetricsLog, rng_state, set_rng_state, warmup_cosine
 from d4ir_pipeline.data.manifests import load_manifest, open_rgb
 from d4ir_pipeline.errors import D4IRError
@@ -461,11 +460,8 @@ def _finish(out: Path, n: _Nets, clean: ImageSet, classes: list[str], cfg: Unpai
     atomic_write_json(out / "degrader.json", {"spec": n.f.spec(), "classes": classes})
     _save_samples(out / "samples.png", n, clean, classes, cfg, device)
     atomic_write_json(out / "unpaired.json", meta)
-    tmp = out / "student.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(n.g, tmp, extra={"trained_by": "unpaired", "unpaired": asdict(cfg), "classes": classes})
-    shutil.rmtree(out / "student", ignore_errors=True)
-    tmp.rename(out / "student")
+    with atomic_dir(out / "student") as tmp:
+        save_model(n.g, tmp, extra={"trained_by": "unpaired", "unpaired": asdict(cfg), "classes": classes})
     CheckpointDir(out / "ckpt").clear()
     logger.info("unpaired: G written to %s", out / "student")
 
