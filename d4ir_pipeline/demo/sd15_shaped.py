@@ -297,17 +297,22 @@ def _build_image_encoder():
     return CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_L14_VISION))
 
 
-def _model_index() -> dict:
+def model_index(
+    pipeline: str = "StableDiffusionPipeline",
+    scheduler: str = "PNDMScheduler",
+    feature_extractor: tuple[str | None, str | None] = ("transformers", "CLIPImageProcessor"),
+) -> dict:
+    """A diffusers ``model_index.json`` for an SD 1.x folder (unet, vae, CLIP text encoder and tokenizer)."""
     import diffusers
 
     return {
-        "_class_name": "StableDiffusionPipeline",
+        "_class_name": pipeline,
         "_diffusers_version": diffusers.__version__,
-        "feature_extractor": ["transformers", "CLIPImageProcessor"],
-        "image_encoder": [None, None],  # the vision tower in image_encoder/ is for the DPA, not the pipeline
+        "feature_extractor": list(feature_extractor),
+        "image_encoder": [None, None],  # a vision tower in image_encoder/ is for the DPA, not the pipeline
         "requires_safety_checker": False,
         "safety_checker": [None, None],
-        "scheduler": ["diffusers", "PNDMScheduler"],
+        "scheduler": ["diffusers", scheduler],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"],
@@ -379,7 +384,7 @@ def write_sd15_shaped(
         counts = {name: _write_model(tmp, name, i, seed, dtype, weights) for i, name in enumerate(MODEL_NAMES)}
 
         # 4. index, readme, marker (last: the marker says the folder is complete)
-        atomic_write_json(tmp / "model_index.json", _model_index())
+        atomic_write_json(tmp / "model_index.json", model_index())
         atomic_write_text(tmp / "README.md", README)
         atomic_write_json(
             tmp / "d4ir_sd15_shaped.json",

@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from d4ir_pipeline.common.io import atomic_dir, atomic_write_json, atomic_write_text
-from d4ir_pipeline.demo.sd15_shaped import bytes_to_unicode
+from d4ir_pipeline.demo.sd15_shaped import bytes_to_unicode, model_index
 
 logger = logging.getLogger(__name__)
 
@@ -128,25 +128,8 @@ def write_tiny_sd(out: str | Path, spec: TinySDSpec = TinySDSpec(), *, overwrite
             set_alpha_to_one=False,
             steps_offset=1,
         ).save_pretrained(tmp / "scheduler")
-
-        import diffusers
-
-        atomic_write_json(
-            tmp / "model_index.json",
-            {
-                "_class_name": "StableDiffusionImg2ImgPipeline",
-                "_diffusers_version": diffusers.__version__,
-                "feature_extractor": [None, None],
-                "image_encoder": [None, None],
-                "requires_safety_checker": False,
-                "safety_checker": [None, None],
-                "scheduler": ["diffusers", "DDIMScheduler"],
-                "text_encoder": ["transformers", "CLIPTextModel"],
-                "tokenizer": ["transformers", "CLIPTokenizer"],
-                "unet": ["diffusers", "UNet2DConditionModel"],
-                "vae": ["diffusers", "AutoencoderKL"],
-            },
-        )
+        index = model_index("StableDiffusionImg2ImgPipeline", "DDIMScheduler", feature_extractor=(None, None))
+        atomic_write_json(tmp / "model_index.json", index)
         atomic_write_text(tmp / "README.md", README)
         atomic_write_json(tmp / "d4ir_tiny_sd.json", {"spec": json.loads(json.dumps(spec.__dict__))})
     logger.info("wrote tiny random SD (D=%d) to %s: its images are meaningless", spec.hidden_size, out)
