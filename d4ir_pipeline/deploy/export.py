@@ -80,7 +80,7 @@ class ExportConfig:
 
     out: str = opt("", help="export folder (built in a hidden folder beside it, renamed when verified)")
     model: ModelConfig = field(default_factory=ModelConfig)
-    opset: int = opt(18, help="ONNX opset (>= 17: LayerNormalization)", min=17)
+    opset: int = opt(18, help="ONNX opset (>= 17)", min=17)
     multiple: int = opt(0, help="side multiple the model pads to; 0 = the model's `multiple` attribute", min=0)
     verify_sizes: tuple[str, ...] = opt(
         ("64x64", "97x131", "256x192"), help="HxW sizes of the PyTorch-vs-export check (three, one with an odd side)"

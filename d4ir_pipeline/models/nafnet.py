@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .tiling import crop_to, pad_to_multiple
 
-__all__ = ["NAFNet", "NAFBlock", "LayerNorm2d"]
+__all__ = ["NAFNet", "NAFBlock", "LayerNorm2d", "layer_norm_2d"]
 
 
 def _in_place_ok() -> bool:
@@ -44,14 +44,19 @@ class LayerNorm2d(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        mu = x.mean(1, keepdim=True)
-        if _in_place_ok():
-            d = x - mu
-            d.div_((d.pow(2).mean(1, keepdim=True) + self.eps).sqrt())
-            return d.mul_(self.weight.view(1, -1, 1, 1)).add_(self.bias.view(1, -1, 1, 1))
-        var = (x - mu).pow(2).mean(1, keepdim=True)
-        y = (x - mu) / (var + self.eps).sqrt()
-        return self.weight.view(1, -1, 1, 1) * y + self.bias.view(1, -1, 1, 1)
+        if not _in_place_ok():
+            return layer_norm_2d(x, self.weight, self.bias, self.eps)
+        d = x - x.mean(1, keepdim=True)
+        d.div_((d.pow(2).mean(1, keepdim=True) + self.eps).sqrt())
+        return d.mul_(self.weight.view(1, -1, 1, 1)).add_(self.bias.view(1, -1, 1, 1))
+
+
+def layer_norm_2d(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """LayerNorm over the channels of (B, C, H, W), out of place (training, tracing and export)."""
+    mu = x.mean(1, keepdim=True)
+    var = (x - mu).pow(2).mean(1, keepdim=True)
+    y = (x - mu) / (var + eps).sqrt()
+    return weight.view(1, -1, 1, 1) * y + bias.view(1, -1, 1, 1)
 
 
 class SimpleGate(nn.Module):
