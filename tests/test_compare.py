@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -406,6 +407,14 @@ def test_two_seeds_mean_std_unsupervised_rows_and_a_third_seed_trains_only_it(en
 def test_seeds_must_be_distinct(env):
     with pytest.raises(compare_mod.D4IRError, match="distinct seeds"):
         compare(env, seeds=(1, 1))
+
+
+def test_runtime_threads_hold_for_the_call_only(env):
+    before = torch.get_num_threads()
+    two = dataclasses.replace(env, runtime=dataclasses.replace(env.runtime, threads=before + 1))
+    with pytest.raises(compare_mod.D4IRError, match="distinct seeds"):  # fails after the threads are set
+        compare(two, seeds=(1, 1))
+    assert torch.get_num_threads() == before  # the Python API leaves the caller's setting as it was
 
 
 def test_the_old_single_seed_key_names_its_new_list_form():

@@ -181,6 +181,15 @@ def test_build_writes_a_loadable_folder_and_checks_phase_configs(demo_data_root,
         D.build_demo_sd(cfg2, overwrite=True, progress=False)
 
 
+def test_build_demo_sd_restores_the_callers_thread_count(tmp_path):
+    before = torch.get_num_threads()
+    cfg = D.DemoSDConfig(data=str(tmp_path / "no-data"), out=str(tmp_path / "sd"), resolution=32, load_size=32,
+                         threads=before + 1)  # fmt: skip
+    with pytest.raises(D.DemoSDError, match="no manifest"):  # fails after the threads are set
+        D.build_demo_sd(cfg, progress=False)
+    assert torch.get_num_threads() == before
+
+
 def _test_targets(root, n=4):
     recs = load_manifest(root / "manifests" / "test-rain.jsonl")[::5][:n]
     arr = np.stack([D.square(open_rgb(root, r.target), 64) for r in recs])  # (n, 64, 64, 3)

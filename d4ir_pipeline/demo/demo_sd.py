@@ -45,7 +45,7 @@ from d4ir_pipeline.common.io import (
     read_json,
     read_jsonl,
 )
-from d4ir_pipeline.common.runtime import package_versions
+from d4ir_pipeline.common.runtime import package_versions, torch_threads
 from d4ir_pipeline.common.train import (
     CheckpointDir,
     MetricsLog,
@@ -827,7 +827,15 @@ def _measure_folder(folder: Path, images, weathers: list[str], cfg: DemoSDConfig
 
 
 def build_demo_sd(cfg: DemoSDConfig, *, overwrite: bool = False, progress: bool = True) -> DemoSDResult:
-    """Train the demo SD described by ``cfg`` and write it to ``cfg.out`` (resumable; see the module docstring)."""
+    """Train the demo SD described by ``cfg`` and write it to ``cfg.out`` (resumable; see the module docstring).
+
+    ``threads`` holds for the call; the caller's torch thread count is restored after it.
+    """
+    with torch_threads(cfg.threads):
+        return _build_demo_sd(cfg, overwrite, progress)
+
+
+def _build_demo_sd(cfg: DemoSDConfig, overwrite: bool, progress: bool) -> DemoSDResult:
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -837,8 +845,6 @@ def build_demo_sd(cfg: DemoSDConfig, *, overwrite: bool = False, progress: bool 
     if (out / "model_index.json").is_file() and not overwrite:
         return _existing(out)
     work = _work_dir(cfg, out)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
 
     # 1. the starting point: the tiny SD's configs and seeded weights (text encoder stays as is)
     base = write_tiny_sd(work / "init", TinySDSpec(sample_size=cfg.resolution // 2, seed=cfg.seed))

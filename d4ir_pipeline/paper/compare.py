@@ -64,7 +64,7 @@ import numpy as np
 from d4ir_pipeline.cli import stage_command
 from d4ir_pipeline.common.images import decode_rgb, image_grid, save_png
 from d4ir_pipeline.common.io import atomic_write_json, atomic_write_text, read_json, sha256_bytes, sha256_file
-from d4ir_pipeline.common.runtime import pick_device
+from d4ir_pipeline.common.runtime import pick_device, torch_threads
 from d4ir_pipeline.config import (
     config_hash,
     config_to_dict,
@@ -1036,12 +1036,16 @@ def _prior_row(ctx: _Ctx) -> RowResult:
 
 
 def compare(cfg: CompareConfig, quick: bool = False, seeds: tuple[int, ...] | None = None) -> CompareResult:
-    """Train and evaluate one student per input source and seed; write the table, JSON and figures."""
-    t_start = time.perf_counter()
-    if cfg.runtime.threads:
-        import torch
+    """Train and evaluate one student per input source and seed; write the table, JSON and figures.
 
-        torch.set_num_threads(cfg.runtime.threads)
+    ``runtime.threads`` holds for the call; the caller's torch thread count is restored after it.
+    """
+    with torch_threads(cfg.runtime.threads):
+        return _compare(cfg, quick, seeds)
+
+
+def _compare(cfg: CompareConfig, quick: bool, seeds: tuple[int, ...] | None) -> CompareResult:
+    t_start = time.perf_counter()
     # 1. the other stages' configs under this table's teacher, student and budget
     budget = cfg.quick if quick else cfg.budget
     budget = dataclasses.replace(budget, seeds=tuple(seeds)) if seeds is not None else budget
