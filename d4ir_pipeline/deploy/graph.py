@@ -101,7 +101,7 @@ class ChannelLayerNorm(nn.Module):
         return layer_norm_2d(x, self.weight, self.bias, self.eps)
 
 
-def _layer_norm_2d(module: nn.Module) -> nn.Module | None:
+def _channel_layer_norm(module: nn.Module) -> nn.Module | None:
     w, b, eps = getattr(module, "weight", None), getattr(module, "bias", None), getattr(module, "eps", None)
     ok = isinstance(w, Tensor) and isinstance(b, Tensor) and w.ndim == 1 and w.shape == b.shape
     return ChannelLayerNorm(w, b, eps) if ok and isinstance(eps, float) else None
@@ -162,7 +162,7 @@ def _split_gate_block(module: nn.Module) -> nn.Module | None:
 EXPORT_EQUIVALENTS: dict[str, Callable[[nn.Module], nn.Module | None]] = {
     # NAFNet's channel LayerNorm: the official one is a custom autograd.Function; plain ops every ONNX
     # consumer understands, and ONNX Runtime runs fastest (ChannelLayerNorm says why not LayerNormalization)
-    "LayerNorm2d": _layer_norm_2d,
+    "LayerNorm2d": _channel_layer_norm,
     # NAFNet's block: the Split of each gate keeps ONNX Runtime's convs out of its blocked layout
     "NAFBlock": _split_gate_block,
 }
