@@ -43,7 +43,13 @@ def _demote(markdown: str) -> str:
 
 def render_card(info: dict) -> str:
     """Markdown model card from an export's ``export.json`` content."""
-    m, src, ver = info["model"], info["source"], info["verification"]
+    lines = _architecture(info) + _distilled_from(info.get("distillation")) + _evaluation(info.get("evaluation"))
+    lines += _verification(info, info["verification"]) + _usage(info) + _files(info)
+    return "\n".join(lines)
+
+
+def _architecture(info: dict) -> list[str]:
+    m, src = info["model"], info["source"]
     spec = m["spec"]
     lines = [
         f"# `{spec['name']}` ({m['role']}), exported for deployment",
@@ -71,34 +77,39 @@ def render_card(info: dict) -> str:
         lines.append(
             f"| export-friendly swaps | {swaps}; max abs diff vs the original {info['replacement_max_abs_diff']:.1e} |"
         )
-    lines += ["", "## Distilled from", ""]
-    d = info.get("distillation")
-    if d:
-        t = d.get("teacher") or {}
-        tspec = t.get("spec") or {}
-        lines += [
-            "| | |",
-            "|---|---|",
-            f"| teacher | `{tspec.get('name')}` id `{t.get('id')}`, weights sha256 `{t.get('weights_sha256')}` "
-            f"(`{t.get('path')}`) |",
-            f"| shard set | shardset.json sha256 `{d.get('shardset_sha256')}`"
-            + (f" (`{d['shardset_path']}`)" if d.get("shardset_path") else "")
-            + " |",
-            f"| targets | {d.get('targets')} |",
-            f"| distillation config hash | `{d.get('config_hash')}` |",
-            f"| steps | {d.get('steps')} |",
-            f"| held-out PSNR vs teacher | {_num(d.get('val_psnr_vs_teacher'), '.2f')} dB |",
-        ]
-    else:
-        lines.append("No distillation record in model.json (a teacher, or a model trained elsewhere).")
-    lines += ["", "## Evaluation", ""]
-    ev = info.get("evaluation")
-    if ev:
-        lines += [f"From `{ev['path']}`:", "", _demote(ev["markdown"])]
-    else:
-        lines.append("No evaluation report of this model was found (run `d4ir evaluate`, or pass `eval_summary`).")
-    lines += _verification(info, ver)
-    lines += [
+    return lines
+
+
+def _distilled_from(d: dict | None) -> list[str]:
+    lines = ["", "## Distilled from", ""]
+    if not d:
+        return lines + ["No distillation record in model.json (a teacher, or a model trained elsewhere)."]
+    t = d.get("teacher") or {}
+    tspec = t.get("spec") or {}
+    return lines + [
+        "| | |",
+        "|---|---|",
+        f"| teacher | `{tspec.get('name')}` id `{t.get('id')}`, weights sha256 `{t.get('weights_sha256')}` "
+        f"(`{t.get('path')}`) |",
+        f"| shard set | shardset.json sha256 `{d.get('shardset_sha256')}`"
+        + (f" (`{d['shardset_path']}`)" if d.get("shardset_path") else "")
+        + " |",
+        f"| targets | {d.get('targets')} |",
+        f"| distillation config hash | `{d.get('config_hash')}` |",
+        f"| steps | {d.get('steps')} |",
+        f"| held-out PSNR vs teacher | {_num(d.get('val_psnr_vs_teacher'), '.2f')} dB |",
+    ]
+
+
+def _evaluation(ev: dict | None) -> list[str]:
+    lines = ["", "## Evaluation", ""]
+    if not ev:
+        return lines + ["No evaluation report of this model was found (run `d4ir evaluate`, or pass `eval_summary`)."]
+    return lines + [f"From `{ev['path']}`:", "", _demote(ev["markdown"])]
+
+
+def _usage(info: dict) -> list[str]:
+    lines = [
         "",
         "## Usage",
         "",
@@ -120,11 +131,14 @@ def render_card(info: dict) -> str:
             "A folder of images: `d4ir restore IN --model model.onnx --out OUT`.",
             "",
         ]
-    lines += ["## Files", "", "| file | bytes | sha256 |", "|---|---:|---|"]
+    return lines
+
+
+def _files(info: dict) -> list[str]:
+    lines = ["## Files", "", "| file | bytes | sha256 |", "|---|---:|---|"]
     lines += [f"| `{name}` | {f['bytes']} | `{f['sha256']}` |" for name, f in info["files"].items()]
     versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v)
-    lines += ["", f"Exported with {versions}.", ""]
-    return "\n".join(lines)
+    return lines + ["", f"Exported with {versions}.", ""]
 
 
 def _verification(info: dict, ver: dict) -> list[str]:
