@@ -123,7 +123,8 @@ smoke-sd15: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m d4ir_pipeline.demo.smoke_sd15 --work-dir runs/smoke-sd15
 
 # One prepared check for a CUDA machine (~8 min): the smoke in fp16, torchrun NCCL distillation,
-# bench-gpu; results in runs/gpu-check.json. Stops at once without CUDA.
+# restore in fp16 vs fp32 (benchmarks/gpu_deploy.py), bench-gpu; results in runs/gpu-check.json.
+# Stops at once without CUDA.
 gpu-check: $(STAMP)
 	mkdir -p runs
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/gpu_check.py --json runs/gpu-check.json

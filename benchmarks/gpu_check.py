@@ -6,14 +6,18 @@
    (xformers when installed, PyTorch SDPA otherwise);
 2. an NCCL probe and a distillation of a few steps under ``torchrun --nproc_per_node=1``
    (the real ``d4ir distill`` entry point on the smoke's shards);
-3. ``benchmarks/gpu_synthesis.py`` (what ``make bench-gpu`` runs): SD 1.5-sized synthesis
+3. ``benchmarks/gpu_deploy.py``: ``d4ir restore`` of a ``nafnet_s`` student and a full-size
+   Restormer on the GPU, float16 where the half-precision probe allows it against float32
+   (PSNR per image, peak CUDA memory, a tiled large photo), the student's GPU output against
+   the CPU's, and ONNX Runtime on CUDA when ``onnxruntime-gpu`` is installed;
+4. ``benchmarks/gpu_synthesis.py`` (what ``make bench-gpu`` runs): SD 1.5-sized synthesis
    images/s and UNet TFLOP/s at 512 px, strength 0.5, 30 steps, batch 8 and 16.
 
 Without CUDA it stops at once with a clear message (exit 2) and writes nothing. Each step
 has its own time limit; a failed or timed-out step is recorded and the next one still runs.
 
     python benchmarks/gpu_check.py                      # everything
-    python benchmarks/gpu_check.py --skip bench         # smoke + torchrun only
+    python benchmarks/gpu_check.py --skip bench         # smoke + torchrun + deploy only
 """
 
 from __future__ import annotations
@@ -30,8 +34,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-STEPS = ("smoke", "torchrun", "bench")
-LIMITS_S = {"smoke": 270, "nccl-probe": 30, "torchrun": 60, "bench": 120}  # ceilings; sum = the 8-minute budget
+STEPS = ("smoke", "torchrun", "deploy", "bench")
+LIMITS_S = {"smoke": 250, "nccl-probe": 30, "torchrun": 50, "deploy": 60, "bench": 90}  # ceilings; sum = 8 minutes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -82,6 +86,9 @@ def plan(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
         sets = [*stage_overrides(s)["distill"], 'student.tag="nafnet_s-torchrun"', "data.num_workers=2"]
         steps.append(("torchrun", [*run, "-m", "d4ir_pipeline.cli", "distill", "--profile", "sd15", "--work-dir",
                                    str(smoke_dir), *[a for kv in sets for a in ("--set", kv)]]))  # fmt: skip
+    if "deploy" not in args.skip:
+        steps.append(("deploy", [py, str(REPO / "benchmarks" / "gpu_deploy.py"), "--work-dir", str(args.work_dir / "deploy"),
+                                 "--json", str(args.work_dir / "gpu-deploy.json")]))  # fmt: skip
     if "bench" not in args.skip:
         steps.append(("bench", [py, str(REPO / "benchmarks" / "gpu_synthesis.py"), "--repeats", str(args.bench_repeats),
                                 "--json", str(args.work_dir / "bench-gpu.json")]))  # fmt: skip
@@ -142,6 +149,10 @@ def collect(name: str, row: dict, args: argparse.Namespace) -> None:
         if metrics.is_file():
             rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
             row["last_metrics"] = rows[-1] if rows else None
+    elif name == "deploy":
+        deploy = args.work_dir / "gpu-deploy.json"
+        if deploy.is_file():
+            row["deploy"] = json.loads(deploy.read_text())
     elif name == "bench":
         bench = args.work_dir / "bench-gpu.json"
         if bench.is_file():

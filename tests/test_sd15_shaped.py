@@ -344,15 +344,65 @@ def test_gpu_check_plan_and_arguments(tmp_path):
     gc = _gpu_check()
     args = gc.parse_args(["--work-dir", str(tmp_path), "--distill-steps", "5"])
     steps = dict(gc.plan(args))
-    assert list(steps) == ["smoke", "nccl-probe", "torchrun", "bench"]
+    assert list(steps) == ["smoke", "nccl-probe", "torchrun", "deploy", "bench"]
+    assert steps["deploy"][1].endswith("gpu_deploy.py") and str(tmp_path / "gpu-deploy.json") in steps["deploy"]
     assert steps["smoke"][-6:] == ["--device", "cuda", "--dtype", "float16", "--attention", "auto"]
     run = steps["torchrun"]
     assert "--nproc_per_node=1" in run and run[run.index("d4ir_pipeline.cli") + 1 : run.index("d4ir_pipeline.cli") + 4] == [
         "distill", "--profile", "sd15"]  # fmt: skip
     assert "train.steps=5" in run and 'runtime.device="cuda"' in run
     assert sum(gc.LIMITS_S.values()) <= 8 * 60
-    assert list(dict(gc.plan(gc.parse_args(["--skip", "bench", "torchrun"])))) == ["smoke"]
+    assert list(dict(gc.plan(gc.parse_args(["--skip", "bench", "torchrun", "deploy"])))) == ["smoke"]
     for bad in (["--bench-repeats", "0"], ["--skip", "nothing"]):
         with pytest.raises(SystemExit) as e:
             gc.parse_args(bad)
         assert e.value.code == 2
+
+
+def _gpu_deploy():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_deploy.py"
+    spec = importlib.util.spec_from_file_location("gpu_deploy", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_deploy_refuses_without_cuda_unless_allowed(tmp_path, capsys, monkeypatch):
+    import torch
+
+    gd = _gpu_deploy()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gd.main(["--json", str(tmp_path / "d.json"), "--work-dir", str(tmp_path / "w")]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "d.json").exists() and not (tmp_path / "w").exists()
+
+
+@pytest.mark.slow
+def test_gpu_deploy_runs_its_checks_on_the_cpu(tmp_path, monkeypatch):
+    """The GPU deploy check's own code on the CPU (tiny sizes): restores, tiles, compares, exports."""
+    import torch
+
+    gd = _gpu_deploy()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "d.json"
+    argv = ["--allow-cpu", "--small", "--models", "nafnet_s", "--onnx", "always", "--work-dir", str(tmp_path / "w")]
+    assert gd.main([*argv, "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    row = doc["models"]["nafnet_s"]
+    assert doc["failed"] == [] and doc["device"] == "cpu"
+    assert row["auto"]["dtype"] == row["fp32"]["dtype"] == "float32"  # no half precision on the CPU
+    assert row["auto"]["restored"] == 3 and row["auto"]["tiled"] == ["large.png"]
+    assert set(row["auto_vs_fp32"]) == {"large.png", "odd.png", "square.png"}
+    assert all(r["max_levels"] == 0 for r in row["auto_vs_fp32"].values())  # the same float32 run twice
+    assert row["onnx"]["export_max_abs_diff"] <= 1e-4
+    assert all(r["max_levels"] <= 1 for r in row["onnx"]["vs_pytorch_fp32"].values())
+
+    # the checks can fail: a row whose large photo was not tiled and whose half run lost detail
+    bad = json.loads(json.dumps(row))
+    bad["auto"]["tiled"] = []
+    bad["auto_vs_fp32"]["odd.png"]["psnr_db"] = 30.0
+    failed = gd.check_model("nafnet_s", bad, ["large.png", "odd.png", "square.png"])
+    assert any("not tiled" in f for f in failed) and any("below 35.0 dB" in f for f in failed)
