@@ -319,29 +319,31 @@ def test_smoke_data_are_upscaled_and_laid_out_for_manifest_build(tmp_path, demo_
 
 
 # ------------------------------------------------------------------ benchmarks/gpu_check.py (no GPU here)
-def _gpu_check():
+def _bench_script(name: str):
+    """A script of benchmarks/ (not a package) imported as a module."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
-    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
-def test_gpu_check_refuses_without_cuda(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize(("script", "message"), [("gpu_check", "needs a CUDA GPU"), ("gpu_deploy", "no CUDA device")])
+def test_gpu_scripts_refuse_without_cuda(script, message, tmp_path, capsys, monkeypatch):
     import torch
 
-    gc = _gpu_check()
+    mod = _bench_script(script)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert gc.main(["--json", str(tmp_path / "g.json"), "--work-dir", str(tmp_path / "w")]) == 2
-    assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert mod.main(["--json", str(tmp_path / "g.json"), "--work-dir", str(tmp_path / "w")]) == 2
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "g.json").exists() and not (tmp_path / "w").exists()
 
 
 def test_gpu_check_plan_and_arguments(tmp_path):
-    gc = _gpu_check()
+    gc = _bench_script("gpu_check")
     args = gc.parse_args(["--work-dir", str(tmp_path), "--distill-steps", "5"])
     steps = dict(gc.plan(args))
     assert list(steps) == ["smoke", "nccl-probe", "torchrun", "deploy", "bench"]
@@ -359,33 +361,12 @@ def test_gpu_check_plan_and_arguments(tmp_path):
         assert e.value.code == 2
 
 
-def _gpu_deploy():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_deploy.py"
-    spec = importlib.util.spec_from_file_location("gpu_deploy", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_gpu_deploy_refuses_without_cuda_unless_allowed(tmp_path, capsys, monkeypatch):
-    import torch
-
-    gd = _gpu_deploy()
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert gd.main(["--json", str(tmp_path / "d.json"), "--work-dir", str(tmp_path / "w")]) == 2
-    assert "no CUDA device" in capsys.readouterr().err
-    assert not (tmp_path / "d.json").exists() and not (tmp_path / "w").exists()
-
-
 @pytest.mark.slow
 def test_gpu_deploy_runs_its_checks_on_the_cpu(tmp_path, monkeypatch):
     """The GPU deploy check's own code on the CPU (tiny sizes): restores, tiles, compares, exports."""
     import torch
 
-    gd = _gpu_deploy()
+    gd = _bench_script("gpu_deploy")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = tmp_path / "d.json"
     argv = ["--allow-cpu", "--small", "--models", "nafnet_s", "--onnx", "always", "--work-dir", str(tmp_path / "w")]
