@@ -69,21 +69,6 @@ def _reset_peak() -> bool:
         return False
 
 
-def randomised_student(seed: int = 0):
-    """nafnet_s with every parameter random (a fresh NAFNet's zero residual scales make its blocks identities)."""
-    import torch
-
-    from d4ir_pipeline.models import build_model
-
-    torch.manual_seed(seed)
-    model = build_model("nafnet_s").eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("beta", "gamma")):
-                p.normal_(0.0, 0.1)
-    return model
-
-
 # ---------------------------------------------------------------------------------------
 # one arm, in its own process
 
@@ -257,7 +242,7 @@ def run(size: str = "full") -> dict:
 
     from d4ir_pipeline.common.runtime import usable_cpus
     from d4ir_pipeline.models import load_model, reference_teacher_path, save_model
-    from d4ir_pipeline.testing import make_shardset
+    from d4ir_pipeline.testing import make_shardset, randomised
 
     # one core fewer than the machine has (D4IR_BENCH_THREADS overrides), as in bench_distill: on a shared
     # 2-core box two OpenMP threads stall each other whenever another process runs (a 256 px teacher
@@ -270,7 +255,7 @@ def run(size: str = "full") -> dict:
         tmp = Path(d)
         # 1. models and their exports (int8 calibrated on a shard set in stage one's format)
         shards = make_shardset(tmp / "shards", n_shards=4, per=8, size=s["shard_px"], smooth=8, noise=4.0)
-        student_dir = save_model(randomised_student(), tmp / "student")
+        student_dir = save_model(randomised("nafnet_s"), tmp / "student")
         res["export"] = {"student": _export(student_dir, tmp / "student-export", shards, size)}
         if s["teacher_int8"]:  # trained weights: the int8 figure of a real network of the same family
             res["export"]["teacher"] = _export(reference_teacher_path(), tmp / "teacher-export", shards, size)

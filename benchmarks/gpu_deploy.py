@@ -57,21 +57,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def randomised(name: str, seed: int = 0):
-    """A registered model with random weights; NAFNet's zero-initialised residual scales made random too."""
-    import torch
-
-    from d4ir_pipeline.models import build_model
-
-    torch.manual_seed(seed)
-    model = build_model(name).eval()
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if pname.endswith(("beta", "gamma")):
-                p.normal_(0.0, 0.1)
-    return model
-
-
 def write_inputs(folder: Path, sizes: dict) -> dict[str, tuple[int, int]]:
     """Three PNG photos (astronaut, chelsea, coffee) at the sizes of ``sizes``; {name: (H, W)}."""
     from PIL import Image
@@ -184,6 +169,7 @@ def check_model(name: str, row: dict, names: list[str]) -> list[str]:
 
 def run(args: argparse.Namespace, device: str) -> dict:
     from d4ir_pipeline.models import save_model
+    from d4ir_pipeline.testing import randomised
 
     sizes = SIZES["small" if args.small else "full"]
     work = args.work_dir
@@ -206,8 +192,11 @@ def run(args: argparse.Namespace, device: str) -> dict:
             row["onnx"] = onnx_run(model_dir, out, inputs, device, sizes["memory_mb"], out / "fp32", names)
         elif name == "nafnet_s":
             row["onnx"] = None
-            result["onnx_skipped"] = f"onnxruntime has no CUDAExecutionProvider (providers {providers}); " \
-                                     "pip install onnxruntime-gpu to check it"  # fmt: skip
+            result["onnx_skipped"] = (
+                "--onnx never"
+                if args.onnx == "never"
+                else (f"onnxruntime has no CUDAExecutionProvider (providers {providers}); pip install onnxruntime-gpu")
+            )
         result["models"][name] = row
         result["failed"] += check_model(name, row, names)
         print(f"[gpu-deploy] {name}: auto {row['auto']['dtype']} {row['auto']['model_s']} s, float32 "

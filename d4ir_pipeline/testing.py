@@ -5,6 +5,7 @@ same loading code a real run does; nothing here is used by the pipeline itself:
 
 - :func:`write_bank`: a prompt bank (``tokens.safetensors``, ``index.jsonl``, ``bank.json``)
   with random tokens, as ``d4ir prompt-bank`` writes it.
+- :func:`randomised`: a registered model with every parameter random, for exports and benchmarks.
 - :func:`make_shardset`: a stage-one shard set (``synth-r000-*.tar`` + ``shardset.json``)
   of smooth random images, through the same :class:`ShardSetWriter` as ``d4ir synthesize``;
   :func:`relist_shardset` makes its listing vouch for shards damaged afterwards.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -46,6 +48,30 @@ def write_bank(
     meta = {"adapter_sha256": "0" * 64, "sd_model": "tiny", "created": "2024-01-01T00:00:00"}
     PromptBank.write(path, tokens, rows, meta=meta, weathers=list(weathers))
     return path
+
+
+def randomised(name: str, seed: int = 0, *, residual_std: float = 0.1, norm_std: float = 0.0, **kwargs: Any):
+    """Registered model ``name`` (eval mode, built with ``kwargs``) with every parameter random.
+
+    A freshly built NAFNet has zero residual scales (``beta``, ``gamma``): each block is the
+    identity, so a check or a timing on it would not see its norms or gates at all. Those
+    scales are drawn from N(0, ``residual_std``); with ``norm_std`` > 0 the norms' weights and
+    biases get N(0, ``norm_std``) noise added, in parameter order (so the draws, and the
+    weights, depend only on ``name``, ``seed`` and the two spreads).
+    """
+    import torch
+
+    from d4ir_pipeline.models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(name, **kwargs).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith(("beta", "gamma")):
+                p.normal_(0.0, residual_std)
+            elif norm_std > 0 and "." in pname and pname.split(".")[-2].startswith("norm"):
+                p.add_(torch.randn_like(p) * norm_std)
+    return model
 
 
 def relist_shardset(root: Path, *, complete: bool = True) -> Path:

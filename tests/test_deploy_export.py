@@ -14,6 +14,7 @@ from PIL import Image
 from torch import nn
 
 import d4ir_pipeline
+from d4ir_pipeline import testing
 from d4ir_pipeline.common.io import atomic_write_json, atomic_write_text, sha256_file
 from d4ir_pipeline.deploy import ExportConfig, ExportError, ModelConfig, OnnxModel, require
 from d4ir_pipeline.deploy.budget import activation_bytes_per_pixel, plan, tile_for_budget
@@ -28,20 +29,8 @@ PARITY_SIZES = [(64, 64), (97, 131), (256, 192)]
 
 
 def randomised(name: str, seed: int = 0, **kwargs) -> nn.Module:
-    """A registered model with every parameter random, residual scales and norms included.
-
-    A freshly built NAFNet has zero residual scales (beta, gamma): each block is the
-    identity, so a check on it would not see its LayerNorms or gates at all.
-    """
-    torch.manual_seed(seed)
-    model = build_model(name, **kwargs).eval()
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if pname.endswith(("beta", "gamma")):
-                p.normal_(0.0, 0.5)
-            elif "." in pname and pname.split(".")[-2].startswith("norm"):
-                p.add_(torch.randn_like(p) * 0.2)
-    return model
+    """A registered model with every parameter random, residual scales (N(0, 0.5)) and norms included."""
+    return testing.randomised(name, seed, residual_std=0.5, norm_std=0.2, **kwargs)
 
 
 @pytest.fixture(scope="module", params=sorted(STUDENTS))
