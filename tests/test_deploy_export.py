@@ -336,6 +336,19 @@ def test_activation_bytes_per_pixel_is_measured_and_drives_the_tile_plan():
     assert plan(300, 300, bytes_per_pixel=b128, budget_bytes=budget, max_batch=8, tile=128).tile == 128
 
 
+def test_measuring_activation_bytes_leaves_a_model_with_a_shared_module_intact():
+    # MPRNet uses one PReLU at many places: torch.func.functional_call left its other uses on `meta`,
+    # so the restore that measured the model next crashed ("not on the expected device meta")
+    model = randomised("mprnet_s")
+    x = torch.rand(1, 3, 24, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(x)[0]
+    assert activation_bytes_per_pixel(model, size=64) > 0
+    assert {t.device.type for t in (*model.parameters(), *model.buffers())} == {"cpu"}
+    with torch.no_grad():
+        assert torch.equal(model(x)[0], before)
+
+
 @pytest.mark.slow
 def test_demo_step_exports_the_student_and_restores_the_test_inputs_with_it(tmp_path):
     from d4ir_pipeline.data.manifests import ImageRecord, write_manifest

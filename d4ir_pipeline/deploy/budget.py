@@ -11,6 +11,7 @@ not in it; docs/DEPLOY.md compares it with the peak RSS the benchmark measures.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 from dataclasses import dataclass
@@ -65,18 +66,38 @@ def activation_bytes_per_pixel(
     model: nn.Module, *, size: int = 128, dtype: torch.dtype = torch.float32, in_channels: int = 3
 ) -> float:
     """Peak bytes of live activations per input pixel of one no-grad forward (counted on ``meta``)."""
-    params = {k: torch.empty_like(v, device="meta", dtype=dtype if v.is_floating_point() else v.dtype)
-              for k, v in {**dict(model.named_parameters()), **dict(model.named_buffers())}.items()}  # fmt: skip
     x = torch.empty(1, in_channels, size, size, device="meta", dtype=dtype)
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), LiveBytes() as lb:
-            y = torch.func.functional_call(model, params, (x,))
+        with _on_meta(model, dtype), torch.no_grad(), LiveBytes() as lb:
+            y = model(x)
             del y
     finally:
         model.train(was_training)
     return lb.peak / float(size * size)
+
+
+@contextlib.contextmanager
+def _on_meta(model: nn.Module, dtype: torch.dtype):
+    """Every parameter and buffer swapped for a ``meta`` stand-in for the block, put back after.
+
+    Module by module (each once): ``torch.func.functional_call`` left a module used at several
+    places (MPRNet's one PReLU) on ``meta`` after the call.
+    """
+    saved = []
+    for mod in model.modules():
+        for store in (mod._parameters, mod._buffers):
+            for k, v in store.items():
+                if v is not None:
+                    saved.append((store, k, v))
+                    meta = torch.empty_like(v, device="meta", dtype=dtype if v.is_floating_point() else v.dtype)
+                    store[k] = nn.Parameter(meta, requires_grad=False) if isinstance(v, nn.Parameter) else meta
+    try:
+        yield
+    finally:
+        for store, k, v in reversed(saved):
+            store[k] = v
 
 
 @dataclass(frozen=True)
