@@ -139,6 +139,22 @@ def test_every_registered_model_keeps_an_odd_input_shape(name):
     assert torch.isfinite(y).all()
 
 
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+@pytest.mark.parametrize(("up", "down"), [(1, 2), (1, 4), (2, 1)])
+def test_resize_by_is_the_official_scale_factor_resize_to_the_bit(mode, up, down):
+    # MPRNet's nn.Upsample(scale_factor=0.5 / 2) and WGWS-Net's F.interpolate(scale_factor=...) are written
+    # resize_by (integer output sizes: an export keeps them symbolic); the pixels must not change
+    from torch.nn import functional as F
+
+    from d4ir_pipeline.models.tiling import resize_by
+
+    align = False if mode == "bilinear" else None
+    for h, w in [(8, 12), (36, 20), (4, 4)]:
+        x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(h))
+        want = F.interpolate(x, scale_factor=up / down, mode=mode, align_corners=align)
+        assert torch.equal(resize_by(x, up=up, down=down, mode=mode), want)
+
+
 def test_tiny_inputs_pad_with_replicate_when_reflect_cannot():
     x = torch.rand(1, 3, 3, 5)
     padded, size = pad_to_multiple(x, 8)

@@ -102,7 +102,8 @@ class HistogramAttention(nn.Module):
         out = attn @ v  # (B, heads, C/heads * heads, bins)
         out = out.reshape(b, heads, c // heads, heads, bins)
         out = out.reshape(b, c, -1) if box else out.transpose(-1, -2).reshape(b, c, -1)
-        return out[..., :length]
+        # the official out[..., :length], as a gather: a slice lets an exporter freeze whether pad == 0
+        return out.index_select(-1, torch.arange(length, device=out.device))
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .tiling import crop_to, pad_to_multiple
+from .tiling import ResizeBy, crop_to, pad_to_multiple
 
 __all__ = ["MPRNet"]
 
@@ -68,13 +68,11 @@ class SAM(nn.Module):
 
 
 class DownSample(nn.Module):
-    """Bilinear 0.5x then 1x1 conv (C -> C + s); key ``down.1``."""
+    """Bilinear 0.5x (the official ``nn.Upsample(scale_factor=0.5)``, as integer sizes) then 1x1 conv (C -> C + s); key ``down.1``."""
 
     def __init__(self, cin: int, s: int):
         super().__init__()
-        self.down = nn.Sequential(
-            nn.Upsample(scale_factor=0.5, mode="bilinear", align_corners=False), nn.Conv2d(cin, cin + s, 1, bias=False)
-        )
+        self.down = nn.Sequential(ResizeBy(down=2, mode="bilinear"), nn.Conv2d(cin, cin + s, 1, bias=False))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down(x)
@@ -85,9 +83,7 @@ class UpSample(nn.Module):
 
     def __init__(self, cin: int, s: int):
         super().__init__()
-        self.up = nn.Sequential(
-            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False), nn.Conv2d(cin + s, cin, 1, bias=False)
-        )
+        self.up = nn.Sequential(ResizeBy(up=2, mode="bilinear"), nn.Conv2d(cin + s, cin, 1, bias=False))
 
     def forward(self, x: Tensor, skip: Tensor | None = None) -> Tensor:
         x = self.up(x)

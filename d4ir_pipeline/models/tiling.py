@@ -18,7 +18,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["pad_to_multiple", "crop_to", "tiled_forward", "blend_ramp"]
+__all__ = ["pad_to_multiple", "crop_to", "resize_by", "ResizeBy", "tiled_forward", "blend_ramp"]
+
+
+def resize_by(x: Tensor, *, up: int = 1, down: int = 1, mode: str = "nearest") -> Tensor:
+    """Resize ``x`` (B, C, H, W) by ``up / down`` to integer output sizes (H * up // down, W * up // down).
+
+    On sides divisible by ``down`` this is ``F.interpolate(scale_factor=up / down)`` to the
+    bit (the source coordinates use in / out, the same exact float), and the sizes stay
+    symbolic when the model is exported (a float scale factor makes the tracer guard every side).
+    """
+    h, w = x.shape[-2:]
+    align = False if mode in ("bilinear", "bicubic") else None
+    return F.interpolate(x, size=(h * up // down, w * up // down), mode=mode, align_corners=align)
+
+
+class ResizeBy(nn.Module):
+    """:func:`resize_by` as a parameterless module (an ``nn.Upsample(scale_factor=...)`` that exports)."""
+
+    def __init__(self, *, up: int = 1, down: int = 1, mode: str = "nearest"):
+        super().__init__()
+        self.up, self.down, self.mode = up, down, mode
+
+    def forward(self, x: Tensor) -> Tensor:
+        return resize_by(x, up=self.up, down=self.down, mode=self.mode)
 
 
 def pad_to_multiple(x: Tensor, multiple: int, *, mode: str = "reflect") -> tuple[Tensor, tuple[int, int]]:

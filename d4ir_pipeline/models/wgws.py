@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .tiling import crop_to, pad_to_multiple
+from .tiling import crop_to, pad_to_multiple, resize_by
 
 __all__ = ["WGWSNet", "FlagConv"]
 
@@ -166,7 +166,9 @@ class FAM(nn.Module):
 class WGWSNet(nn.Module):
     """MIMO-UNet-like three-scale network of residual dense blocks with weather-specific residual convs."""
 
-    multiple = 4  # two 2x scales (nearest 0.5x resizes must meet the stride-2 convs exactly)
+    # two 2x scales (nearest 0.5x resizes must meet the stride-2 convs exactly); the official
+    # F.interpolate(scale_factor=0.5 / 0.25 / 2) are written resize_by (the same pixels, and an export keeps sizes)
+    multiple = 4
 
     def __init__(self, base_channel: int = 20, num_res: int = 6, num_weathers: int = 3):
         # num_res blocks per level; the official class ignores its num_res and always builds 6
@@ -213,8 +215,8 @@ class WGWSNet(nn.Module):
     def forward(self, inp: Tensor, flag: Sequence[float] | Tensor = (1, 0, 0)) -> Tensor:
         x, size = pad_to_multiple(inp, self.multiple)  # (B, 3, H4, W4)
         f = self._flag(flag, x)
-        x_2 = F.interpolate(x, scale_factor=0.5)
-        x_4 = F.interpolate(x_2, scale_factor=0.5)
+        x_2 = resize_by(x, down=2)
+        x_4 = resize_by(x_2, down=2)
         z2, z4 = self.SCM2(x_2, f), self.SCM1(x_4, f)
 
         res1 = self.Encoder[0](self.feat_extract[0](x, f), f)  # (B, c, H, W)
@@ -223,12 +225,12 @@ class WGWSNet(nn.Module):
         z = self.FAM1(self.feat_extract[2](res2, f), z4, f)
         z = self.Encoder[2](z, f)  # (B, 4c, H/4, W/4)
 
-        z12 = F.interpolate(res1, scale_factor=0.5)
-        z14 = F.interpolate(res1, scale_factor=0.25)
-        z21 = F.interpolate(res2, scale_factor=2)
-        z24 = F.interpolate(res2, scale_factor=0.5)
-        z42 = F.interpolate(z, scale_factor=2)
-        z41 = F.interpolate(z42, scale_factor=2)
+        z12 = resize_by(res1, down=2)
+        z14 = resize_by(res1, down=4)
+        z21 = resize_by(res2, up=2)
+        z24 = resize_by(res2, down=2)
+        z42 = resize_by(z, up=2)
+        z41 = resize_by(z42, up=2)
         z = self.AFFs[2](z14, z24, z, f)
         res2 = self.AFFs[1](z12, res2, z42, f)
         res1 = self.AFFs[0](res1, z21, z41, f)
