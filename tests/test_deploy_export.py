@@ -197,6 +197,7 @@ def test_full_export_is_verified_calibrated_on_the_students_shards_and_documente
         assert package_dir not in (out / name).read_bytes(), f"{name} names where it was exported"
 
     card = (out / "README.md").read_text()
+    assert info["model"]["adapter"] is None and "I/O adapter" not in card  # a student is called plainly
     sha = sha256_file(shards / "shardset.json")
     for text in (
         sha,

@@ -11,6 +11,7 @@ import torch
 from d4ir_pipeline.errors import D4IRError
 from d4ir_pipeline.models import build_model, model_io, save_model
 from d4ir_pipeline.stage2.teacher import TeacherConfig, Teachers, load_teacher, teacher_forward, teacher_identity
+from d4ir_pipeline.testing import randomised
 
 
 def _saved(tmp_path, name: str) -> TeacherConfig:
@@ -155,3 +156,41 @@ def test_distill_passes_each_samples_weather_to_the_teachers(tmp_path, monkeypat
     steps = [json.loads(line)["keys"] for line in (res.out_dir / "keys-r0.jsonl").read_text().splitlines()]
     assert [ws for _, ws in seen] == [[by_key[k] for k in keys] for keys in steps]  # each sample's own weather
     assert {w for _, ws in seen for w in ws} == {"rain", "haze", "snow"}
+
+
+@pytest.mark.parametrize("name", ["dehazeformer_xs", "transweather_s", "mprnet_s", "wgws_s"])
+def test_restore_runs_a_teacher_through_its_adapter_like_distillation_does(tmp_path, name):
+    # restore / export load teachers through the same loader; before the adapter was applied there,
+    # DehazeFormer / TransWeather got [0, 1] inputs, MPRNet's list broke the runner and WGWS-Net ran on
+    # its default flag whatever the weather
+    from d4ir_pipeline.deploy.runner import ModelConfig, load_runner
+
+    model = randomised(name, 0)
+    with torch.no_grad():  # WGWS-Net's weather residuals are zeros when built: make the flag matter
+        for pname, p in model.named_parameters():
+            if pname.endswith("_residual"):
+                p.normal_(0.0, 0.1)
+    save_model(model, tmp_path / name)
+    cfg = TeacherConfig(checkpoint=str(tmp_path / name), dtype="float32")
+    weather = "rain" if name.startswith("wgws") else ""
+    runner = load_runner(ModelConfig(checkpoint=cfg.checkpoint, weather=weather), device="cpu")
+    model, dtype = load_teacher(dataclasses.replace(cfg, weather=weather), torch.device("cpu"))
+    x = _x(64, 64)  # TransWeather's decoder needs sides >= 64
+    want = teacher_forward(model, x, dtype, dataclasses.replace(cfg, weather=weather))
+    got = runner(x).clamp(0, 1)
+    assert torch.allclose(got, want, atol=1e-6)
+    if name != "mprnet_s":  # (MPRNet's raw call returns a list: no image to compare)
+        with torch.no_grad():
+            raw = model(x) if not weather else model(x, (1.0, 0.0, 0.0))  # the old call: no range, default flag
+        assert (raw.clamp(0, 1) - want).abs().max() > 1e-3
+    assert runner.multiple == model.multiple
+
+
+def test_a_non_blind_teacher_restores_only_a_named_weather(tmp_path):
+    from d4ir_pipeline.deploy.runner import ModelConfig, load_runner
+
+    cfg = _saved(tmp_path, "wgws_s")
+    with pytest.raises(D4IRError, match="`model.weather` is empty.*snow.*rain.*haze"):
+        load_runner(ModelConfig(checkpoint=cfg.checkpoint), device="cpu")
+    with pytest.raises(D4IRError, match="knows"):
+        load_runner(ModelConfig(checkpoint=cfg.checkpoint, weather="fog"), device="cpu")

@@ -70,6 +70,13 @@ def _architecture(info: dict) -> list[str]:
         f"({m['activation_bytes_per_pixel'] * 512 * 512 / 2**20:.0f} MiB at 512x512; `d4ir restore` tiles above "
         "its memory budget) |",
     ]
+    if adapter := m.get("adapter"):
+        flag = adapter["weather_flag"]
+        weather = f"; weather flag fixed to `{adapter['weather']}` (of {', '.join(flag)})" if flag else ""
+        lines.append(
+            f"| I/O adapter (in the graph) | network input range [{adapter['input_range']}], output range "
+            f"[{adapter['output_range']}], output index {adapter['output_index']}{weather} |"
+        )
     if info.get("replaced_modules"):
         swaps = "; ".join(
             f"{k} x {v} -> {SWAP_NOTES.get(k, 'an exact equivalent')}" for k, v in info["replaced_modules"].items()

@@ -568,6 +568,7 @@ def _summary(cfg: RestoreConfig, runner: Runner, inputs: int, restored: list[dic
 @click.option("--arch", default=None, help="Architecture of a bare weights file (registry name or pkg.module:Class).")
 @click.option("--kwargs", "kwargs_", default=None, metavar="TOML", help="Constructor arguments, e.g. '{width = 32}'.")
 @click.option("--key", default=None, help="Container key inside a .pth (e.g. params_ema).")
+@click.option("--weather", default=None, help="Non-blind teachers (WGWS-Net): the weather to restore.")
 @click.option("--device", default=None, help="auto (default), cpu or cuda[:N].")
 @click.option("--memory-mb", type=int, default=None, help="Activation memory budget per forward (default 2048).")
 @click.option("--tile", type=int, default=None, help="Fixed tile side in px (default: from the memory budget).")
@@ -577,7 +578,7 @@ def _summary(cfg: RestoreConfig, runner: Runner, inputs: int, restored: list[dic
 @click.option("--overwrite", is_flag=True, help="Redo outputs an earlier run wrote with another model.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, help="TOML config file.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable).")
-def restore_command(input_path, checkpoint, out, root, arch, kwargs_, key, device, memory_mb, tile, batch_size,
+def restore_command(input_path, checkpoint, out, root, arch, kwargs_, key, weather, device, memory_mb, tile, batch_size,
                     threads, sheet, overwrite, config_path, sets) -> None:  # fmt: skip
     """Restore INPUT (an image, a folder tree or a manifest) with a model; PNGs mirror INPUT under --out."""
     options = {
@@ -588,6 +589,7 @@ def restore_command(input_path, checkpoint, out, root, arch, kwargs_, key, devic
         "model.arch": arch,
         "model.kwargs": RawToml(kwargs_) if kwargs_ else None,
         "model.key": key,
+        "model.weather": weather,
         "device": device,
         "memory_mb": memory_mb,
         "tile": tile,

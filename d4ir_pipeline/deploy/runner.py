@@ -3,6 +3,10 @@
 The PyTorch sources are read by the distillation's own teacher loader (the same
 ``checkpoint`` / ``arch`` / ``kwargs`` / ``key`` options as ``teacher.*``, strict key
 matching, ``weights_only`` pickles), so a model that distils is a model that restores.
+A teacher that is not called plainly (DehazeFormer's and TransWeather's [-1, 1] inputs,
+MPRNet's list of stages, WGWS-Net's weather flag) runs behind its I/O adapter
+(``models.AdaptedModel``): every source takes and returns [0, 1] images, and an export
+of it does too. A non-blind teacher restores one weather (``model.weather``).
 On CUDA the runner uses half precision where the model allows it: a probe forward in
 float16 must stay finite and within 40 dB PSNR of float32, else it stays float32.
 """
@@ -26,6 +30,7 @@ from d4ir_pipeline.deploy.budget import DEFAULT_BYTES_PER_PIXEL, activation_byte
 from d4ir_pipeline.deploy.graph import model_multiple
 from d4ir_pipeline.deploy.onnx_model import OnnxModel
 from d4ir_pipeline.errors import D4IRError
+from d4ir_pipeline.models.adapter import AdaptedModel
 from d4ir_pipeline.models.checkpoint import CONFIG_NAME, read_model_json
 from d4ir_pipeline.stage2.teacher import TeacherConfig, load_teacher, teacher_identity
 
@@ -50,6 +55,9 @@ class ModelConfig:
     arch: str = opt("", help="registry name or 'pkg.module:Class' for a bare weights file; empty = from model.json")
     kwargs: dict[str, Any] = opt(default_factory=dict, help="constructor arguments for `arch`")
     key: str = opt("", help="container key inside a .pth (e.g. 'params_ema'); empty = automatic")
+    weather: str = opt(
+        "", help="non-blind teachers (WGWS-Net): the weather to restore, one of its flag's; blind models ignore it"
+    )
 
     def teacher_config(self) -> TeacherConfig:
         """The same source as a distill ``teacher.*`` section (float32: precision is the runner's choice)."""
@@ -59,7 +67,12 @@ class ModelConfig:
                 "or an exported .onnx"
             )
         return TeacherConfig(
-            checkpoint=self.checkpoint, arch=self.arch, kwargs=dict(self.kwargs), key=self.key, dtype="float32"
+            checkpoint=self.checkpoint,
+            arch=self.arch,
+            kwargs=dict(self.kwargs),
+            key=self.key,
+            dtype="float32",
+            weather=self.weather,
         )
 
     @property
@@ -69,11 +82,23 @@ class ModelConfig:
 
 
 def load_torch_model(cfg: ModelConfig) -> tuple[nn.Module, dict, dict]:
-    """(float32 CPU model in eval mode, its model.json or {}, identity {id, path, weights_sha256, spec})."""
+    """(float32 CPU model in eval mode, its model.json or {}, identity {id, path, weights_sha256, spec}).
+
+    The model takes and returns [0, 1] images: one whose I/O adapter is not plain comes wrapped in
+    :class:`AdaptedModel` (with ``cfg.weather`` for a non-blind one).
+    """
     if cfg.is_onnx:
         raise D4IRError(f"`model.checkpoint` = {cfg.checkpoint!r} is already an ONNX file; give the PyTorch model")
     tc = cfg.teacher_config()
     model, _ = load_teacher(tc, torch.device("cpu"))
+    io = model.d4ir_io
+    if io.weather_flag and not tc.weather:
+        raise D4IRError(
+            f"`model.weather` is empty: {type(model).__name__} is not blind; choose the weather to restore, one of "
+            f"{list(io.weather_flag)}"
+        )
+    if not io.is_plain or model_multiple(model) % io.pad_multiple:
+        model = AdaptedModel(model, io, tc.weather or None).eval()
     ident = teacher_identity(tc)
     folder = Path(ident["path"])
     meta = read_model_json(folder) if folder.is_dir() and (folder / CONFIG_NAME).is_file() else {}

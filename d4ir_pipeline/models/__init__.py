@@ -5,7 +5,7 @@ Registries are plain dicts name -> constructor (no decorators, no import-time sc
 and records ``{"name": spec, "kwargs": kwargs}`` on the module (``model_spec``), which
 ``save_model`` writes to ``model.json`` so ``load_model`` can rebuild it. ``model_io(name)``
 says how a teacher is called (value range, output index, size multiple, weather flag) and
-``adapted_forward`` applies it. Sizes, checkpoints and key layouts: docs/MODELS.md.
+``adapted_forward`` (or the module ``AdaptedModel``) applies it. Sizes, checkpoints and key layouts: docs/MODELS.md.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import json
 
 import click
 
-from .adapter import ModelIO, ModelIOError, adapted_forward
+from .adapter import AdaptedModel, ModelIO, ModelIOError, adapted_forward
 from .checkpoint import (
     SAFE_GLOBALS,
     CheckpointError,
@@ -48,6 +48,7 @@ __all__ = [
     "ModelIOError",
     "model_io",
     "adapted_forward",
+    "AdaptedModel",
     "SAFE_GLOBALS",
     "ModelSpecError",
     "build_model",

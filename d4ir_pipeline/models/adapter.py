@@ -6,11 +6,13 @@ element of a returned list is the restoration (MPRNet: the first of three stages
 size multiple they need, and, for non-blind networks (WGWS-Net), a one-hot weather flag
 whose order is fixed by the checkpoint. :class:`ModelIO` records those facts (the
 registry's defaults come from ``models.model_io``); :func:`adapted_forward` applies them
-to a batch in [0, 1].
+to a batch in [0, 1]; :class:`AdaptedModel` is the same call as a module with one fixed
+weather (what ``d4ir restore`` runs and ``d4ir export`` traces: [0, 1] in, [0, 1] out).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,7 +22,7 @@ from torch import Tensor, nn
 from ..errors import D4IRError
 from .tiling import crop_to, pad_to_multiple
 
-__all__ = ["ModelIO", "ModelIOError", "adapted_forward", "RANGES"]
+__all__ = ["AdaptedModel", "ModelIO", "ModelIOError", "adapted_forward", "RANGES"]
 
 RANGES = ("0,1", "-1,1")
 
@@ -65,6 +67,13 @@ class ModelIO:
             if len(set(flag)) != len(flag):
                 raise ModelIOError(f"`weather_flag` = {flag!r}: weather names must be unique")
             object.__setattr__(self, "weather_flag", tuple(flag))
+
+    @property
+    def is_plain(self) -> bool:
+        """True when calling the network directly is the same call: [0, 1] in and out, one tensor, blind."""
+        return (self.input_range, self.output_range) == ("0,1", "0,1") and (
+            self.output_index is None and self.weather_flag is None
+        )
 
     def to_dict(self) -> dict:
         """JSON-ready form (for teacher identities and ``d4ir models --json``)."""
@@ -131,7 +140,9 @@ def adapted_forward(model: nn.Module, x: Tensor, io: ModelIO, weather: str | Seq
             raise ModelIOError(
                 f"{type(model).__name__} is not blind: pass `weather` (one of {list(io.weather_flag)}, or one per sample)"
             )
-        names = [weather] * batch if isinstance(weather, str) else list(weather)
+        if isinstance(weather, str):  # one flag for the batch (no per-sample list: the batch stays symbolic)
+            return _finish(_call(model, inp, io, _one_hot(io, weather)), size, io)
+        names = list(weather)
         if len(names) != batch:
             raise ModelIOError(f"`weather` has {len(names)} entries for a batch of {batch}")
         groups: dict[str, list[int]] = {}
@@ -143,6 +154,37 @@ def adapted_forward(model: nn.Module, x: Tensor, io: ModelIO, weather: str | Seq
             order = [i for idx in groups.values() for i in idx]
             parts = [_call(model, inp[idx], io, _one_hot(io, name)) for name, idx in groups.items()]
             out = torch.cat(parts)[torch.argsort(torch.tensor(order, device=inp.device))]
-    # 4. back to the input size and the [0, 1] scale
+    return _finish(out, size, io)
+
+
+def _finish(out: Tensor, size: tuple[int, int], io: ModelIO) -> Tensor:
+    """4. back to the input size and the [0, 1] scale."""
     out = crop_to(out, size)
     return (out + 1) / 2 if io.output_range == "-1,1" else out
+
+
+class AdaptedModel(nn.Module):
+    """``model`` behind its I/O adapter with one fixed weather: (B, 3, H, W) in [0, 1] -> one tensor on [0, 1].
+
+    For the callers that want a plain image-to-image module (``d4ir restore``, ``d4ir export``):
+    the value ranges, the output index and the weather flag become part of the module, so an
+    exported graph takes and returns [0, 1] images like every other export. ``multiple`` is the
+    least common multiple of the network's own and ``io.pad_multiple``.
+    """
+
+    def __init__(self, model: nn.Module, io: ModelIO, weather: str | None = None):
+        super().__init__()
+        if io.weather_flag is not None:
+            if not weather:
+                raise ModelIOError(
+                    f"{type(model).__name__} is not blind: choose the weather it restores (`weather`, one of "
+                    f"{list(io.weather_flag)})"
+                )
+            _one_hot(io, weather)  # names the known weathers when ``weather`` is not one of them
+        self.model, self.io = model, io
+        self.weather = weather if io.weather_flag is not None else None
+        own = getattr(model, "multiple", 1)
+        self.multiple = math.lcm(own if isinstance(own, int) and own > 0 else 1, io.pad_multiple)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return adapted_forward(self.model, x, self.io, self.weather)
