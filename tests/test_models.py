@@ -155,6 +155,22 @@ def test_resize_by_is_the_official_scale_factor_resize_to_the_bit(mode, up, down
         assert torch.equal(resize_by(x, up=up, down=down, mode=mode), want)
 
 
+def test_gather_pad_is_f_pad_reflect_or_replicate_to_the_bit():
+    # DehazeFormer's window pad (reflect; replicate where the official code would fail) written as gathers
+    import itertools
+
+    from torch.nn import functional as F
+
+    from d4ir_pipeline.models.tiling import gather_pad
+
+    for h, w in itertools.product(range(1, 6), range(1, 6)):
+        x = torch.randn(1, 2, h, w, generator=torch.Generator().manual_seed(h * 7 + w))
+        for top, bottom, left, right in itertools.product(range(0, 7), repeat=4):
+            small = max(top, bottom) >= h or max(left, right) >= w
+            want = F.pad(x, (left, right, top, bottom), mode="replicate" if small else "reflect")
+            assert torch.equal(gather_pad(x, top, bottom, left, right), want), (h, w, top, bottom, left, right)
+
+
 def test_tiny_inputs_pad_with_replicate_when_reflect_cannot():
     x = torch.rand(1, 3, 3, 5)
     padded, size = pad_to_multiple(x, 8)

@@ -12,6 +12,7 @@ not in it; docs/DEPLOY.md compares it with the peak RSS the benchmark measures.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import weakref
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 __all__ = ["DEFAULT_BYTES_PER_PIXEL", "LiveBytes", "activation_bytes_per_pixel", "Plan", "plan"]
+
+logger = logging.getLogger(__name__)
 
 # used for an .onnx without the exporter's metadata: about 2x nafnet_s, 1/3 of a full Restormer
 DEFAULT_BYTES_PER_PIXEL = 2048.0
@@ -65,7 +68,11 @@ class LiveBytes(TorchDispatchMode):
 def activation_bytes_per_pixel(
     model: nn.Module, *, size: int = 128, dtype: torch.dtype = torch.float32, in_channels: int = 3
 ) -> float:
-    """Peak bytes of live activations per input pixel of one no-grad forward (counted on ``meta``)."""
+    """Peak bytes of live activations per input pixel of one no-grad forward (counted on ``meta``).
+
+    A model whose forward cannot run on ``meta`` (a ``module:Class`` that makes tensors on a fixed
+    device) gets :data:`DEFAULT_BYTES_PER_PIXEL`, with a warning: the figure only sizes tiles.
+    """
     x = torch.empty(1, in_channels, size, size, device="meta", dtype=dtype)
     was_training = model.training
     model.eval()
@@ -73,6 +80,12 @@ def activation_bytes_per_pixel(
         with _on_meta(model, dtype), torch.no_grad(), LiveBytes() as lb:
             y = model(x)
             del y
+    except (RuntimeError, NotImplementedError) as e:
+        logger.warning(
+            "%s cannot run on the meta device to measure its activations (%s); assuming %.0f B/px",
+            type(model).__name__, str(e).splitlines()[0][:200], DEFAULT_BYTES_PER_PIXEL,
+        )  # fmt: skip
+        return DEFAULT_BYTES_PER_PIXEL
     finally:
         model.train(was_training)
     return lb.peak / float(size * size)

@@ -131,6 +131,9 @@ def _usage(info: dict) -> list[str]:
         "which raises the peak.",
         "",
     ]
+    exporter = info["onnx"].get("exporter", "")
+    if exporter.startswith("TorchScript"):
+        lines += [f"`model.onnx` was written by the {exporter}; so there is no `model.pt2`.", ""]
     if info.get("pt2"):
         lines += [
             "PyTorch: `torch.export.load('model.pt2').module()(x)` "

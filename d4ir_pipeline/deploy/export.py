@@ -18,6 +18,7 @@ and renamed at the end, so a crash never leaves a half-written export.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -64,13 +65,15 @@ FP16_MIN_DB = 40.0  # fp16 outputs vs fp32 below this: the model does not allow 
 INT8_GOAL_DB = 35.0  # int8 vs fp32 below this is logged as a warning (the file is still written and reported)
 _SIZE_RE = re.compile(r"^(\d+)x(\d+)$")
 
-# Teachers whose any-size export is known to fail here (torch 2.14, onnxruntime 1.32), by class, with why;
-# the export error names it. They restore in PyTorch (`d4ir restore` with the model folder). docs/DEPLOY.md.
+# Teachers whose any-size export is known to fail or to lose a file here (torch 2.14, onnxruntime 1.32), by
+# class, with why; the export error (or export.json's exporter) names it. All restore in PyTorch. docs/DEPLOY.md.
 EXPORT_LIMITS = {
     "TransWeather": "its decoder crops a row / column where an upsampled map overshoots its skip, a relation of "
-    "the side modulo 32 that torch.export cannot prove for every size",
+    "the side modulo 32 that torch.export cannot prove for every size (the TorchScript tracer records it: "
+    "model.onnx works at any size, but there is no model.pt2)",
     "DehazeFormer": "its shifted-window attention folds the windows into the batch and splits them back, a "
-    "division torch.export cannot prove for every size",
+    "division torch.export cannot prove for every size (the TorchScript tracer records it: model.onnx works at any "
+    "size, but there is no model.pt2)",
     "Histoformer": "it sorts pixels by value, so the float round-off between two runtimes reorders near-equal "
     "values and moves them between attention groups (about 28 dB PSNR between ONNX Runtime and PyTorch on random "
     "weights; model.pt2 runs PyTorch's kernels and matches); raise `tolerance` to accept an ONNX file anyway",
@@ -182,16 +185,20 @@ def _session(path: Path, threads: int) -> OnnxModel:
     return OnnxModel(path, device="cpu", threads=threads)
 
 
+def _example(multiple: int) -> torch.Tensor:
+    """The tracing example: batch 2, odd sides above twice the multiple. Seeded: it is stored in model.pt2
+    (sample_inputs), so an unseeded one gave every export of the same weights another file and sha256."""
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(2, 3, max(67, 2 * multiple + 3), max(53, 2 * multiple + 1), generator=g)
+
+
 def _export_program(graph: torch.nn.Module, multiple: int, max_side: int) -> Any:
     """torch.export with dynamic batch / height / width (min side: multiple + 1, so no side is special-cased 1)."""
     lo = max(2, multiple + 1)
     batch = torch.export.Dim("batch", min=1, max=4096)
     height = torch.export.Dim("height", min=lo, max=max_side)
     width = torch.export.Dim("width", min=lo, max=max_side)
-    # seeded: the example is stored in model.pt2 (sample_inputs), so an unseeded one gave
-    # every export of the same weights another file and another sha256 on the card
-    g = torch.Generator().manual_seed(0)
-    example = torch.rand(2, 3, max(67, 2 * multiple + 3), max(53, 2 * multiple + 1), generator=g)
+    example = _example(multiple)
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -205,6 +212,17 @@ def _export_program(graph: torch.nn.Module, multiple: int, max_side: int) -> Any
             f"torch.export of the model failed ({type(e).__name__}: {str(e).strip()[:1500]}){hint}"
         ) from e
     return ep, example, lo
+
+
+def _program_or_reason(graph: torch.nn.Module, multiple: int, max_side: int) -> tuple[Any, Any, int, str | None]:
+    """(ExportedProgram, example, min side, None), or (None, None, 0, why) where torch.export cannot make one."""
+    try:
+        ep, example, min_side = _export_program(graph, multiple, max_side)
+    except ExportError as e:
+        why = str(e).split(" (", 1)[0] + (known_limit(graph) or "")
+        logger.warning("%s; exporting ONNX with the TorchScript tracer instead (no model.pt2)", e)
+        return None, None, 0, why
+    return ep, example, min_side, None
 
 
 STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
@@ -475,10 +493,10 @@ def _export(cfg: ExportConfig) -> ExportResult:
     # 4. torch.export (dynamic batch / height / width), then ONNX from the same program
     with atomic_dir(out) as tmp:  # a staging folder, renamed to `out` only once all is written
         lap = _Laps()
-        ep, example, min_side = _export_program(graph, multiple, cfg.max_side)
-        lap("torch_export")
         onnx_path = tmp / FILES["fp32"]
-        opset = _onnx_export(ep, example, onnx_path, cfg.opset)
+        ep, example, min_side, no_program = _program_or_reason(graph, multiple, cfg.max_side)
+        lap("torch_export")
+        opset = _onnx_export(graph, ep, example, multiple, onnx_path, cfg.opset)  # ep None: the tracer, no pt2
         lap("onnx_export")
         bpp = activation_bytes_per_pixel(model)
         onnx_meta = {"multiple": multiple, "bytes_per_pixel": round(bpp, 1), "spec": spec, "source_id": ident["id"]}
@@ -488,7 +506,7 @@ def _export(cfg: ExportConfig) -> ExportResult:
         ref, fp32_out, fp32_rows = _verify_onnx(model, onnx_path, xs, cfg)
         lap("verify_fp32")
         pt2_rows: list[dict] | None = None
-        if cfg.pt2:
+        if cfg.pt2 and ep is not None:
             pt2_rows = _verify_pt2(ep, tmp / FILES["pt2"], xs, ref, min_side, cfg.tolerance)
             lap("pt2")
         # 6. fp16, kept where the model allows it; 7. int8
@@ -513,8 +531,8 @@ def _export(cfg: ExportConfig) -> ExportResult:
             "distillation": _distillation_info(meta, model_dir),
             "replaced_modules": replaced,
             "replacement_max_abs_diff": swap_diff,
-            "onnx": _onnx_info(opset, multiple),
-            "pt2": {"min_side": min_side, "max_side": cfg.max_side} if cfg.pt2 else None,
+            "onnx": _onnx_info(opset, multiple, no_program),
+            "pt2": {"min_side": min_side, "max_side": cfg.max_side} if cfg.pt2 and ep is not None else None,
             "verification": {"tolerance": cfg.tolerance, "sizes": [f"{h}x{w}" for h, w in sizes],
                              "fp32_onnxruntime": fp32_rows, "pt2": pt2_rows, "fp16": fp16, "int8": int8},
             "evaluation": _find_eval(cfg, model_dir),
@@ -582,15 +600,27 @@ def _export_ready_graph(model: torch.nn.Module, multiple: int, tolerance: float)
     return AnySize(ready, multiple).eval(), replaced, swap_diff
 
 
-def _onnx_export(ep: Any, example: torch.Tensor, path: Path, opset: int) -> int:
-    """``model.onnx`` from the ExportedProgram; returns its opset (at least 17)."""
+def _onnx_export(graph: torch.nn.Module, ep: Any, example: Any, multiple: int, path: Path, opset: int) -> int:
+    """``model.onnx`` from the ExportedProgram ``ep``; returns its opset (at least 17).
+
+    Without one (torch.export cannot prove the model's shapes for every size: TransWeather,
+    DehazeFormer), from the TorchScript tracer (``dynamo=False``, dynamic batch / height /
+    width), which records the size arithmetic as graph ops instead of proving it. What a
+    tracer freezes instead (a Python branch on a size) shows in the three-size verification.
+    """
+    axes = {0: "batch", 2: "height", 3: "width"}
+    common = {"opset_version": opset, "input_names": ["input"], "output_names": ["output"]}
+    what = "torch.onnx.export" if ep is not None else "the TorchScript ONNX exporter"
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch.no_grad() if ep is None else contextlib.nullcontext():
             warnings.simplefilter("ignore")
-            torch.onnx.export(ep, (example,), str(path), dynamo=True, opset_version=opset, input_names=["input"],
-                              output_names=["output"], external_data=False, verbose=False)  # fmt: skip
+            if ep is not None:
+                torch.onnx.export(ep, (example,), str(path), dynamo=True, external_data=False, verbose=False, **common)
+            else:
+                torch.onnx.export(graph, (_example(multiple),), str(path), dynamo=False,
+                                  dynamic_axes={"input": axes, "output": axes}, **common)  # fmt: skip
     except Exception as e:  # noqa: BLE001
-        raise ExportError(f"torch.onnx.export failed ({type(e).__name__}: {str(e).strip()[:1500]})") from e
+        raise ExportError(f"{what} failed ({type(e).__name__}: {str(e).strip()[:1500]})") from e
     got = _opset(path)
     if got < 17:
         raise ExportError(f"{path}: opset {got} < 17")
@@ -604,7 +634,12 @@ def _verify_onnx(
     with torch.no_grad():
         ref = [model(x).numpy() for x in xs]
     sess = _session(path, cfg.threads)
-    out = [sess.run(x.numpy()) for x in xs]
+    try:
+        out = [sess.run(x.numpy()) for x in xs]
+    except Exception as e:  # noqa: BLE001  onnxruntime's own exception types
+        raise ExportError(
+            f"ONNX Runtime cannot run the exported graph ({type(e).__name__}: {str(e)[:600]}){known_limit(model)}"
+        ) from e
     rows = _compare(ref, out, xs)
     worst = max(r["max_abs_diff"] for r in rows)
     if not worst <= cfg.tolerance:
@@ -660,8 +695,9 @@ def _distillation_info(meta: dict, model_dir: Path | None) -> dict | None:
     }
 
 
-def _onnx_info(opset: int, multiple: int) -> dict:
+def _onnx_info(opset: int, multiple: int, no_program: str | None) -> dict:
     return {
+        "exporter": f"TorchScript tracer: {no_program}" if no_program else "torch.export (dynamo)",
         "opset": opset,
         "input": "input",
         "output": "output",

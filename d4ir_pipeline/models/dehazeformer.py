@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .tiling import crop_to, pad_to_multiple
+from .tiling import crop_to, gather_pad, pad_to_multiple
 
 __all__ = ["DehazeFormer", "VARIANTS"]
 
@@ -90,8 +90,8 @@ def _partition(x: Tensor, ws: int) -> Tensor:
     return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, ws * ws, c)
 
 
-def _reverse(windows: Tensor, ws: int, h: int, w: int) -> Tensor:
-    b = int(windows.shape[0] / (h * w / ws / ws))
+def _reverse(windows: Tensor, ws: int, b: int, h: int, w: int) -> Tensor:
+    # b given: the official int(n / (h * w / ws / ws)) is a float a tracer freezes
     x = windows.view(b, h // ws, w // ws, ws, ws, -1)
     return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(b, h, w, -1)
 
@@ -121,13 +121,12 @@ class Attention(nn.Module):
             self.attn = WindowAttention(dim, window_size, num_heads)
 
     def _pad(self, x: Tensor, shift: bool) -> Tensor:
-        ws, ss = self.window_size, self.shift_size
+        ws, ss = self.window_size, self.shift_size if shift else 0
         h, w = x.shape[-2:]
-        ph, pw = (ws - h % ws) % ws, (ws - w % ws) % ws
-        pad = (ss, (ws - ss + pw) % ws, ss, (ws - ss + ph) % ws) if shift else (0, pw, 0, ph)
-        # reflect as the official code; a map smaller than its pad (where the official code fails) uses replicate
-        small = max(pad[2:]) >= h or max(pad[:2]) >= w
-        return F.pad(x, pad, mode="replicate" if small else "reflect")
+        # the official (ss, (ws - ss + pw) % ws) pads: the padded side is the multiple of ws that follows side + ss
+        ht, wt = ws * ((h + ss + ws - 1) // ws), ws * ((w + ss + ws - 1) // ws)
+        # reflect as the official code; a map smaller than its pad (where the official code fails) replicates
+        return gather_pad(x, ss, ht - h - ss, ss, wt - w - ss)
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
@@ -137,9 +136,10 @@ class Attention(nn.Module):
         qkv = self._pad(torch.cat([self.QK(x), v], dim=1), self.shift_size > 0)  # (B, 3C, Ht, Wt)
         ht, wt = qkv.shape[-2:]
         windows = self.attn(_partition(qkv.permute(0, 2, 3, 1), self.window_size))
-        out = _reverse(windows, self.window_size, ht, wt)  # (B, Ht, Wt, C)
-        ss = self.shift_size
-        attn_out = out[:, ss : ss + h, ss : ss + w, :].permute(0, 3, 1, 2)
+        out = _reverse(windows, self.window_size, b, ht, wt)  # (B, Ht, Wt, C)
+        ss = self.shift_size  # crop [ss, ss + side) back out, as gathers (no bounds a tracer freezes)
+        rows, cols = torch.arange(ss, ss + h, device=x.device), torch.arange(ss, ss + w, device=x.device)
+        attn_out = out.index_select(1, rows).index_select(2, cols).permute(0, 3, 1, 2)
         return self.proj(self.conv(v) + attn_out)
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["pad_to_multiple", "crop_to", "resize_by", "ResizeBy", "tiled_forward", "blend_ramp"]
+__all__ = ["pad_to_multiple", "crop_to", "gather_pad", "resize_by", "ResizeBy", "tiled_forward", "blend_ramp"]
 
 
 def resize_by(x: Tensor, *, up: int = 1, down: int = 1, mode: str = "nearest") -> Tensor:
@@ -62,6 +62,19 @@ def pad_to_multiple(x: Tensor, multiple: int, *, mode: str = "reflect") -> tuple
     if mode == "reflect" and (ph >= h or pw >= w):
         use = "replicate"
     return F.pad(x, (0, pw, 0, ph), mode=use), (h, w)
+
+
+def gather_pad(x: Tensor, top: int, bottom: int, left: int, right: int) -> Tensor:
+    """``F.pad(x, (left, right, top, bottom), "reflect")``, or ``"replicate"`` where a pad is as large as its
+    side (the fallback of :func:`pad_to_multiple`), as two gathers: the same values to the bit, and an
+    exporter keeps the sizes symbolic (a Python ``if`` on the sizes would freeze the traced branch)."""
+    h, w = x.shape[-2], x.shape[-1]
+    jh = torch.arange(h + top + bottom, device=x.device) - top  # the source row of each output row, unreflected
+    jw = torch.arange(w + left + right, device=x.device) - left
+    too_small = (jh.min() <= -h) | (jh.max() >= 2 * h - 1) | (jw.min() <= -w) | (jw.max() >= 2 * w - 1)
+    ih = torch.where(too_small, jh.clamp(0, h - 1), (h - 1) - ((h - 1) - jh.abs()).abs())
+    iw = torch.where(too_small, jw.clamp(0, w - 1), (w - 1) - ((w - 1) - jw.abs()).abs())
+    return x.index_select(-2, ih).index_select(-1, iw)
 
 
 def crop_to(x: Tensor, size: tuple[int, int]) -> Tensor:
