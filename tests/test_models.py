@@ -171,6 +171,24 @@ def test_gather_pad_is_f_pad_reflect_or_replicate_to_the_bit():
             assert torch.equal(gather_pad(x, top, bottom, left, right), want), (h, w, top, bottom, left, right)
 
 
+def test_dehazeformer_window_pad_is_the_official_pad():
+    # the official pads (ss, (ws - ss + pw) % ws) with pw = (ws - w % ws) % ws (no shift: (0, pw)); ours is
+    # written as "up to the next multiple of ws after side + ss" (an exporter can prove that a multiple)
+    import types
+
+    from d4ir_pipeline.models.dehazeformer import Attention
+
+    for ws, ss, shift in [(8, 4, True), (8, 0, False), (4, 2, True)]:
+        for h, w in [(1, 1), (5, 9), (8, 8), (13, 20), (33, 7)]:
+            x = torch.randn(1, 2, h, w, generator=torch.Generator().manual_seed(h + w))
+            ph, pw = (ws - h % ws) % ws, (ws - w % ws) % ws
+            pad = (ss, (ws - ss + pw) % ws, ss, (ws - ss + ph) % ws) if shift else (0, pw, 0, ph)
+            small = max(pad[2:]) >= h or max(pad[:2]) >= w
+            want = torch.nn.functional.pad(x, pad, mode="replicate" if small else "reflect")
+            fake = types.SimpleNamespace(window_size=ws, shift_size=ss)
+            assert torch.equal(Attention._pad(fake, x, shift), want), (ws, ss, h, w)
+
+
 def test_tiny_inputs_pad_with_replicate_when_reflect_cannot():
     x = torch.rand(1, 3, 3, 5)
     padded, size = pad_to_multiple(x, 8)
