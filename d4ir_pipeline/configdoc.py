@@ -19,7 +19,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "synthesize": ("d4ir_pipeline.stage1.synthesize", "SynthesizeConfig"),
     "distill": ("d4ir_pipeline.stage2.config", "DistillConfig"),
     "evaluate": ("d4ir_pipeline.stage2.evaluate", "EvalConfig"),
-    "teacher": ("d4ir_pipeline.demo.reference_teacher", "TeacherConfig"),
+    "teacher": ("d4ir_pipeline.demo.reference_teacher", "ReferenceTeacherConfig"),
     "compare": ("d4ir_pipeline.paper.compare", "CompareConfig"),
 }
 

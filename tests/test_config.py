@@ -288,7 +288,7 @@ def test_every_stage_names_its_output_folder_and_device_alike(stage, old, new):
 
 
 def test_a_renamed_table_names_the_new_key_of_what_it_holds(tmp_path):
-    from d4ir_pipeline.demo.reference_teacher import TeacherConfig
+    from d4ir_pipeline.demo.reference_teacher import ReferenceTeacherConfig
 
     with pytest.raises(ConfigError, match=r"`out\.publish_dir` was renamed; did you mean `output\.publish_dir`"):
-        load_config(TeacherConfig, write(tmp_path, '[out]\npublish_dir = "x"\n'))
+        load_config(ReferenceTeacherConfig, write(tmp_path, '[out]\npublish_dir = "x"\n'))

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from d4ir_pipeline.common.images import psnr
 from d4ir_pipeline.config import load_config
 from d4ir_pipeline.demo.reference_teacher import (
+    ReferenceTeacherConfig,
     TeacherBarError,
-    TeacherConfig,
     evaluate_pairs,
     load_pairs,
     train_teacher,
@@ -27,8 +27,8 @@ SMOKE = Path(__file__).resolve().parent.parent / "stages" / "smoke" / "teacher.t
 WEATHERS = ("rain", "haze", "snow")
 
 
-def _cfg(work: Path, data: Path, *sets: str) -> TeacherConfig:
-    return load_config(TeacherConfig, SMOKE, [f"data.root={json.dumps(str(data))}", *sets], work_dir=work)
+def _cfg(work: Path, data: Path, *sets: str) -> ReferenceTeacherConfig:
+    return load_config(ReferenceTeacherConfig, SMOKE, [f"data.root={json.dumps(str(data))}", *sets], work_dir=work)
 
 
 def _cfg_manifests(data: Path) -> list[str]:

@@ -16,7 +16,7 @@ from d4ir_pipeline.common.seeds import splitmix_seed, text_seed, tuple_seed
 from d4ir_pipeline.common.train import CheckpointDir, MetricsLog, rng_state, set_rng_state, warmup_cosine
 from d4ir_pipeline.config import load_stage_config
 from d4ir_pipeline.demo.demo_sd import UNetTrain, VAETrain, phase_warmup
-from d4ir_pipeline.demo.reference_teacher import TeacherConfig
+from d4ir_pipeline.demo.reference_teacher import ReferenceTeacherConfig
 from d4ir_pipeline.errors import D4IRError
 from d4ir_pipeline.paper.compare import CompareConfig
 from d4ir_pipeline.stage1.dpa.config import DPAConfig
@@ -89,7 +89,7 @@ def _schedules() -> dict[str, list[float]]:
                 c.dfmc.s_lr or d.lr, b.steps + 1, total=b.steps, angle_first=True
             )
     for p in ("demo", "smoke"):
-        t = load_stage_config(TeacherConfig, "teacher", profile=p, work_dir="/w").train
+        t = load_stage_config(ReferenceTeacherConfig, "teacher", profile=p, work_dir="/w").train
         floor = t.min_lr / t.lr if t.lr > 0 else 0.0
         out[f"teacher/{p}"] = _lambda_lr(t.lr, t.steps + 1, total=t.steps, warmup=t.warmup_steps, min_ratio=floor)
     for name, ph in (("vae", VAETrain()), ("unet", UNetTrain())):

@@ -135,7 +135,7 @@ class OutputSection:
 
 
 @dataclass(frozen=True)
-class TeacherConfig:
+class ReferenceTeacherConfig:
     """`d4ir train-teacher` (stages/<profile>/teacher.toml)."""
 
     data: DataSection = field(default_factory=DataSection)
@@ -272,7 +272,7 @@ def evaluate_pairs(model: torch.nn.Module, pairs: list[dict]) -> dict[str, dict[
 # training
 
 
-def train_teacher(cfg: TeacherConfig) -> TeacherResult:
+def train_teacher(cfg: ReferenceTeacherConfig) -> TeacherResult:
     """Train (or resume), evaluate and optionally publish the demo teacher."""
     clock, tc, out = _Clock(), cfg.train, Path(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -393,7 +393,7 @@ def _save(run: _Run, step: int, chash: str, clock: _Clock) -> None:
     run.ckpts.save(step, state=state, weights={"model": run.model.state_dict()})
 
 
-def _train(cfg: TeacherConfig, run: _Run, pairs: list[dict], step: int, log: MetricsLog, save) -> int:
+def _train(cfg: ReferenceTeacherConfig, run: _Run, pairs: list[dict], step: int, log: MetricsLog, save) -> int:
     """From ``step`` to the end (or ``train.stop_after`` new steps): batch -> L1 -> step -> log -> maybe save."""
     tc = cfg.train
     end = tc.steps if not tc.stop_after else min(tc.steps, step + tc.stop_after)
@@ -427,7 +427,9 @@ def _train(cfg: TeacherConfig, run: _Run, pairs: list[dict], step: int, log: Met
     return step
 
 
-def _evaluate(cfg: TeacherConfig, model: torch.nn.Module, out: Path, chash: str, step: int, clock: _Clock) -> dict:
+def _evaluate(
+    cfg: ReferenceTeacherConfig, model: torch.nn.Module, out: Path, chash: str, step: int, clock: _Clock
+) -> dict:
     """Score teacher and identity on the paired test sets; write model/ and report.json; returns the report."""
     test_pairs = []
     for m in cfg.data.test_manifests:
@@ -455,7 +457,7 @@ def _evaluate(cfg: TeacherConfig, model: torch.nn.Module, out: Path, chash: str,
     return report
 
 
-def _publish(cfg: TeacherConfig, model: torch.nn.Module, report: dict, out: Path) -> Path | None:
+def _publish(cfg: ReferenceTeacherConfig, model: torch.nn.Module, report: dict, out: Path) -> Path | None:
     """Copy the model and a README to ``output.publish_dir`` when it is set and the bar is met (refused otherwise)."""
     if not cfg.output.publish_dir:
         return None
@@ -482,7 +484,7 @@ def _toml_value(v: Any) -> str:
     return repr(v)
 
 
-def _readme(cfg: TeacherConfig, report: dict, folder: Path) -> str:
+def _readme(cfg: ReferenceTeacherConfig, report: dict, folder: Path) -> str:
     """README of the published teacher: what it is, how it was made, what it scores."""
     d = config_to_dict(cfg)
     toml = []
@@ -539,14 +541,14 @@ target). Bar: the teacher beats the identity by >= {report["min_gain_db"]} dB on
 """
 
 
-def type_name(cfg: TeacherConfig) -> str:
+def type_name(cfg: ReferenceTeacherConfig) -> str:
     """Class name of the configured model (built on the meta device: no weights)."""
     with torch.device("meta"):
         return type(build_model(cfg.model.name)).__name__
 
 
-@stage_command("train-teacher", TeacherConfig, "teacher")
-def train_teacher_command(cfg: TeacherConfig) -> None:
+@stage_command("train-teacher", ReferenceTeacherConfig, "teacher")
+def train_teacher_command(cfg: ReferenceTeacherConfig) -> None:
     """Train the demo's reference teacher (stages/<profile>/teacher.toml)."""
     res = train_teacher(cfg)
     click.echo(res.summary())
