@@ -5,6 +5,7 @@
 #   make bench BENCH="--quick synthesize"   (--smoke: tiny sizes; names: dpa synthesize distill deploy)
 #   make export MODEL=runs/demo/distill/nafnet_s/student OUT=runs/demo/export/nafnet_s
 #   make restore IN=photos/ OUT=restored/ MODEL=runs/demo/export/nafnet_s/model.onnx
+#   make restore IN=photos/ OUT=restored/ MODEL=/models/wgws SET=model.weather=rain   (a non-blind teacher)
 #   make test TEST_JOBS=4                   (test worker processes; 1: one process, in order)
 PYTHON   ?= python3
 VENV     ?= .venv

@@ -190,7 +190,7 @@ def test_a_non_blind_teacher_restores_only_a_named_weather(tmp_path):
     from d4ir_pipeline.deploy.runner import ModelConfig, load_runner
 
     cfg = _saved(tmp_path, "wgws_s")
-    with pytest.raises(D4IRError, match="`model.weather` is empty.*snow.*rain.*haze"):
+    with pytest.raises(D4IRError, match=r"`model.weather` \(--weather\) is empty.*snow.*rain.*haze"):
         load_runner(ModelConfig(checkpoint=cfg.checkpoint), device="cpu")
     with pytest.raises(D4IRError, match="knows"):
         load_runner(ModelConfig(checkpoint=cfg.checkpoint, weather="fog"), device="cpu")

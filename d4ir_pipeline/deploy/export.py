@@ -819,6 +819,8 @@ def export_command(checkpoint, out, arch, kwargs_, key, weather, calib_shards, n
     )
     if r.pt2_max_abs_diff is not None:
         click.echo(f"  model.pt2 vs PyTorch:         max abs diff {r.pt2_max_abs_diff:.2e}")
+    elif (exporter := r.info["onnx"]["exporter"]).startswith("TorchScript"):
+        click.echo(f"  model.onnx from the {exporter}; no model.pt2")
     fp16 = r.info["verification"]["fp16"]
     if fp16.get("written"):
         click.echo(f"  fp16 vs fp32:                 PSNR >= {r.fp16_psnr_db:.1f} dB")

@@ -94,8 +94,8 @@ def load_torch_model(cfg: ModelConfig) -> tuple[nn.Module, dict, dict]:
     io = model.d4ir_io
     if io.weather_flag and not tc.weather:
         raise D4IRError(
-            f"`model.weather` is empty: {type(model).__name__} is not blind; choose the weather to restore, one of "
-            f"{list(io.weather_flag)}"
+            f"`model.weather` (--weather) is empty: {type(model).__name__} is not blind; choose the weather to "
+            f"restore, one of {list(io.weather_flag)}"
         )
     if not io.is_plain or model_multiple(model) % io.pad_multiple:
         model = AdaptedModel(model, io, tc.weather or None).eval()
