@@ -219,7 +219,7 @@ def _program_or_reason(graph: torch.nn.Module, multiple: int, max_side: int) -> 
     try:
         ep, example, min_side = _export_program(graph, multiple, max_side)
     except ExportError as e:
-        why = str(e).split(" (", 1)[0] + (known_limit(graph) or "")
+        why = "torch.export of the model failed" + known_limit(graph)  # the cause is in the log line below
         logger.warning("%s; exporting ONNX with the TorchScript tracer instead (no model.pt2)", e)
         return None, None, 0, why
     return ep, example, min_side, None

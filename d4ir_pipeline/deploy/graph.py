@@ -7,10 +7,10 @@ graph exported at 256 px fails at 97x131, "Attempting to broadcast an axis by a
 dimension other than 1. 64 by 65"). :class:`AnySize` pads before the model with index
 arithmetic the exporter keeps symbolic: the padded side is written ``m * ceil(h / m)``,
 which the shape solver can prove a multiple of ``m`` (so the model's own pad is a no-op
-in the graph), and the reflection is a gather with indices ``(h-1) - |(h-1) - i|``
-(``F.pad``'s reflect mode adds a guard ``pad < h`` the solver cannot prove). Where
-``pad_to_multiple`` falls back to ``replicate`` (a pad as large as the side), the same
-choice is made with a tensor ``where``. The crop back is a gather too. Output equals
+in the graph), and the reflection is ``models.tiling.gather_pad``: a gather with indices
+``(h-1) - |(h-1) - i|`` (``F.pad``'s reflect mode adds a guard ``pad < h`` the solver
+cannot prove); where ``pad_to_multiple`` falls back to ``replicate`` (a pad as large as
+the side), the same choice is made with a tensor ``where``. The crop back is a gather too. Output equals
 the eager model at every size (tests: 1x1 to 256x192).
 
 Export-hostile modules are swapped for equivalents from :data:`EXPORT_EQUIVALENTS`
@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models.nafnet import layer_norm_2d
+from ..models.tiling import gather_pad
 
 __all__ = [
     "AnySize",
@@ -52,12 +53,6 @@ def model_multiple(model: nn.Module, override: int = 0) -> int:
     return int(m) if isinstance(m, int) and m > 0 else 1
 
 
-def _reflect_index(n: int, total: int, device: torch.device) -> Tensor:
-    """Indices (total,) into a side of length ``n``, reflected without repeating the edge (F.pad 'reflect')."""
-    i = torch.arange(total, device=device)
-    return (n - 1) - ((n - 1) - i).abs()
-
-
 class AnySize(nn.Module):
     """``model`` behind an in-graph pad to ``multiple`` (reflect, replicate for tiny sides) and crop back."""
 
@@ -71,11 +66,7 @@ class AnySize(nn.Module):
             return self.model(x)
         h, w, m = x.shape[-2], x.shape[-1], self.multiple
         hp, wp = m * ((h + m - 1) // m), m * ((w + m - 1) // m)  # provably multiples of m
-        rh, rw = _reflect_index(h, hp, x.device), _reflect_index(w, wp, x.device)
-        too_small = (rh.min() < 0) | (rw.min() < 0)  # a pad >= the side: pad_to_multiple replicates instead
-        ih = torch.where(too_small, torch.arange(hp, device=x.device).clamp(max=h - 1), rh)
-        iw = torch.where(too_small, torch.arange(wp, device=x.device).clamp(max=w - 1), rw)
-        y = self.model(x.index_select(2, ih).index_select(3, iw))  # (B, C', Hp, Wp)
+        y = self.model(gather_pad(x, 0, hp - h, 0, wp - w))  # (B, C', Hp, Wp), as pad_to_multiple pads
         return y.index_select(2, torch.arange(h, device=x.device)).index_select(3, torch.arange(w, device=x.device))
 
 
