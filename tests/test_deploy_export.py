@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
@@ -24,7 +25,7 @@ from d4ir_pipeline.deploy.card import USAGE
 from d4ir_pipeline.deploy.export import CalibConfig, export, find_shardset
 from d4ir_pipeline.deploy.graph import AnySize, ChannelLayerNorm, SplitGateNAFBlock, export_ready
 from d4ir_pipeline.models import STUDENTS, build_model, save_model
-from d4ir_pipeline.models.nafnet import LayerNorm2d, NAFBlock
+from d4ir_pipeline.models.nafnet import LayerNorm2d, NAFBlock, layer_norm_2d
 from d4ir_pipeline.testing import make_shardset
 
 PARITY_SIZES = [(64, 64), (97, 131), (256, 192)]
@@ -68,6 +69,16 @@ def test_onnx_runtime_matches_pytorch_at_any_size_for_every_student(exported_stu
     assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) >= 17
     # no layout round trips: a Transpose (e.g. around a LayerNormalization) takes ONNX Runtime out of NCHWc
     assert not {n.op_type for n in graph.graph.node} & {"Transpose", "LayerNormalization"}
+    # the channel LayerNorm's means are 1x1 convs: a ReduceMean here pools space (SCA), never channels
+    for node in (n for n in graph.graph.node if n.op_type == "ReduceMean"):
+        axes = [list(a.ints) for a in node.attribute if a.name == "axes"]
+        if not axes:  # opset 18: the axes are an input, a graph constant
+            const = {i.name: i for i in graph.graph.initializer}
+            src = {o: n for n in graph.graph.node for o in n.output}
+            name = node.input[1]
+            tensor = const[name] if name in const else next(a.t for a in src[name].attribute if a.name == "value")
+            axes = [onnx.numpy_helper.to_array(tensor).tolist()]
+        assert 1 not in axes[0] and -3 not in axes[0], axes
     info = json.loads((out / "export.json").read_text())
     assert [r["size"] for r in info["verification"]["fp32_onnxruntime"]] == ["64x64", "97x131", "256x192", "64x64"]
     assert all(r["max_abs_diff"] <= 1e-4 for r in info["verification"]["fp32_onnxruntime"])
@@ -126,10 +137,12 @@ def test_layernorm2d_is_replaced_by_an_exact_equivalent():
         with torch.no_grad():
             diff = (ready(x) - net(x)).abs().max().item()
         assert diff <= 1e-5, diff
-        if original is ours:  # the same formula as ours: bit-identical, in place (no_grad) or not
-            with torch.no_grad():
-                assert torch.equal(ready(x), net(x))
-            assert torch.equal(ready(x), net(x))
+        assert torch.allclose(ready(x), layer_norm_2d(x, original.weight, original.bias, 1e-6), rtol=0, atol=1e-5)
+        # the channel means are 1x1 convs: nothing reduces over axis 1, eps sits in the variance conv's bias
+        norm = ready[1]
+        assert norm.centre.shape == (16, 16, 1, 1) and norm.mean.shape == (1, 16, 1, 1)
+        assert torch.allclose(F.conv2d(x, norm.mean).squeeze(1), x.mean(1), atol=1e-6)
+        assert norm.eps_bias.tolist() == [pytest.approx(1e-6)] and not norm.state_dict().keys() - {"weight", "bias"}
     assert isinstance(net[1], LayerNorm2dOfficialStyle)  # the original model is left untouched
     model = randomised("nafnet_s")
     ready, counts = export_ready(model)
@@ -210,7 +223,7 @@ def test_full_export_is_verified_calibrated_on_the_students_shards_and_documente
         f"{r.int8_psnr_db:.2f} dB",
         "97x131",
         "NAFBlock x 7 -> gates over half-width convs",
-        "LayerNorm2d x 14 -> plain channel-mean ops",
+        "LayerNorm2d x 14 -> channel means as 1x1 convs",
     ):
         assert text in card, text
     for f in info["files"].values():

@@ -29,9 +29,9 @@ import copy
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..models.nafnet import layer_norm_2d
 from ..models.tiling import gather_pad
 
 __all__ = [
@@ -71,25 +71,37 @@ class AnySize(nn.Module):
 
 
 class ChannelLayerNorm(nn.Module):
-    """LayerNorm over the channels of (B, C, H, W) as plain tensor ops (ReduceMean over axis 1 in ONNX).
+    """LayerNorm over the channels of (B, C, H, W) with its two channel means as 1x1 convolutions.
 
-    Our ``LayerNorm2d``'s own out-of-place formula (``models.nafnet.layer_norm_2d``), so ours
-    exports bit-identical; the swap is for the official NAFNet's ``LayerNorm2d``, a custom
-    ``autograd.Function``. Not one ``LayerNormalization``: ONNX normalises only trailing
-    axes, so that needs a transpose each way, which take the norm out of ONNX Runtime's
-    blocked (NCHWc) layout and scale badly with threads (nafnet_s at 512 px,
-    medians of interleaved runs: 2 threads 222 -> 160 ms, 1024 px 1083 -> 729 ms; 1 thread
-    240 -> 249 ms, within this machine's noise).
+    ``d = conv(x, I - 1/C)`` centres every pixel's channels, ``var = conv(d * d, 1/C) + eps``
+    (eps as the conv's bias, one output channel), and ``y = weight * d * rsqrt(var) + bias``:
+    ``models.nafnet.layer_norm_2d`` to float rounding (the swap is checked before every
+    export; <= 1e-5 in the tests, on inputs with a large mean). Why convolutions: ONNX Runtime
+    runs a 1x1 conv in its blocked (NCHWc) layout with vector dot products, and a
+    ``ReduceMean`` over axis 1 as a strided reduction (nafnet_s, 1 thread, medians of
+    interleaved runs on one machine: 256 px 112 -> 73 ms, 512 px 375 -> 292 ms, 1024 px 1674
+    -> 1332 ms; 2 threads at 1024 px 981 -> 931 ms). Not one ``LayerNormalization``: ONNX
+    normalises only trailing axes, so that needs a transpose each way, which take the norm out
+    of the blocked layout and scale badly with threads (2 threads, 512 px: 222 -> 160 ms when
+    they went, on the machine of 2026-12-04). Swapped for our ``LayerNorm2d`` and the official
+    one (a custom ``autograd.Function``) alike.
     """
 
     def __init__(self, weight: Tensor, bias: Tensor, eps: float):
         super().__init__()
+        c = weight.numel()
         self.weight = nn.Parameter(weight.detach().clone())
         self.bias = nn.Parameter(bias.detach().clone())
         self.eps = float(eps)
+        eye = torch.eye(c, dtype=weight.dtype, device=weight.device)
+        self.register_buffer("centre", (eye - 1.0 / c).view(c, c, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.full_like(weight.detach(), 1.0 / c).view(1, c, 1, 1), persistent=False)
+        self.register_buffer("eps_bias", torch.full_like(weight.detach()[:1], self.eps), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, C, H, W)
-        return layer_norm_2d(x, self.weight, self.bias, self.eps)
+        d = F.conv2d(x, self.centre)  # x - mean over channels
+        r = torch.rsqrt(F.conv2d(d * d, self.mean, self.eps_bias))  # (B, 1, H, W): 1 / sqrt(var + eps)
+        return self.weight.view(1, -1, 1, 1) * (d * r) + self.bias.view(1, -1, 1, 1)
 
 
 def _channel_layer_norm(module: nn.Module) -> nn.Module | None:
@@ -151,13 +163,13 @@ def _split_gate_block(module: nn.Module) -> nn.Module | None:
 
 # class name -> builder of an exact equivalent (None: this instance does not match; left alone)
 EXPORT_EQUIVALENTS: dict[str, Callable[[nn.Module], nn.Module | None]] = {
-    # NAFNet's channel LayerNorm: the official one is a custom autograd.Function; plain ops every ONNX
-    # consumer understands, and ONNX Runtime runs fastest (ChannelLayerNorm says why not LayerNormalization)
+    # NAFNet's channel LayerNorm: the official one is a custom autograd.Function; ops every ONNX consumer
+    # understands, the channel means as 1x1 convs, which ONNX Runtime runs fastest (ChannelLayerNorm says why)
     "LayerNorm2d": _channel_layer_norm,
     # NAFNet's block: the Split of each gate keeps ONNX Runtime's convs out of its blocked layout
     "NAFBlock": _split_gate_block,
 }
-SWAP_NOTES = {"LayerNorm2d": "plain channel-mean ops", "NAFBlock": "gates over half-width convs, no Split"}
+SWAP_NOTES = {"LayerNorm2d": "channel means as 1x1 convs", "NAFBlock": "gates over half-width convs, no Split"}
 
 
 def export_ready(model: nn.Module) -> tuple[nn.Module, dict[str, int]]:
