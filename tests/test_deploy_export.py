@@ -162,7 +162,14 @@ def test_nafblock_gates_read_half_width_convs_and_other_layouts_are_left_alone()
     ready, counts = export_ready(nn.Sequential(block))
     assert counts == {"NAFBlock": 1, "LayerNorm2d": 2} and isinstance(ready[0], SplitGateNAFBlock)
     assert (ready[0].conv1a.out_channels, ready[0].conv2a.groups, ready[0].conv4b.out_channels) == (8, 8, 8)
-    x = torch.randn(2, 8, 11, 13)
+    # the norms' scale and shift live in the half-width 1x1 convs that read them; the original keeps its own
+    norm1 = ready[0].norm1
+    assert isinstance(norm1, ChannelLayerNorm) and norm1.weight is None and ready[0].norm2.weight is None
+    g, b = block.norm1.weight.detach(), block.norm1.bias.detach()
+    w1 = block.conv1.weight.detach()[:8]
+    assert torch.allclose(ready[0].conv1a.weight, w1 * g.view(1, -1, 1, 1), atol=1e-6)
+    assert torch.allclose(ready[0].conv1a.bias, block.conv1.bias.detach()[:8] + w1[:, :, 0, 0] @ b, atol=1e-6)
+    x = torch.randn(2, 8, 11, 13) * 4.0 + 2.0
     with torch.no_grad():
         assert (ready(x) - block(x)).abs().max().item() <= 1e-5
     strided = NAFBlock(8)

@@ -20,7 +20,9 @@ is swapped for one whose gates read two half-width convolutions instead of a ``S
 of one: ONNX Runtime keeps both halves in its blocked (NCHWc) convolution layout and
 the gate multiplies them there (``nafnet_s``, one CPU thread, medians of interleaved
 runs: 256 px 77.6 -> 69.1 ms, 512 px 363 -> 333 ms, 1024 px 1.69 -> 1.67 s; the same
-outputs). :data:`SWAP_NOTES` says what each swap does, for the model card.
+outputs), and whose norms' scale and shift are then folded into the 1x1 convolutions
+that read them (:class:`ChannelLayerNorm` says why). :data:`SWAP_NOTES` says what each
+swap does, for the model card.
 """
 
 from __future__ import annotations
@@ -71,37 +73,56 @@ class AnySize(nn.Module):
 
 
 class ChannelLayerNorm(nn.Module):
-    """LayerNorm over the channels of (B, C, H, W) with its two channel means as 1x1 convolutions.
+    """LayerNorm over the channels of (B, C, H, W) with its channel sums as 1x1 convolutions.
 
     ``d = conv(x, I - 1/C)`` centres every pixel's channels, ``var = conv(d * d, 1/C) + eps``
-    (eps as the conv's bias, one output channel), and ``y = weight * d * rsqrt(var) + bias``:
+    (eps as the conv's bias, one output channel), ``r = rsqrt(var)`` is spread back over the
+    channels by a 1x1 conv of ones, and ``y = weight * (d * r) + bias``:
     ``models.nafnet.layer_norm_2d`` to float rounding (the swap is checked before every
-    export; <= 1e-5 in the tests, on inputs with a large mean). Why convolutions: ONNX Runtime
-    runs a 1x1 conv in its blocked (NCHWc) layout with vector dot products, and a
-    ``ReduceMean`` over axis 1 as a strided reduction (nafnet_s, 1 thread, medians of
-    interleaved runs on one machine: 256 px 112 -> 73 ms, 512 px 375 -> 292 ms, 1024 px 1674
-    -> 1332 ms; 2 threads at 1024 px 981 -> 931 ms). Not one ``LayerNormalization``: ONNX
-    normalises only trailing axes, so that needs a transpose each way, which take the norm out
-    of the blocked layout and scale badly with threads (2 threads, 512 px: 222 -> 160 ms when
-    they went, on the machine of 2026-12-04). Swapped for our ``LayerNorm2d`` and the official
-    one (a custom ``autograd.Function``) alike.
+    export; <= 1e-5 in the tests, on inputs with a large mean). Inside a NAFNet block the
+    scale and shift are folded into the 1x1 convs that read the norm (:meth:`fold_affine`).
+
+    Why convolutions: ONNX Runtime runs a 1x1 conv in its blocked (NCHWc) layout with vector
+    dot products, a ``ReduceMean`` over axis 1 as a strided reduction, and a product with a
+    one-channel (or per-channel) operand only after reordering the tensor out of the blocked
+    layout and back. nafnet_s, 1 thread, medians of interleaved runs on one machine, ReduceMean
+    -> conv means -> conv means, spread ``r`` and folded affine: 256 px 112 -> 73 -> 46 ms,
+    512 px 375 -> 292 -> 241 ms, 1024 px 1674 -> 1332 -> 1127 ms. Not one
+    ``LayerNormalization``: ONNX normalises only trailing axes, so that needs a transpose each
+    way, which take the norm out of the blocked layout and scale badly with threads (2
+    threads, 512 px: 222 -> 160 ms when they went, on the machine of 2026-12-04). Swapped for
+    our ``LayerNorm2d`` and the official one (a custom ``autograd.Function``) alike.
     """
 
     def __init__(self, weight: Tensor, bias: Tensor, eps: float):
         super().__init__()
         c = weight.numel()
-        self.weight = nn.Parameter(weight.detach().clone())
-        self.bias = nn.Parameter(bias.detach().clone())
+        self.weight: nn.Parameter | None = nn.Parameter(weight.detach().clone())
+        self.bias: nn.Parameter | None = nn.Parameter(bias.detach().clone())
         self.eps = float(eps)
-        eye = torch.eye(c, dtype=weight.dtype, device=weight.device)
+        w = weight.detach()
+        eye = torch.eye(c, dtype=w.dtype, device=w.device)
         self.register_buffer("centre", (eye - 1.0 / c).view(c, c, 1, 1), persistent=False)
-        self.register_buffer("mean", torch.full_like(weight.detach(), 1.0 / c).view(1, c, 1, 1), persistent=False)
-        self.register_buffer("eps_bias", torch.full_like(weight.detach()[:1], self.eps), persistent=False)
+        self.register_buffer("mean", torch.full_like(w, 1.0 / c).view(1, c, 1, 1), persistent=False)
+        self.register_buffer("eps_bias", torch.full_like(w[:1], self.eps), persistent=False)
+        self.register_buffer("spread", torch.ones_like(w).view(c, 1, 1, 1), persistent=False)
+
+    def fold_affine(self, convs: tuple[nn.Conv2d, ...]) -> None:
+        """Move ``weight`` / ``bias`` into the 1x1 ``convs`` that are the only readers of this norm."""
+        g, b = self.weight.detach().double(), self.bias.detach().double()
+        for conv in convs:
+            w = conv.weight.detach().double()  # (O, C, 1, 1)
+            shift = w[:, :, 0, 0] @ b
+            old = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(shift)
+            conv.weight = nn.Parameter((w * g.view(1, -1, 1, 1)).to(conv.weight.dtype))
+            conv.bias = nn.Parameter((old + shift).to(conv.weight.dtype))
+        self.weight = self.bias = None
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, C, H, W)
         d = F.conv2d(x, self.centre)  # x - mean over channels
         r = torch.rsqrt(F.conv2d(d * d, self.mean, self.eps_bias))  # (B, 1, H, W): 1 / sqrt(var + eps)
-        return self.weight.view(1, -1, 1, 1) * (d * r) + self.bias.view(1, -1, 1, 1)
+        y = d * F.conv2d(r, self.spread)  # r on every channel: a same-shape product
+        return y if self.weight is None else self.weight.view(1, -1, 1, 1) * y + self.bias.view(1, -1, 1, 1)
 
 
 def _channel_layer_norm(module: nn.Module) -> nn.Module | None:
@@ -134,6 +155,12 @@ class SplitGateNAFBlock(nn.Module):
         self.dropout1, self.dropout2 = block.dropout1, block.dropout2
         (self.conv1a, self.conv1b), (self.conv2a, self.conv2b) = _halves(block.conv1), _halves(block.conv2)
         self.conv4a, self.conv4b = _halves(block.conv4)
+
+    def fold_norms(self) -> None:
+        """Fold each channel norm's scale and shift into the half-width 1x1 convs, its only readers."""
+        for norm, convs in ((self.norm1, (self.conv1a, self.conv1b)), (self.norm2, (self.conv4a, self.conv4b))):
+            if isinstance(norm, ChannelLayerNorm) and norm.weight is not None:
+                norm.fold_affine(convs)
 
     def forward(self, inp: Tensor) -> Tensor:
         x = self.norm1(inp)
@@ -169,7 +196,10 @@ EXPORT_EQUIVALENTS: dict[str, Callable[[nn.Module], nn.Module | None]] = {
     # NAFNet's block: the Split of each gate keeps ONNX Runtime's convs out of its blocked layout
     "NAFBlock": _split_gate_block,
 }
-SWAP_NOTES = {"LayerNorm2d": "channel means as 1x1 convs", "NAFBlock": "gates over half-width convs, no Split"}
+SWAP_NOTES = {
+    "LayerNorm2d": "channel means as 1x1 convs",
+    "NAFBlock": "gates over half-width convs, no Split; the norms' scale and shift folded into the convs after them",
+}
 
 
 def export_ready(model: nn.Module) -> tuple[nn.Module, dict[str, int]]:
@@ -187,4 +217,7 @@ def export_ready(model: nn.Module) -> tuple[nn.Module, dict[str, int]]:
             swap(new if new is not None else child)  # a new module may hold swappable ones (a block's norms)
 
     swap(ready)
+    for module in ready.modules():
+        if isinstance(module, SplitGateNAFBlock):
+            module.fold_norms()  # after the swaps, when the block's norms are ChannelLayerNorms
     return ready, counts
