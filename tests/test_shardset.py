@@ -206,6 +206,30 @@ def test_rank_listings_merge_and_a_narrower_rerun_reuses_other_ranks_shards(tmp_
     assert not (out / "shardset.r001.json").exists()
 
 
+def test_a_rerun_that_differs_only_in_provenance_keeps_shardset_json(tmp_path: Path) -> None:
+    """Its sha256 is the set's identity downstream: a rerun from another install must not orphan label caches."""
+    out = tmp_path / "set"
+    models = {"sd": "demo_sd@unet-sha256:ab", "sd_source": "/install/a/demo_sd"}
+    first = writer(out, head={**header(), "models": models, "versions": {"torch": "2.14.1"}})
+    fill(first, first.open()[:2])
+    assert merge_shardset(out)["complete"] is False
+    fill(first, first.open())  # the rest: what the set holds changes, so shardset.json follows
+    assert first.finish()["complete"] is True
+    before = (out / "shardset.json").read_bytes()
+    # the same shards from another checkout, package versions and an output-neutral config key
+    moved = {**header(), "config": {"seed": 0, "workers": 4}, "versions": {"torch": "2.15.0"},
+             "models": {**models, "sd_source": "/install/b/demo_sd"}}  # fmt: skip
+    again = writer(out, head=moved)
+    assert again.open() == []
+    assert again.finish() == json.loads(before)
+    assert (out / "shardset.json").read_bytes() == before
+    # another model id is not provenance: written
+    other = writer(out, head={**header(), "models": {**models, "sd": "demo_sd@unet-sha256:cd"}})
+    assert other.open() == []
+    assert other.finish()["models"]["sd"] == "demo_sd@unet-sha256:cd"
+    assert json.loads((out / "shardset.json").read_text())["models"]["sd"] == "demo_sd@unet-sha256:cd"
+
+
 def test_label_cache_is_one_rank_with_its_own_listing(tmp_path: Path) -> None:
     out = tmp_path / "labels"
     w = label_writer(out)

@@ -45,6 +45,12 @@ logger = logging.getLogger(__name__)
 Sample = tuple[str, list[tuple[str, bytes]]]  # (key, [(ext, bytes), ...])
 # header keys left out of the "differing:" list of a refusal: they never make two sets differ
 _NOT_COMPARED = ("versions", "runtime")
+# shardset.json keys that say where and with what a set was made, not what it holds. A merge
+# that would change only these keeps the file on disk: its sha256 is the set's identity for
+# label caches, distillation runs and model cards, and a rerun that reuses every shard from
+# another install path (``models.sd_source``), package versions or device must not orphan
+# them. ``config`` differs only in keys outside the config hash when ``config_hash`` agrees.
+PROVENANCE_KEYS = ("config", "versions", "runtime", "models.sd_source")
 
 
 # ---------------------------------------------------------------------------------------
@@ -428,12 +434,42 @@ def merge_shardset(out_dir: str | os.PathLike, *, cleanup: bool = True) -> dict:
     }
     if missing or unfinished:
         manifest["pending_ranks"] = sorted(set(missing) | set(unfinished))
+    kept = _unchanged_manifest(out / SHARDSET_NAME, manifest)
+    if kept is not None:
+        return kept
     atomic_write_json(out / SHARDSET_NAME, manifest, indent=None)
     if complete and cleanup:
         for r, p in files.items():
             if r >= world:
                 p.unlink(missing_ok=True)
     return manifest
+
+
+def _without(doc: Mapping[str, Any], dotted: Sequence[str]) -> dict:
+    """A copy of ``doc`` without the ``dotted`` keys (one level of nesting)."""
+    out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in doc.items()}
+    for key in dotted:
+        head, _, tail = key.partition(".")
+        if tail and isinstance(out.get(head), dict):
+            out[head].pop(tail, None)
+        elif not tail:
+            out.pop(head, None)
+    return out
+
+
+def _unchanged_manifest(path: Path, manifest: dict) -> dict | None:
+    """The ``shardset.json`` at ``path`` when ``manifest`` differs from it only in :data:`PROVENANCE_KEYS`."""
+    if not path.is_file():
+        return None
+    try:
+        old = read_json(path)
+    except (OSError, ValueError):
+        return None  # unreadable: rewritten
+    if not isinstance(old, dict) or _without(old, PROVENANCE_KEYS) != _without(manifest, PROVENANCE_KEYS):
+        return None
+    if changed := _differing(old, manifest):
+        logger.info("%s kept as it was (the same shards; this run differs only in %s)", path, ", ".join(changed[:6]))
+    return old
 
 
 def all_ranks_done(out: Path, world: int, chash: str) -> bool:

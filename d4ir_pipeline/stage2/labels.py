@@ -147,7 +147,8 @@ def label(cfg: DistillConfig) -> LabelResult:
         identity=("teacher.id", "shardset_sha256", "format"),
         carry=("skipped",),
         where=str(out / LABELS_NAME),
-        hint="remove the folder or set `labels.dir`",
+        hint="remove the folder to label again (a shardset_sha256 that differs means the shard set was re-made "
+        "or re-merged since), or set `labels.dir`",
     )
     # 2. resume: shards already written for the same teacher, shard set and format that verify are kept
     todo = writer.open()
