@@ -193,6 +193,17 @@ def test_resume_keeps_verified_shards_and_redoes_damaged(first_run, data, tiny_s
     assert r.exit_code == 1 and "DAMAGED synth-r000-000000.tar" in r.output
 
 
+def test_a_rerun_with_nothing_to_make_leaves_shardset_json_byte_identical(first_run, data, tiny_sd_path, tmp_path):
+    """Label caches and distillation runs name the set by this file's sha256 (the rerun once dropped `runtime`)."""
+    src, _ = first_run
+    out = tmp_path / "shards"
+    shutil.copytree(src, out)
+    before = sha256_file(out / "shardset.json")
+    res = synthesize(make_cfg(data, tiny_sd_path, out))
+    assert (res.shards_written, res.shards_reused, res.complete) == (0, 3, True)
+    assert sha256_file(out / "shardset.json") == before
+
+
 def test_other_config_is_refused_unless_overwrite(first_run, data, tiny_sd_path, tmp_path, monkeypatch):
     src, _ = first_run
     out = tmp_path / "shards"
