@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .restormer import LayerNorm, OverlapPatchEmbed, add_levels, decode, encode
+from .restormer import Attention, OverlapPatchEmbed, TransformerBlock, add_levels, decode, encode
 from .tiling import crop_to, pad_to_multiple
 
 __all__ = ["DRSformer", "TopKAttention", "MixedScaleFeedForward"]
@@ -45,49 +45,30 @@ class MixedScaleFeedForward(nn.Module):
         return self.project_out(torch.cat([x1, x2], dim=1))
 
 
-class TopKAttention(nn.Module):
+class TopKAttention(Attention):
     """Top-k sparse channel attention (TKSA): four top-k masks (1/2, 2/3, 3/4, 4/5), mixed by learned weights."""
 
     def __init__(self, dim: int, num_heads: int, bias: bool):
-        super().__init__()
-        self.num_heads = num_heads
-        self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
-        self.qkv = nn.Conv2d(dim, dim * 3, kernel_size=1, bias=bias)
-        self.qkv_dwconv = nn.Conv2d(dim * 3, dim * 3, kernel_size=3, padding=1, groups=dim * 3, bias=bias)
-        self.project_out = nn.Conv2d(dim, dim, kernel_size=1, bias=bias)
+        super().__init__(dim, num_heads, bias)
         for i in (1, 2, 3, 4):
             setattr(self, f"attn{i}", nn.Parameter(torch.tensor([0.2])))
 
     def forward(self, x: Tensor) -> Tensor:
-        b, c, h, w = x.shape
-        heads = self.num_heads
-        q, k, v = self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1)
-        q = F.normalize(q.reshape(b, heads, c // heads, h * w), dim=-1)  # (B, heads, C/heads, HW)
-        k = F.normalize(k.reshape(b, heads, c // heads, h * w), dim=-1)
-        v = v.reshape(b, heads, c // heads, h * w)
-        ch = q.shape[2]
-        attn = (q @ k.transpose(-2, -1)) * self.temperature  # (B, heads, C/h, C/h)
+        attn, v = self.scores(x)  # (B, heads, C/h, C/h), (B, heads, C/h, HW)
+        ch = attn.shape[-1]
         out = 0
         for i, keep in enumerate((int(ch / 2), int(ch * 2 / 3), int(ch * 3 / 4), int(ch * 4 / 5)), start=1):
             mask = torch.zeros_like(attn).scatter_(-1, torch.topk(attn, k=keep, dim=-1)[1], 1.0)
             sparse = torch.where(mask > 0, attn, torch.full_like(attn, float("-inf"))).softmax(dim=-1)
             out = out + (sparse @ v) * getattr(self, f"attn{i}")
-        return self.project_out(out.reshape(b, c, h, w))
+        return self.project_out(out.reshape(x.shape))
 
 
-class SparseBlock(nn.Module):
+class SparseBlock(TransformerBlock):
     """Sparse transformer block (STB): norm1 -> TKSA -> residual, norm2 -> MSFN -> residual."""
 
-    def __init__(self, dim: int, num_heads: int, ffn_expansion_factor: float, bias: bool, layernorm_type: str):
-        super().__init__()
-        self.norm1 = LayerNorm(dim, layernorm_type)
-        self.attn = TopKAttention(dim, num_heads, bias)
-        self.norm2 = LayerNorm(dim, layernorm_type)
-        self.ffn = MixedScaleFeedForward(dim, ffn_expansion_factor, bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.ffn(self.norm2(x))
+    attention = TopKAttention
+    feed_forward = MixedScaleFeedForward
 
 
 # --- mixture of experts feature compensator (MEFC) -------------------------------------

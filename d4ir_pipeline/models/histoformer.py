@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .restormer import OverlapPatchEmbed, add_levels, decode, stage
+from .restormer import Attention, OverlapPatchEmbed, add_levels, decode, stage
 from .tiling import crop_to, pad_to_multiple
 
 __all__ = ["Histoformer", "HistogramAttention", "DualScaleFeedForward"]
@@ -65,7 +65,7 @@ class DualScaleFeedForward(nn.Module):
         return self.project_out(F.pixel_unshuffle(x, 2))
 
 
-class HistogramAttention(nn.Module):
+class HistogramAttention(Attention):
     """Dynamic-range histogram self-attention (DHSA): attention over intensity-sorted bins.
 
     Half the channels are sorted along H then W before the projection; values are
@@ -74,13 +74,7 @@ class HistogramAttention(nn.Module):
     multiplied and every sort is undone.
     """
 
-    def __init__(self, dim: int, num_heads: int, bias: bool):
-        super().__init__()
-        self.num_heads = num_heads
-        self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
-        self.qkv = nn.Conv2d(dim, dim * 5, kernel_size=1, bias=bias)
-        self.qkv_dwconv = nn.Conv2d(dim * 5, dim * 5, kernel_size=3, padding=1, groups=dim * 5, bias=bias)
-        self.project_out = nn.Conv2d(dim, dim, kernel_size=1, bias=bias)
+    qkv_parts = 5  # two queries, two keys and the values
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, box: bool) -> Tensor:
         """q, k, v (B, C, L) in sorted order -> (B, C, L); L is zero-padded to a multiple of the heads."""

@@ -85,37 +85,52 @@ class FeedForward(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-Dconv head transposed self-attention (MDTA): attention across channels."""
+    """Multi-Dconv head transposed self-attention (MDTA): attention across channels.
+
+    The base of DRSformer's top-k and Histoformer's histogram attention too (the same
+    parameters and keys; Histoformer projects ``qkv_parts = 5`` maps).
+    """
+
+    qkv_parts = 3  # q, k, v
 
     def __init__(self, dim: int, num_heads: int, bias: bool):
         super().__init__()
         self.num_heads = num_heads
         self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
-        self.qkv = nn.Conv2d(dim, dim * 3, kernel_size=1, bias=bias)
-        self.qkv_dwconv = nn.Conv2d(dim * 3, dim * 3, kernel_size=3, padding=1, groups=dim * 3, bias=bias)
+        n = dim * self.qkv_parts
+        self.qkv = nn.Conv2d(dim, n, kernel_size=1, bias=bias)
+        self.qkv_dwconv = nn.Conv2d(n, n, kernel_size=3, padding=1, groups=n, bias=bias)
         self.project_out = nn.Conv2d(dim, dim, kernel_size=1, bias=bias)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def scores(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(temperature * q k^T across channels (B, heads, C/h, C/h), v (B, heads, C/h, HW)); q, k unit rows."""
         b, c, h, w = x.shape
         q, k, v = self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1)
         heads = self.num_heads
-        q = F.normalize(q.reshape(b, heads, c // heads, h * w), dim=-1)  # (B, heads, C/heads, HW)
+        q = F.normalize(q.reshape(b, heads, c // heads, h * w), dim=-1)
         k = F.normalize(k.reshape(b, heads, c // heads, h * w), dim=-1)
-        v = v.reshape(b, heads, c // heads, h * w)
-        attn = ((q @ k.transpose(-2, -1)) * self.temperature).softmax(dim=-1)  # (B, heads, C/h, C/h)
-        out = (attn @ v).reshape(b, c, h, w)
-        return self.project_out(out)
+        return (q @ k.transpose(-2, -1)) * self.temperature, v.reshape(b, heads, c // heads, h * w)
+
+    def forward(self, x: Tensor) -> Tensor:
+        attn, v = self.scores(x)
+        return self.project_out((attn.softmax(dim=-1) @ v).reshape(x.shape))
 
 
 class TransformerBlock(nn.Module):
-    """norm1 -> MDTA -> residual, norm2 -> GDFN -> residual."""
+    """norm1 -> attention (MDTA) -> residual, norm2 -> feed-forward (GDFN) -> residual.
+
+    Subclasses swap ``attention`` / ``feed_forward`` (DRSformer's sparse block); the keys stay.
+    """
+
+    attention: type[nn.Module] = Attention
+    feed_forward: type[nn.Module] = FeedForward
 
     def __init__(self, dim: int, num_heads: int, ffn_expansion_factor: float, bias: bool, layernorm_type: str):
         super().__init__()
         self.norm1 = LayerNorm(dim, layernorm_type)
-        self.attn = Attention(dim, num_heads, bias)
+        self.attn = self.attention(dim, num_heads, bias)
         self.norm2 = LayerNorm(dim, layernorm_type)
-        self.ffn = FeedForward(dim, ffn_expansion_factor, bias)
+        self.ffn = self.feed_forward(dim, ffn_expansion_factor, bias)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.norm1(x))
