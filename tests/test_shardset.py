@@ -219,10 +219,12 @@ def test_a_rerun_that_differs_only_in_provenance_keeps_shardset_json(tmp_path: P
     # the same shards from another checkout, package versions and an output-neutral config key
     moved = {**header(), "config": {"seed": 0, "workers": 4}, "versions": {"torch": "2.15.0"},
              "models": {**models, "sd_source": "/install/b/demo_sd"}}  # fmt: skip
+    stale = out / "shardset.r001.json"  # a listing of a rank beyond the world size: the merge still removes it
+    stale.write_bytes((out / "shardset.r000.json").read_bytes())
     again = writer(out, head=moved)
     assert again.open() == []
     assert again.finish() == json.loads(before)
-    assert (out / "shardset.json").read_bytes() == before
+    assert (out / "shardset.json").read_bytes() == before and not stale.exists()
     # another model id is not provenance: written
     other = writer(out, head={**header(), "models": {**models, "sd": "demo_sd@unet-sha256:cd"}})
     assert other.open() == []

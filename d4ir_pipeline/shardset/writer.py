@@ -50,7 +50,7 @@ _NOT_COMPARED = ("versions", "runtime")
 # label caches, distillation runs and model cards, and a rerun that reuses every shard from
 # another install path (``models.sd_source``), package versions or device must not orphan
 # them. ``config`` differs only in keys outside the config hash when ``config_hash`` agrees.
-PROVENANCE_KEYS = ("config", "versions", "runtime", "models.sd_source")
+PROVENANCE_KEYS = (*_NOT_COMPARED, "config", "models.sd_source")
 
 
 # ---------------------------------------------------------------------------------------
@@ -435,26 +435,13 @@ def merge_shardset(out_dir: str | os.PathLike, *, cleanup: bool = True) -> dict:
     if missing or unfinished:
         manifest["pending_ranks"] = sorted(set(missing) | set(unfinished))
     kept = _unchanged_manifest(out / SHARDSET_NAME, manifest)
-    if kept is not None:
-        return kept
-    atomic_write_json(out / SHARDSET_NAME, manifest, indent=None)
+    if kept is None:
+        atomic_write_json(out / SHARDSET_NAME, manifest, indent=None)
     if complete and cleanup:
         for r, p in files.items():
             if r >= world:
                 p.unlink(missing_ok=True)
-    return manifest
-
-
-def _without(doc: Mapping[str, Any], dotted: Sequence[str]) -> dict:
-    """A copy of ``doc`` without the ``dotted`` keys (one level of nesting)."""
-    out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in doc.items()}
-    for key in dotted:
-        head, _, tail = key.partition(".")
-        if tail and isinstance(out.get(head), dict):
-            out[head].pop(tail, None)
-        elif not tail:
-            out.pop(head, None)
-    return out
+    return manifest if kept is None else kept
 
 
 def _unchanged_manifest(path: Path, manifest: dict) -> dict | None:
@@ -465,9 +452,12 @@ def _unchanged_manifest(path: Path, manifest: dict) -> dict | None:
         old = read_json(path)
     except (OSError, ValueError):
         return None  # unreadable: rewritten
-    if not isinstance(old, dict) or _without(old, PROVENANCE_KEYS) != _without(manifest, PROVENANCE_KEYS):
+    if not isinstance(old, dict):
         return None
-    if changed := _differing(old, manifest):
+    changed = _differing(old, manifest)
+    if not all(any(k == p or k.startswith(p + ".") for p in PROVENANCE_KEYS) for k in changed):
+        return None
+    if changed:
         logger.info("%s kept as it was (the same shards; this run differs only in %s)", path, ", ".join(changed[:6]))
     return old
 
