@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..models.tiling import gather_pad
+from ..models.tiling import gather_crop, gather_pad
 
 __all__ = [
     "AnySize",
@@ -69,7 +69,7 @@ class AnySize(nn.Module):
         h, w, m = x.shape[-2], x.shape[-1], self.multiple
         hp, wp = m * ((h + m - 1) // m), m * ((w + m - 1) // m)  # provably multiples of m
         y = self.model(gather_pad(x, 0, hp - h, 0, wp - w))  # (B, C', Hp, Wp), as pad_to_multiple pads
-        return y.index_select(2, torch.arange(h, device=x.device)).index_select(3, torch.arange(w, device=x.device))
+        return gather_crop(gather_crop(y, 2, 0, h), 3, 0, w)
 
 
 class ChannelLayerNorm(nn.Module):

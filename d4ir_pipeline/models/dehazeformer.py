@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .tiling import crop_to, gather_pad, pad_to_multiple
+from .tiling import crop_to, gather_crop, gather_pad, pad_to_multiple
 
 __all__ = ["DehazeFormer", "VARIANTS"]
 
@@ -138,8 +138,7 @@ class Attention(nn.Module):
         windows = self.attn(_partition(qkv.permute(0, 2, 3, 1), self.window_size))
         out = _reverse(windows, self.window_size, b, ht, wt)  # (B, Ht, Wt, C)
         ss = self.shift_size  # crop [ss, ss + side) back out, as gathers (no bounds a tracer freezes)
-        rows, cols = torch.arange(ss, ss + h, device=x.device), torch.arange(ss, ss + w, device=x.device)
-        attn_out = out.index_select(1, rows).index_select(2, cols).permute(0, 3, 1, 2)
+        attn_out = gather_crop(gather_crop(out, 1, ss, h), 2, ss, w).permute(0, 3, 1, 2)
         return self.proj(self.conv(v) + attn_out)
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .restormer import Attention, OverlapPatchEmbed, add_levels, decode, stage
-from .tiling import crop_to, pad_to_multiple
+from .tiling import crop_to, gather_crop, pad_to_multiple
 
 __all__ = ["Histoformer", "HistogramAttention", "DualScaleFeedForward"]
 
@@ -96,8 +96,7 @@ class HistogramAttention(Attention):
         out = attn @ v  # (B, heads, C/heads * heads, bins)
         out = out.reshape(b, heads, c // heads, heads, bins)
         out = out.reshape(b, c, -1) if box else out.transpose(-1, -2).reshape(b, c, -1)
-        # the official out[..., :length], as a gather: a slice lets an exporter freeze whether pad == 0
-        return out.index_select(-1, torch.arange(length, device=out.device))
+        return gather_crop(out, -1, 0, length)  # the official out[..., :length]
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape

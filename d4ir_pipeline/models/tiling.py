@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["pad_to_multiple", "crop_to", "gather_pad", "resize_by", "ResizeBy", "tiled_forward", "blend_ramp"]
+__all__ = ["pad_to_multiple", "crop_to", "gather_crop", "gather_pad", "resize_by", "ResizeBy", "tiled_forward",
+           "blend_ramp"]  # fmt: skip
 
 
 def resize_by(x: Tensor, *, up: int = 1, down: int = 1, mode: str = "nearest") -> Tensor:
@@ -75,6 +76,12 @@ def gather_pad(x: Tensor, top: int, bottom: int, left: int, right: int) -> Tenso
     ih = torch.where(too_small, jh.clamp(0, h - 1), (h - 1) - ((h - 1) - jh.abs()).abs())
     iw = torch.where(too_small, jw.clamp(0, w - 1), (w - 1) - ((w - 1) - jw.abs()).abs())
     return x.index_select(-2, ih).index_select(-1, iw)
+
+
+def gather_crop(x: Tensor, dim: int, start: int, length: int) -> Tensor:
+    """``x.narrow(dim, start, length)`` as a gather: the same values, and an exporter keeps ``length``
+    symbolic (from a slice it freezes whether the crop drops anything, i.e. whether a pad was 0)."""
+    return x.index_select(dim, torch.arange(start, start + length, device=x.device))
 
 
 def crop_to(x: Tensor, size: tuple[int, int]) -> Tensor:
