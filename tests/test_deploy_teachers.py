@@ -40,6 +40,7 @@ def test_adapted_teachers_export_at_any_size_with_the_adapter_in_the_graph(tmp_p
     result = export(cfg)  # verified inside: ONNX Runtime (and model.pt2) vs PyTorch at 64x64, 97x131, 256x192
     assert result.max_abs_diff <= 1e-4 and TEACHER_EXPORTS[name] in result.info["onnx"]["exporter"]
     traced = TEACHER_EXPORTS[name] == "TorchScript"
+    assert result.info["onnx"]["traced"] is traced
     assert (tmp_path / "export" / "model.pt2").exists() == (cfg.pt2 and not traced)
     if traced:  # the card says why there is no model.pt2
         assert "known limit of" in (tmp_path / "export" / "README.md").read_text()

@@ -131,9 +131,8 @@ def _usage(info: dict) -> list[str]:
         "which raises the peak.",
         "",
     ]
-    exporter = info["onnx"].get("exporter", "")
-    if exporter.startswith("TorchScript"):
-        lines += [f"`model.onnx` was written by the {exporter}; so there is no `model.pt2`.", ""]
+    if info["onnx"].get("traced"):
+        lines += [f"`model.onnx` was written by the {info['onnx']['exporter']}; so there is no `model.pt2`.", ""]
     if info.get("pt2"):
         lines += [
             "PyTorch: `torch.export.load('model.pt2').module()(x)` "

@@ -705,6 +705,7 @@ def _distillation_info(meta: dict, model_dir: Path | None) -> dict | None:
 def _onnx_info(opset: int, multiple: int, no_program: str | None) -> dict:
     return {
         "exporter": f"TorchScript tracer: {no_program}" if no_program else "torch.export (dynamo)",
+        "traced": no_program is not None,  # from the TorchScript tracer: no model.pt2
         "opset": opset,
         "input": "input",
         "output": "output",
@@ -819,8 +820,8 @@ def export_command(checkpoint, out, arch, kwargs_, key, weather, calib_shards, n
     )
     if r.pt2_max_abs_diff is not None:
         click.echo(f"  model.pt2 vs PyTorch:         max abs diff {r.pt2_max_abs_diff:.2e}")
-    elif (exporter := r.info["onnx"]["exporter"]).startswith("TorchScript"):
-        click.echo(f"  model.onnx from the {exporter}; no model.pt2")
+    elif r.info["onnx"]["traced"]:
+        click.echo(f"  model.onnx from the {r.info['onnx']['exporter']}; no model.pt2")
     fp16 = r.info["verification"]["fp16"]
     if fp16.get("written"):
         click.echo(f"  fp16 vs fp32:                 PSNR >= {r.fp16_psnr_db:.1f} dB")
